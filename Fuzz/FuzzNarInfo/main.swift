@@ -1,0 +1,26 @@
+import Foundation
+import NixFormats
+
+/// Parses one input as a narinfo; what parses must serialise and parse back to the same value.
+func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
+  let text = String(decoding: bytes, as: UTF8.self)
+  guard let info = try? NarInfo(parsing: text) else { return }
+  guard let again = try? NarInfo(parsing: info.serialized), again == info else {
+    fatalError("narinfo does not survive serialise/parse: \(info.serialized)")
+  }
+  _ = try? info.verify(trusting: TrustedKeys([]))
+  _ = try? NixCacheInfo(parsing: text)
+}
+
+#if FUZZING
+  @_cdecl("LLVMFuzzerTestOneInput")
+  public func fuzzEntry(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
+    fuzzOne(UnsafeRawBufferPointer(start: data, count: size))
+    return 0
+  }
+#else
+  for path in CommandLine.arguments.dropFirst() {
+    let data = FileManager.default.contents(atPath: path) ?? Data()
+    data.withUnsafeBytes { fuzzOne($0) }
+  }
+#endif

@@ -1,0 +1,49 @@
+# nixfs: `make demo` and `make test` are the two entry points (README.md). Both install what they
+# need on Debian 12 as root.
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+# Build libraries (-dev), runtime (fuse3), and what the tests drive for real (nix-bin, busybox-static).
+DEBS := pkg-config libfuse3-dev fuse3 libzstd-dev liblzma-dev libbz2-dev libsqlite3-dev \
+        libcurl4-openssl-dev nix-bin busybox-static xz-utils zstd util-linux
+SWIFT ?= swift
+FUZZ_SECONDS ?= 300
+
+.PHONY: deps build release test demo fuzz bench-formats clean
+
+deps:
+	@missing=$$(for p in $(DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "make deps: installing$$(echo $$missing | sed 's/^/ /')"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@command -v $(SWIFT) >/dev/null || { echo "make deps: swift 6.1+ is required on PATH"; exit 1; }
+
+build: deps
+	$(SWIFT) build
+
+release: deps
+	$(SWIFT) build -c release --product nixfs
+
+test: deps
+	$(SWIFT) build --build-tests
+	$(SWIFT) test --skip-build
+
+demo: release
+	bash scripts/demo.sh "$$($(SWIFT) build -c release --show-bin-path)/nixfs"
+
+# libFuzzer over the NAR reader and the narinfo parser; not part of CI.
+fuzz: deps
+	$(SWIFT) build -c release --scratch-path .build-fuzz --product fuzz-nar \
+	  -Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING -Xswiftc -parse-as-library
+	$(SWIFT) build -c release --scratch-path .build-fuzz --product fuzz-narinfo \
+	  -Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING -Xswiftc -parse-as-library
+	bash scripts/fuzz.sh .build-fuzz/release $(FUZZ_SECONDS)
+
+bench-formats: deps
+	$(SWIFT) build -c release --product nar-bench
+	"$$($(SWIFT) build -c release --show-bin-path)/nar-bench" 1024 5
+
+clean:
+	rm -rf .build .build-*

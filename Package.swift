@@ -1,0 +1,66 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+// Layers, bottom up (a lower layer never imports a higher one):
+//   C shims -> NixFormats (pure) -> cache client -> chunk store -> filesystem -> CSI -> nixfs.
+let strict: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
+
+let package = Package(
+  name: "nixfs",
+  platforms: [.macOS(.v14)],
+  products: [
+    .executable(name: "nixfs", targets: ["nixfs"])
+  ],
+  dependencies: [
+    .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+    .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+    .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"5.0.0"),
+  ],
+  targets: [
+    // C libraries. Each shim.h wraps the macros and variadic functions Swift cannot call.
+    .systemLibrary(
+      name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev", "fuse3"])]),
+    .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+    .systemLibrary(name: "CLzma", pkgConfig: "liblzma", providers: [.apt(["liblzma-dev"])]),
+    .systemLibrary(name: "CSQLite", pkgConfig: "sqlite3", providers: [.apt(["libsqlite3-dev"])]),
+    .systemLibrary(
+      name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
+
+    // Nix formats: NAR, narinfo, Nix32, store paths, signatures. Pure, no I/O.
+    .target(
+      name: "NixFormats",
+      dependencies: [.product(name: "Crypto", package: "swift-crypto")],
+      swiftSettings: strict),
+
+    .executableTarget(
+      name: "nixfs",
+      dependencies: [
+        "NixFormats",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        .product(name: "Logging", package: "swift-log"),
+      ],
+      swiftSettings: strict),
+
+    // Release-mode micro-benchmarks (`make bench-formats`).
+    .executableTarget(
+      name: "nar-bench", dependencies: ["NixFormats"], path: "bench/NarBench",
+      swiftSettings: strict),
+
+    // libFuzzer targets (`make fuzz`); without -DFUZZING they replay files given as arguments.
+    .executableTarget(
+      name: "fuzz-nar", dependencies: ["NixFormats"], path: "Fuzz/FuzzNAR",
+      swiftSettings: strict),
+    .executableTarget(
+      name: "fuzz-narinfo", dependencies: ["NixFormats"], path: "Fuzz/FuzzNarInfo",
+      swiftSettings: strict),
+
+    .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: strict),
+    .testTarget(
+      name: "NixFormatsTests", dependencies: ["NixFormats", "TestSupport"], swiftSettings: strict),
+    .testTarget(
+      name: "SystemLibrariesTests",
+      dependencies: ["CFuse3", "CZstd", "CLzma", "CSQLite", "CCurl"],
+      swiftSettings: strict),
+  ],
+  swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,22 @@
+#ifndef NIXFS_CFUSE3_SHIM_H
+#define NIXFS_CFUSE3_SHIM_H
+// The low-level API of libfuse 3.12+ (Debian 12 ships 3.14).
+#define FUSE_USE_VERSION 312
+#include <fuse_lowlevel.h>
+#include <sys/stat.h>
+#include <errno.h>
+
+// fuse_session_new became a versioned macro in later libfuse releases; wrap it so Swift sees a function.
+static inline struct fuse_session *nixfs_fuse_session_new(struct fuse_args *args,
+    const struct fuse_lowlevel_ops *ops, size_t size, void *userdata) {
+  return fuse_session_new(args, ops, size, userdata);
+}
+
+static inline int nixfs_fuse_version(void) { return fuse_version(); }
+
+// FUSE_ARGS_INIT is a macro.
+static inline struct fuse_args nixfs_fuse_args_init(int argc, char **argv) {
+  struct fuse_args a = FUSE_ARGS_INIT(argc, argv);
+  return a;
+}
+#endif

@@ -1,0 +1,81 @@
+import Foundation
+
+/// A command that failed, with what it printed: test failures should say why.
+public struct CommandError: Error, CustomStringConvertible {
+  public let argv: [String]
+  public let status: Int32
+  public let stderr: String
+  public var description: String { "\(argv.joined(separator: " ")) exited \(status): \(stderr)" }
+}
+
+public struct CommandResult: Sendable {
+  public let status: Int32
+  public let stdout: [UInt8]
+  public let stderr: String
+  public var text: String { String(decoding: stdout, as: UTF8.self) }
+  public var trimmed: String { text.trimmingCharacters(in: .whitespacesAndNewlines) }
+}
+
+/// Runs a program (looked up on PATH) to completion. stderr goes through a file so a chatty
+/// program cannot fill a pipe and deadlock.
+@discardableResult
+public func run(
+  _ argv: [String], environment: [String: String] = [:], stdin: [UInt8]? = nil,
+  check: Bool = true, cwd: String? = nil
+) throws -> CommandResult {
+  let process = Process()
+  process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+  process.arguments = argv
+  var env = ProcessInfo.processInfo.environment
+  env.merge(environment) { $1 }
+  process.environment = env
+  if let cwd { process.currentDirectoryURL = URL(fileURLWithPath: cwd) }
+  let out = Pipe()
+  process.standardOutput = out
+  let errURL = FileManager.default.temporaryDirectory.appendingPathComponent("nixfs-stderr-\(UUID().uuidString)")
+  _ = FileManager.default.createFile(atPath: errURL.path, contents: nil)
+  let errHandle = try FileHandle(forWritingTo: errURL)
+  defer {
+    try? errHandle.close()
+    try? FileManager.default.removeItem(at: errURL)
+  }
+  process.standardError = errHandle
+  let input = Pipe()
+  process.standardInput = stdin == nil ? FileHandle.nullDevice : input
+  try process.run()
+  if let stdin {
+    // Feed stdin from another thread so a large input and a large output cannot deadlock.
+    let writer = input.fileHandleForWriting
+    Thread.detachNewThread {
+      writer.write(Data(stdin))
+      try? writer.close()
+    }
+  }
+  let data = out.fileHandleForReading.readDataToEndOfFile()
+  process.waitUntilExit()
+  let err = (try? String(contentsOf: errURL, encoding: .utf8)) ?? ""
+  let result = CommandResult(status: process.terminationStatus, stdout: Array(data), stderr: err)
+  if check && result.status != 0 {
+    throw CommandError(argv: argv, status: result.status, stderr: err)
+  }
+  return result
+}
+
+/// A directory removed when the value is released.
+public final class TemporaryDirectory: @unchecked Sendable {
+  public let path: String
+
+  public init(_ label: String = "test") throws {
+    let base = ProcessInfo.processInfo.environment["NIXFS_TEST_TMP"] ?? NSTemporaryDirectory()
+    path = (base as NSString).appendingPathComponent("nixfs-\(label)-\(UUID().uuidString.prefix(8))")
+    try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+  }
+
+  public func sub(_ name: String) -> String { (path as NSString).appendingPathComponent(name) }
+
+  deinit {
+    // Store paths are read-only: make them writable before removing.
+    _ = try? run(["chmod", "-R", "u+w", path], check: false)
+    try? FileManager.default.removeItem(atPath: path)
+  }
+}
