@@ -23,6 +23,7 @@ let package = Package(
     .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
     .systemLibrary(name: "CLzma", pkgConfig: "liblzma", providers: [.apt(["liblzma-dev"])]),
     .systemLibrary(name: "CSQLite", pkgConfig: "sqlite3", providers: [.apt(["libsqlite3-dev"])]),
+    .systemLibrary(name: "CBzip2", providers: [.apt(["libbz2-dev"])]),
     .systemLibrary(
       name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
 
@@ -32,10 +33,29 @@ let package = Package(
       dependencies: [.product(name: "Crypto", package: "swift-crypto")],
       swiftSettings: strict),
 
+    // Binary cache client: substituters, narinfo cache, NAR download, decompression, verification.
+    .target(
+      name: "BinaryCache",
+      dependencies: [
+        "NixFormats", "CCurl", "CZstd", "CLzma", "CBzip2",
+        .product(name: "Logging", package: "swift-log"),
+      ],
+      swiftSettings: strict),
+
+    // Chunk store: FastCDC chunks, zstd, SQLite index, manifests, GC, fsck.
+    .target(
+      name: "ChunkStore",
+      dependencies: [
+        "NixFormats", "BinaryCache", "CZstd", "CSQLite",
+        .product(name: "Crypto", package: "swift-crypto"),
+        .product(name: "Logging", package: "swift-log"),
+      ],
+      swiftSettings: strict),
+
     .executableTarget(
       name: "nixfs",
       dependencies: [
-        "NixFormats",
+        "NixFormats", "BinaryCache", "ChunkStore",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
       ],
@@ -44,6 +64,13 @@ let package = Package(
     // Release-mode micro-benchmarks (`make bench-formats`).
     .executableTarget(
       name: "nar-bench", dependencies: ["NixFormats"], path: "bench/NarBench",
+      swiftSettings: strict),
+
+    .executableTarget(
+      name: "cache-bench", dependencies: ["BinaryCache"], path: "bench/CacheBench",
+      swiftSettings: strict),
+    .executableTarget(
+      name: "store-bench", dependencies: ["ChunkStore"], path: "bench/StoreBench",
       swiftSettings: strict),
 
     // libFuzzer targets (`make fuzz`); without -DFUZZING they replay files given as arguments.
@@ -57,6 +84,10 @@ let package = Package(
     .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: strict),
     .testTarget(
       name: "NixFormatsTests", dependencies: ["NixFormats", "TestSupport"], swiftSettings: strict),
+    .testTarget(
+      name: "BinaryCacheTests", dependencies: ["BinaryCache", "TestSupport"], swiftSettings: strict),
+    .testTarget(
+      name: "ChunkStoreTests", dependencies: ["ChunkStore", "TestSupport"], swiftSettings: strict),
     .testTarget(
       name: "SystemLibrariesTests",
       dependencies: ["CFuse3", "CZstd", "CLzma", "CSQLite", "CCurl"],

@@ -8,7 +8,7 @@ struct NixFS: AsyncParsableCommand {
     commandName: "nixfs",
     abstract: "A lazy, deduplicated /nix/store for Kubernetes nodes and Linux hosts.",
     version: NixFSVersion.string,
-    subcommands: [NarCommand.self, NarInfoCommand.self]
+    subcommands: [NarCommand.self, NarInfoCommand.self] + cacheCommands + storeCommands
   )
 }
 

@@ -1,0 +1,1 @@
+// The binary cache client: narinfo, NAR streams, decompression, verification, closures.

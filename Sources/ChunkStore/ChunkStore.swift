@@ -1,0 +1,1 @@
+// The deduplicated chunk store: content-defined chunks, zstd, SQLite index, GC, fsck.

@@ -1,0 +1,4 @@
+import ArgumentParser
+
+/// Subcommands of the cache client layer.
+let cacheCommands: [any ParsableCommand.Type] = []

@@ -1,0 +1,4 @@
+import ArgumentParser
+
+/// Subcommands of the chunk store layer.
+let storeCommands: [any ParsableCommand.Type] = []

@@ -1,0 +1,1 @@
+print("cache-bench: not written yet")
