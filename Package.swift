@@ -46,7 +46,7 @@ let package = Package(
     .target(
       name: "ChunkStore",
       dependencies: [
-        "NixFormats", "BinaryCache", "CZstd", "CSQLite",
+        "NixFormats", "CZstd", "CSQLite",
         .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
       ],
