@@ -36,9 +36,9 @@ demo: release
 # libFuzzer over the NAR reader and the narinfo parser; not part of CI.
 fuzz: deps
 	$(SWIFT) build -c release --scratch-path .build-fuzz --product fuzz-nar \
-	  -Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING -Xswiftc -parse-as-library
+	  -Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING -Xswiftc -Xclang-linker -Xswiftc -fuse-ld=lld
 	$(SWIFT) build -c release --scratch-path .build-fuzz --product fuzz-narinfo \
-	  -Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING -Xswiftc -parse-as-library
+	  -Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING -Xswiftc -Xclang-linker -Xswiftc -fuse-ld=lld
 	bash scripts/fuzz.sh .build-fuzz/release $(FUZZ_SECONDS)
 
 bench-formats: deps

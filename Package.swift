@@ -74,11 +74,12 @@ let package = Package(
       swiftSettings: strict),
 
     // libFuzzer targets (`make fuzz`); without -DFUZZING they replay files given as arguments.
+    .systemLibrary(name: "CFuzzSupport", path: "Fuzz/CFuzzSupport"),
     .executableTarget(
-      name: "fuzz-nar", dependencies: ["NixFormats"], path: "Fuzz/FuzzNAR",
+      name: "fuzz-nar", dependencies: ["NixFormats", "CFuzzSupport"], path: "Fuzz/FuzzNAR",
       swiftSettings: strict),
     .executableTarget(
-      name: "fuzz-narinfo", dependencies: ["NixFormats"], path: "Fuzz/FuzzNarInfo",
+      name: "fuzz-narinfo", dependencies: ["NixFormats", "CFuzzSupport"], path: "Fuzz/FuzzNarInfo",
       swiftSettings: strict),
 
     .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: strict),

@@ -5,6 +5,8 @@ public struct NARWriter {
   /// Bytes emitted so far, drained or not.
   public private(set) var offset: UInt64 = 0
   var depth = 0
+  /// For each open directory, its last entry's name: the writer refuses to emit an invalid NAR.
+  var lastNames: [[UInt8]] = []
   var started = false
   var finished = false
   var fileRemaining: UInt64? = nil
@@ -55,6 +57,11 @@ public struct NARWriter {
     } else {
       if depth == 0 { throw misuse("second root node") }
       if let why = name.withUnsafeBytes({ NARReader.nameProblem($0) }) { throw misuse("invalid name: \(why)") }
+      let previous = lastNames[lastNames.count - 1]
+      if !previous.isEmpty && !previous.lexicographicallyPrecedes(name) {
+        throw misuse("entry '\(printable(name))' does not sort after '\(printable(previous))'")
+      }
+      lastNames[lastNames.count - 1] = name
       str(NARToken.entry)
       str(NARToken.open)
       str(NARToken.name)
@@ -77,9 +84,11 @@ public struct NARWriter {
       try beginNode(name: name)
       str(NARToken.directory)
       depth += 1
+      lastNames.append([])
     case .endDirectory:
       guard depth > 0, fileRemaining == nil else { throw misuse("endDirectory without a directory") }
       depth -= 1
+      lastNames.removeLast()
       endNode()
     case .file(let name, let size, let executable, _):
       try beginNode(name: name)

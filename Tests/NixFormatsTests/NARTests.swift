@@ -166,3 +166,12 @@ func roundTrip(_ nar: [UInt8], pieceSize: Int) throws -> (bytes: [UInt8], events
     }
   }
 }
+
+@Suite struct NARWriterOrderTests {
+  @Test func writerRefusesUnsortedEntries() throws {
+    var w = NARWriter()
+    try w.write(.directory(name: []))
+    try w.write(.symlink(name: Array("b".utf8), target: Array("x".utf8)))
+    #expect(throws: NARError.self) { try w.write(.symlink(name: Array("a".utf8), target: Array("x".utf8))) }
+  }
+}

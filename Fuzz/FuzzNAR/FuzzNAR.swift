@@ -23,15 +23,27 @@ func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
 }
 
 #if FUZZING
-  @_cdecl("LLVMFuzzerTestOneInput")
-  public func fuzzEntry(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
-    fuzzOne(UnsafeRawBufferPointer(start: data, count: size))
-    return 0
+  import CFuzzSupport
+
+  @main struct Fuzz {
+    static func main() {
+      var argc = CommandLine.argc
+      var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
+      let status = LLVMFuzzerRunDriver(&argc, &argv) { data, size in
+        fuzzOne(UnsafeRawBufferPointer(start: data, count: size))
+        return 0
+      }
+      exit(status)
+    }
   }
 #else
   // Without libFuzzer: replay the files given as arguments (a corpus or a crash).
-  for path in CommandLine.arguments.dropFirst() {
-    let data = FileManager.default.contents(atPath: path) ?? Data()
-    data.withUnsafeBytes { fuzzOne($0) }
+  @main struct Replay {
+    static func main() {
+      for path in CommandLine.arguments.dropFirst() {
+        let data = FileManager.default.contents(atPath: path) ?? Data()
+        data.withUnsafeBytes { fuzzOne($0) }
+      }
+    }
   }
 #endif
