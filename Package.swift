@@ -52,6 +52,15 @@ let package = Package(
       ],
       swiftSettings: strict),
 
+    // The filesystem: FUSE low-level callbacks, inodes, lazy materialisation, CSI views.
+    .target(
+      name: "StoreFS",
+      dependencies: [
+        "NixFormats", "CFuse3",
+        .product(name: "Logging", package: "swift-log"),
+      ],
+      swiftSettings: strict),
+
     .executableTarget(
       name: "nixfs",
       dependencies: [

@@ -1,0 +1,458 @@
+import CFuse3
+import Foundation
+import NixFormats
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// The libfuse low-level callbacks. Each resolves its `StoreFileSystem` from the request's
+/// userdata and returns quickly: anything that needs the network replies later from a task.
+extension StoreFileSystem {
+  static func fs(_ req: fuse_req_t?) -> StoreFileSystem {
+    Unmanaged<StoreFileSystem>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
+  }
+
+  static let operations: fuse_lowlevel_ops = {
+    var ops = fuse_lowlevel_ops()
+    ops.`init` = { userdata, conn in
+      guard let conn else { return }
+      // Large requests, symlink caching, and kernel-side parallel lookups.
+      conn.pointee.max_write = 1 << 20
+      conn.pointee.max_readahead = 1 << 20
+      for cap in [FUSE_CAP_CACHE_SYMLINKS, FUSE_CAP_PARALLEL_DIROPS, FUSE_CAP_ASYNC_READ] {
+        if conn.pointee.capable & UInt32(cap) != 0 { conn.pointee.want |= UInt32(cap) }
+      }
+      // The store never changes under a path: never drop cached pages on attribute refresh.
+      conn.pointee.want &= ~UInt32(FUSE_CAP_AUTO_INVAL_DATA)
+    }
+    ops.lookup = { req, parent, name in
+      guard let req, let name else { return }
+      fs(req).lookup(Request(req), parent: parent, name: UnsafeRawBufferPointer(start: name, count: strlen(name)))
+    }
+    ops.forget = { req, ino, n in
+      fs(req).forget(ino, n)
+      fuse_reply_none(req)
+    }
+    ops.forget_multi = { req, count, forgets in
+      let fs = fs(req)
+      if let forgets {
+        for i in 0..<count { fs.forget(forgets[i].ino, forgets[i].nlookup) }
+      }
+      fuse_reply_none(req)
+    }
+    ops.getattr = { req, ino, _ in
+      guard let req else { return }
+      fs(req).getattr(Request(req), ino: ino)
+    }
+    ops.readlink = { req, ino in
+      guard let req else { return }
+      fs(req).readlink(Request(req), ino: ino)
+    }
+    ops.open = { req, ino, fi in
+      guard let req, let fi else { return }
+      fs(req).open(Request(req), ino: ino, fi: fi)
+    }
+    ops.read = { req, ino, size, offset, _ in
+      guard let req else { return }
+      fs(req).read(Request(req), ino: ino, size: size, offset: offset)
+    }
+    ops.release = { req, _, fi in
+      guard let req else { return }
+      fs(req).release(handle: fi?.pointee.fh ?? 0)
+      _ = fuse_reply_err(req, 0)
+    }
+    ops.opendir = { req, ino, fi in
+      guard let req, let fi else { return }
+      fs(req).opendir(Request(req), ino: ino, fi: fi)
+    }
+    ops.readdir = { req, ino, size, offset, fi in
+      guard let req else { return }
+      fs(req).readdir(Request(req), ino: ino, size: size, offset: offset, handle: fi?.pointee.fh ?? 0)
+    }
+    ops.releasedir = { req, _, fi in
+      guard let req else { return }
+      fs(req).releaseDirectory(handle: fi?.pointee.fh ?? 0)
+      _ = fuse_reply_err(req, 0)
+    }
+    ops.statfs = { req, _ in
+      guard let req else { return }
+      fs(req).statfs(Request(req))
+    }
+    return ops
+  }()
+}
+
+/// A directory listing entry: name, inode (for d_ino) and type bits.
+struct DirectoryEntry {
+  let name: [UInt8]
+  let ino: UInt64
+  let mode: mode_t
+}
+
+extension StoreFileSystem {
+  enum VirtualNode {
+    case viewsDir
+    case viewDir(UInt32)
+    case viewStore(UInt32)
+    case viewVar(UInt32)
+    case viewResult(UInt32)
+
+    init(_ n: UInt64) {
+      if n == 0 {
+        self = .viewsDir
+        return
+      }
+      let v = UInt32(n / 4)
+      switch n % 4 {
+      case 0: self = .viewDir(v)
+      case 1: self = .viewStore(v)
+      case 2: self = .viewVar(v)
+      default: self = .viewResult(v)
+      }
+    }
+
+    var number: UInt64 {
+      switch self {
+      case .viewsDir: 0
+      case .viewDir(let v): UInt64(v) * 4
+      case .viewStore(let v): UInt64(v) * 4 + 1
+      case .viewVar(let v): UInt64(v) * 4 + 2
+      case .viewResult(let v): UInt64(v) * 4 + 3
+      }
+    }
+
+    var ino: UInt64 { Inode.virtual(number) }
+  }
+
+  func view(number: UInt32) -> RegisteredView? {
+    state.withLock { s in s.viewNumbers[number].flatMap { s.views[$0] } }
+  }
+
+  func resultTarget(_ v: RegisteredView) -> [UInt8] {
+    Array("\(options.storeDir)/\(v.view.result.baseName)".utf8)
+  }
+
+  func virtualAttributes(_ node: VirtualNode) -> stat? {
+    switch node {
+    case .viewsDir: return directoryAttributes(ino: node.ino)
+    case .viewDir(let v), .viewStore(let v), .viewVar(let v):
+      return view(number: v) == nil ? nil : directoryAttributes(ino: node.ino)
+    case .viewResult(let v):
+      guard let view = view(number: v) else { return nil }
+      return attributes(ino: node.ino, of: .symlink(target: resultTarget(view)))
+    }
+  }
+
+  func storePath(_ name: UnsafeRawBufferPointer) -> StorePath? {
+    try? StorePath(baseName: String(decoding: name, as: UTF8.self), storeDir: options.storeDir)
+  }
+
+  /// Replies with the root of `path` as seen in `namespace`, materialising it if needed.
+  func resolve(_ req: Request, namespace: UInt32, path: StorePath) {
+    withTree(path, req) { tree in
+      let (ino, st) = self.entry(tree, instance: self.instance(namespace, path), index: 0)
+      self.replyEntry(req, ino: ino, attr: st)
+    }
+  }
+
+  func lookup(_ req: Request, parent: UInt64, name: UnsafeRawBufferPointer) {
+    count("lookup")
+    switch Inode.decode(parent) {
+    case .root:
+      if name.elementsEqual(Self.viewsDirName.utf8) {
+        replyEntry(req, ino: VirtualNode.viewsDir.ino, attr: directoryAttributes(ino: VirtualNode.viewsDir.ino))
+      } else if let path = storePath(name) {
+        resolve(req, namespace: 0, path: path)
+      } else {
+        replyNegative(req)
+      }
+    case .virtual(let n):
+      lookupVirtual(req, VirtualNode(n), name: name)
+    case .node(let instance, let index):
+      guard let key = state.withLock({ $0.instances[instance] }) else {
+        replyError(req, ESTALE, cause: "stale")
+        return
+      }
+      let name = Array(name)
+      withTree(key.path, req) { tree in
+        guard let child = name.withUnsafeBytes({ tree.child(of: index, named: $0) }) else {
+          if case .directory = tree.nodes[Int(index)] {
+            // Immutable: a missing name stays missing.
+            var e = fuse_entry_param()
+            e.entry_timeout = self.options.entryTimeout
+            _ = fuse_reply_entry(req.raw, &e)
+          } else {
+            self.replyError(req, ENOTDIR, cause: "client")
+          }
+          return
+        }
+        let (ino, st) = self.entry(tree, instance: instance, index: child)
+        self.replyEntry(req, ino: ino, attr: st)
+      }
+    case .file:
+      replyError(req, ENOTDIR, cause: "client")
+    case .invalid:
+      replyError(req, ESTALE, cause: "stale")
+    }
+  }
+
+  func lookupVirtual(_ req: Request, _ parent: VirtualNode, name: UnsafeRawBufferPointer) {
+    let text = String(decoding: name, as: UTF8.self)
+    var child: VirtualNode? = nil
+    switch parent {
+    case .viewsDir:
+      if let v = state.withLock({ $0.views[text]?.number }) { child = .viewDir(v) }
+    case .viewDir(let v):
+      if text == "store" { child = .viewStore(v) } else if text == "var" { child = .viewVar(v) }
+    case .viewVar(let v):
+      if text == "result" { child = .viewResult(v) }
+    case .viewStore(let v):
+      guard let view = view(number: v), let path = storePath(name), view.members.contains(path) else {
+        replyNegative(req)
+        return
+      }
+      resolve(req, namespace: v, path: path)
+      return
+    case .viewResult:
+      replyError(req, ENOTDIR, cause: "client")
+      return
+    }
+    guard let child, let st = virtualAttributes(child) else {
+      // Views come and go: do not let the kernel cache their absence.
+      var e = fuse_entry_param()
+      _ = fuse_reply_entry(req.raw, &e)
+      return
+    }
+    replyEntry(req, ino: child.ino, attr: st)
+  }
+
+  func getattr(_ req: Request, ino: UInt64) {
+    count("getattr")
+    switch Inode.decode(ino) {
+    case .root:
+      replyAttr(req, directoryAttributes(ino: Inode.root))
+    case .virtual(let n):
+      guard let st = virtualAttributes(VirtualNode(n)) else { return replyError(req, ESTALE, cause: "stale") }
+      replyAttr(req, st)
+    case .file(let content, let executable):
+      guard let info = state.withLock({ $0.files[content] }) else { return replyError(req, ESTALE, cause: "stale") }
+      replyAttr(req, attributes(ino: ino, of: .file(content: content, size: info.size, executable: executable)))
+    case .node(let instance, let index):
+      guard let key = state.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
+      withTree(key.path, req) { tree in
+        self.replyAttr(req, self.attributes(ino: ino, of: tree.nodes[Int(index)]))
+      }
+    case .invalid:
+      replyError(req, ESTALE, cause: "stale")
+    }
+  }
+
+  func readlink(_ req: Request, ino: UInt64) {
+    count("readlink")
+    switch Inode.decode(ino) {
+    case .virtual(let n):
+      guard case .viewResult(let v) = VirtualNode(n), let view = view(number: v) else {
+        return replyError(req, EINVAL, cause: "client")
+      }
+      let target = resultTarget(view)
+      _ = (target + [0]).withUnsafeBufferPointer { buf in
+        buf.withMemoryRebound(to: CChar.self) { fuse_reply_readlink(req.raw, $0.baseAddress) }
+      }
+    case .node(let instance, let index):
+      guard let key = state.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
+      withTree(key.path, req) { tree in
+        guard case .symlink(let target) = tree.nodes[Int(index)] else {
+          return self.replyError(req, EINVAL, cause: "client")
+        }
+        _ = (target + [0]).withUnsafeBufferPointer { buf in
+          buf.withMemoryRebound(to: CChar.self) { fuse_reply_readlink(req.raw, $0.baseAddress) }
+        }
+      }
+    default:
+      replyError(req, EINVAL, cause: "client")
+    }
+  }
+
+  func open(_ req: Request, ino: UInt64, fi: UnsafeMutablePointer<fuse_file_info>) {
+    count("open")
+    guard case .file(let content, _) = Inode.decode(ino) else {
+      return replyError(req, EISDIR, cause: "client")
+    }
+    if fi.pointee.flags & O_ACCMODE != O_RDONLY { return replyError(req, EROFS, cause: "client") }
+    guard let path = state.withLock({ $0.files[content]?.path }) else { return replyError(req, ESTALE, cause: "stale") }
+    // Pin the path while a file of it is open, so GC cannot take its chunks away.
+    store.pin(path)
+    let handle = state.withLock { s -> UInt64 in
+      let h = s.nextHandle
+      s.nextHandle += 1
+      s.openHandles[h] = path
+      return h
+    }
+    fi.pointee.fh = handle
+    nixfs_fuse_fi_set_cache(fi, 1, 0)
+    _ = fuse_reply_open(req.raw, fi)
+  }
+
+  func release(handle: UInt64) {
+    if let path = state.withLock({ $0.openHandles.removeValue(forKey: handle) }) {
+      store.unpin(path)
+    }
+  }
+
+  func read(_ req: Request, ino: UInt64, size: Int, offset: off_t) {
+    guard case .file(let content, _) = Inode.decode(ino) else {
+      return replyError(req, EISDIR, cause: "client")
+    }
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(size, 1), alignment: 16)
+    defer { buffer.deallocate() }
+    do {
+      let n = try store.read(
+        content: content, offset: UInt64(offset), into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<size]))
+      state.withLock {
+        $0.stats.requests["read", default: 0] += 1
+        $0.stats.bytesServed += UInt64(n)
+      }
+      _ = fuse_reply_buf(req.raw, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), n)
+    } catch {
+      logger.error("read failed", metadata: ["content": "\(content)", "offset": "\(offset)", "error": "\(error)"])
+      replyError(req, EIO, cause: "read")
+    }
+  }
+
+  // MARK: Directories
+
+  func opendir(_ req: Request, ino: UInt64, fi: UnsafeMutablePointer<fuse_file_info>) {
+    count("opendir")
+    var listing: [DirectoryEntry]? = nil
+    switch Inode.decode(ino) {
+    case .root:
+      // What this node has or is fetching; never the caches' contents.
+      var paths = Set((try? store.completePaths()) ?? [])
+      state.withLock { s in paths.formUnion(s.inflight.keys) }
+      listing = paths.sorted().map { p in
+        DirectoryEntry(name: Array(p.baseName.utf8), ino: Inode.node(instance: instance(0, p), index: 0), mode: 0)
+      }
+    case .virtual(let n):
+      let node = VirtualNode(n)
+      switch node {
+      case .viewsDir:
+        listing = state.withLock { s in
+          s.views.values.sorted { $0.view.id < $1.view.id }.map {
+            DirectoryEntry(name: Array($0.view.id.utf8), ino: VirtualNode.viewDir($0.number).ino, mode: S_IFDIR)
+          }
+        }
+      case .viewDir(let v):
+        listing = [
+          DirectoryEntry(name: Array("store".utf8), ino: VirtualNode.viewStore(v).ino, mode: S_IFDIR),
+          DirectoryEntry(name: Array("var".utf8), ino: VirtualNode.viewVar(v).ino, mode: S_IFDIR),
+        ]
+      case .viewVar(let v):
+        listing = [DirectoryEntry(name: Array("result".utf8), ino: VirtualNode.viewResult(v).ino, mode: S_IFLNK)]
+      case .viewStore(let v):
+        guard let view = view(number: v) else { return replyError(req, ESTALE, cause: "stale") }
+        listing = view.view.closure.map { p in
+          DirectoryEntry(name: Array(p.baseName.utf8), ino: Inode.node(instance: instance(v, p), index: 0), mode: 0)
+        }
+      case .viewResult:
+        return replyError(req, ENOTDIR, cause: "client")
+      }
+    case .node:
+      // Immutable: the kernel may cache the listing and pages for good.
+      nixfs_fuse_fi_set_cache(fi, 1, 1)
+    case .file:
+      return replyError(req, ENOTDIR, cause: "client")
+    case .invalid:
+      return replyError(req, ESTALE, cause: "stale")
+    }
+    if let listing {
+      fi.pointee.fh = state.withLock { s -> UInt64 in
+        let h = s.nextHandle
+        s.nextHandle += 1
+        s.dirListings[h] = listing
+        return h
+      }
+    }
+    _ = fuse_reply_open(req.raw, fi)
+  }
+
+  func releaseDirectory(handle: UInt64) {
+    _ = state.withLock { $0.dirListings.removeValue(forKey: handle) }
+  }
+
+  func readdir(_ req: Request, ino: UInt64, size: Int, offset: off_t, handle: UInt64) {
+    count("readdir")
+    if case .node(let instance, let index) = Inode.decode(ino) {
+      guard let key = state.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
+      withTree(key.path, req) { tree in
+        guard case .directory(let entries) = tree.nodes[Int(index)] else {
+          return self.replyError(req, ENOTDIR, cause: "client")
+        }
+        let listing = entries.map { e -> DirectoryEntry in
+          let node = tree.nodes[Int(e.node)]
+          switch node {
+          case .file(let content, _, let executable):
+            return DirectoryEntry(name: e.name, ino: Inode.file(content: content, executable: executable), mode: S_IFREG)
+          case .directory:
+            return DirectoryEntry(name: e.name, ino: Inode.node(instance: instance, index: e.node), mode: S_IFDIR)
+          case .symlink:
+            return DirectoryEntry(name: e.name, ino: Inode.node(instance: instance, index: e.node), mode: S_IFLNK)
+          }
+        }
+        self.replyListing(req, ino: ino, listing, size: size, offset: offset)
+      }
+      return
+    }
+    guard let listing = state.withLock({ $0.dirListings[handle] }) else {
+      return replyError(req, EBADF, cause: "client")
+    }
+    replyListing(req, ino: ino, listing, size: size, offset: offset)
+  }
+
+  /// Packs entries from `offset` (0 and 1 are "." and "..") into at most `size` bytes.
+  func replyListing(_ req: Request, ino: UInt64, _ listing: [DirectoryEntry], size: Int, offset: off_t) {
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(size, 1), alignment: 16)
+    defer { buffer.deallocate() }
+    var used = 0
+    var index = Int(offset)
+    let total = listing.count + 2
+    while index < total {
+      let name: [UInt8]
+      var st = stat()
+      switch index {
+      case 0:
+        name = Array(".".utf8)
+        st.st_ino = UInt(ino)
+        st.st_mode = S_IFDIR
+      case 1:
+        name = Array("..".utf8)
+        st.st_ino = UInt(Inode.root)
+        st.st_mode = S_IFDIR
+      default:
+        let e = listing[index - 2]
+        name = e.name
+        st.st_ino = UInt(e.ino)
+        st.st_mode = e.mode
+      }
+      let needed = (name + [0]).withUnsafeBufferPointer { n in
+        n.withMemoryRebound(to: CChar.self) { cname in
+          fuse_add_direntry(
+            req.raw, buffer.baseAddress!.advanced(by: used).assumingMemoryBound(to: CChar.self), size - used,
+            cname.baseAddress, &st, off_t(index + 1))
+        }
+      }
+      if needed > size - used { break }
+      used += needed
+      index += 1
+    }
+    _ = fuse_reply_buf(req.raw, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), used)
+  }
+
+  func statfs(_ req: Request) {
+    var vfs = statvfs()
+    if statvfs(options.statfsPath, &vfs) != 0 { vfs = Glibc.statvfs() }
+    vfs.f_namemax = 255
+    vfs.f_flag |= UInt(ST_RDONLY)
+    _ = fuse_reply_statfs(req.raw, &vfs)
+  }
+}

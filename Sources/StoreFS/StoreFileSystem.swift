@@ -1,0 +1,363 @@
+import CFuse3
+import Foundation
+import Logging
+import NixFormats
+import Synchronization
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Tunables of the mounted store.
+public struct StoreFSOptions: Sendable {
+  /// Kernel cache lifetime of names and attributes: the store is immutable, so effectively forever.
+  public var entryTimeout: Double = 365 * 86400
+  /// Kernel and daemon cache lifetime of "no such store path".
+  public var negativeTimeout: Double = 30
+  /// Trees of store paths kept in memory (each is its directory structure, not file contents).
+  public var treeCacheSize: Int = 4096
+  public var maxThreads: Int = 16
+  /// Where `statfs` reports disk space from (the state directory).
+  public var statfsPath: String = "/"
+  /// Store directory the mount stands for (symlinks in views point into it).
+  public var storeDir: String = StorePath.defaultStoreDir
+  public init() {}
+}
+
+/// A CSI view: `store/` lists exactly `closure`; `var/result` points at `result`.
+public struct StoreView: Sendable {
+  public let id: String
+  public let closure: [StorePath]
+  public let result: StorePath
+  public init(id: String, closure: [StorePath], result: StorePath) {
+    self.id = id
+    self.closure = closure.sorted()
+    self.result = result
+  }
+}
+
+/// Counters the daemon exports as metrics.
+public struct StoreFSStats: Sendable {
+  public var requests: [String: UInt64] = [:]
+  public var bytesServed: UInt64 = 0
+  public var errors: [String: UInt64] = [:]
+}
+
+/// The read-only, lazily materialised /nix/store served over FUSE.
+public final class StoreFileSystem: @unchecked Sendable {
+  public static let viewsDirName = ".views"
+
+  let store: any LocalStore
+  let materialiser: any Materialiser
+  let options: StoreFSOptions
+  let logger: Logger
+  let state: Mutex<State>
+  var session: FuseSession?
+
+  struct InstanceKey: Hashable {
+    let namespace: UInt32  // 0: the store directory; n: view number n
+    let path: StorePath
+  }
+
+  struct FileInfo {
+    var size: UInt64
+    var path: StorePath
+  }
+
+  struct RegisteredView {
+    let view: StoreView
+    let number: UInt32
+    let members: Set<StorePath>
+  }
+
+  struct State {
+    var instances: [UInt32: InstanceKey] = [:]
+    var instanceIDs: [InstanceKey: UInt32] = [:]
+    var nextInstance: UInt32 = 1
+    var trees: [StorePath: (tree: PathTree, used: UInt64)] = [:]
+    var clock: UInt64 = 0
+    var files: [UInt64: FileInfo] = [:]  // by content id
+    var lookups: [UInt64: UInt64] = [:]  // nlookup by inode (files and nodes)
+    var negative: [StorePath: Date] = [:]
+    var inflight: [StorePath: Task<Void, any Error>] = [:]
+    var views: [String: RegisteredView] = [:]
+    var viewNumbers: [UInt32: String] = [:]
+    var nextView: UInt32 = 1
+    var openHandles: [UInt64: StorePath] = [:]
+    var dirListings: [UInt64: [DirectoryEntry]] = [:]
+    var nextHandle: UInt64 = 1
+    var stats = StoreFSStats()
+  }
+
+  public init(store: any LocalStore, materialiser: any Materialiser, options: StoreFSOptions = .init(), logger: Logger) {
+    self.store = store
+    self.materialiser = materialiser
+    self.options = options
+    self.logger = logger
+    self.state = Mutex(State())
+  }
+
+  public var stats: StoreFSStats { state.withLock { $0.stats } }
+
+  // MARK: Mounting
+
+  /// Mounts at `mountpoint` (read-only, nosuid, nodev) and serves until unmounted from outside or
+  /// a SIGINT/SIGTERM arrives; then unmounts. Blocks the calling thread.
+  public func serve(at mountpoint: String, extraOptions: [String] = []) throws {
+    var opts = ["ro", "nosuid", "nodev", "fsname=nixfs", "subtype=nixfs", "default_permissions"]
+    if getuid() == 0 { opts.append("allow_other") }
+    let s = try FuseSession(
+      mountpoint: mountpoint, options: opts + extraOptions, operations: Self.operations,
+      userdata: Unmanaged.passUnretained(self).toOpaque())
+    session = s
+    s.handleSignals()
+    logger.info("mounted", metadata: ["mountpoint": "\(mountpoint)"])
+    let rc = s.run(maxThreads: options.maxThreads)
+    s.unmount()
+    session = nil
+    logger.info("unmounted", metadata: ["mountpoint": "\(mountpoint)", "status": "\(rc)"])
+  }
+
+  // MARK: Views (for the CSI node service)
+
+  public func addView(_ view: StoreView) {
+    state.withLock { s in
+      if let old = s.views[view.id] { s.viewNumbers[old.number] = nil }
+      let number = s.nextView
+      s.nextView += 1
+      s.views[view.id] = RegisteredView(view: view, number: number, members: Set(view.closure))
+      s.viewNumbers[number] = view.id
+    }
+  }
+
+  public func removeView(id: String) {
+    state.withLock { s in
+      if let old = s.views.removeValue(forKey: id) { s.viewNumbers[old.number] = nil }
+    }
+  }
+
+  public func viewIDs() -> [String] { state.withLock { Array($0.views.keys).sorted() } }
+
+  // MARK: Trees and materialisation
+
+  func count(_ op: String) {
+    state.withLock { $0.stats.requests[op, default: 0] += 1 }
+  }
+
+  func cachedTree(_ path: StorePath) -> PathTree? {
+    state.withLock { s in
+      guard var entry = s.trees[path] else { return nil }
+      s.clock += 1
+      entry.used = s.clock
+      s.trees[path] = entry
+      return entry.tree
+    }
+  }
+
+  func remember(_ tree: PathTree) {
+    state.withLock { s in
+      s.clock += 1
+      s.trees[tree.path] = (tree, s.clock)
+      if s.trees.count > options.treeCacheSize {
+        // Drop the least recently used tenth; trees reload from the index on demand.
+        let victims = s.trees.sorted { $0.value.used < $1.value.used }.prefix(max(1, options.treeCacheSize / 10))
+        for v in victims { s.trees[v.key] = nil }
+      }
+    }
+  }
+
+  /// The tree of `path` if it is complete locally, without any network.
+  func localTree(_ path: StorePath) -> PathTree? {
+    if let t = cachedTree(path) { return t }
+    do {
+      guard let t = try store.tree(of: path) else { return nil }
+      remember(t)
+      return t
+    } catch {
+      logger.error("cannot read the index", metadata: ["path": "\(path)", "error": "\(error)"])
+      return nil
+    }
+  }
+
+  /// Calls `body` with the tree of `path`, materialising it first if needed. `body` runs on the
+  /// calling (FUSE worker) thread when the path is local, otherwise on a task once it is: the
+  /// worker never waits for the network.
+  func withTree(_ path: StorePath, _ req: Request, _ body: @escaping @Sendable (PathTree) -> Void) {
+    if let t = localTree(path) {
+      body(t)
+      return
+    }
+    let negative = state.withLock { s -> Bool in
+      if let until = s.negative[path] {
+        if until > Date() { return true }
+        s.negative[path] = nil
+      }
+      return false
+    }
+    if negative {
+      replyNegative(req)
+      return
+    }
+    let task = state.withLock { s -> Task<Void, any Error> in
+      if let t = s.inflight[path] { return t }
+      let materialiser = self.materialiser
+      let t = Task<Void, any Error> { try await materialiser.materialise(path) }
+      s.inflight[path] = t
+      return t
+    }
+    Task {
+      let start = ContinuousClock.now
+      do {
+        try await task.value
+        self.finished(path)
+        guard let t = self.localTree(path) else {
+          self.logger.error("materialised path is not in the store", metadata: ["path": "\(path)"])
+          self.replyError(req, EIO, cause: "index")
+          return
+        }
+        self.logger.info(
+          "materialised", metadata: ["path": "\(path)", "seconds": "\((ContinuousClock.now - start).seconds)"])
+        body(t)
+      } catch MaterialiseFailure.notFound(let why) {
+        self.finished(path, negative: true)
+        self.logger.info("not in any cache", metadata: ["path": "\(path)", "reason": "\(why)"])
+        self.replyNegative(req)
+      } catch {
+        self.finished(path)
+        self.logger.error("cannot materialise", metadata: ["path": "\(path)", "error": "\(error)"])
+        self.replyError(req, EIO, cause: "fetch")
+      }
+    }
+  }
+
+  func finished(_ path: StorePath, negative: Bool = false) {
+    state.withLock { s in
+      s.inflight[path] = nil
+      if negative { s.negative[path] = Date().addingTimeInterval(options.negativeTimeout) }
+    }
+  }
+
+  func instance(_ namespace: UInt32, _ path: StorePath) -> UInt32 {
+    state.withLock { s in
+      let key = InstanceKey(namespace: namespace, path: path)
+      if let id = s.instanceIDs[key] { return id }
+      let id = s.nextInstance
+      s.nextInstance += 1
+      s.instanceIDs[key] = id
+      s.instances[id] = key
+      return id
+    }
+  }
+
+  // MARK: Attributes
+
+  func attributes(ino: UInt64, of node: PathTree.Node) -> stat {
+    var st = stat()
+    st.st_ino = UInt(ino)
+    st.st_uid = 0
+    st.st_gid = 0
+    st.st_mtim = timespec(tv_sec: 1, tv_nsec: 0)
+    st.st_atim = st.st_mtim
+    st.st_ctim = st.st_mtim
+    st.st_blksize = 65536
+    switch node {
+    case .directory(let entries):
+      st.st_mode = S_IFDIR | 0o555
+      st.st_nlink = 2
+      st.st_size = Int(4096 + 0 * entries.count)
+      st.st_blocks = 8
+    case .file(_, let size, let executable):
+      st.st_mode = S_IFREG | (executable ? 0o555 : 0o444)
+      st.st_nlink = 1
+      st.st_size = Int(size)
+      st.st_blocks = Int((size + 511) / 512)
+    case .symlink(let target):
+      st.st_mode = S_IFLNK | 0o777
+      st.st_nlink = 1
+      st.st_size = target.count
+    }
+    return st
+  }
+
+  func directoryAttributes(ino: UInt64) -> stat {
+    attributes(ino: ino, of: .directory(entries: []))
+  }
+
+  /// The inode of node `index` of `tree` as seen through `instance`, and its attributes.
+  func entry(_ tree: PathTree, instance: UInt32, index: Int32) -> (UInt64, stat) {
+    let node = tree.nodes[Int(index)]
+    let ino: UInt64
+    if case .file(let content, let size, let executable) = node {
+      ino = Inode.file(content: content, executable: executable)
+      state.withLock { $0.files[content] = FileInfo(size: size, path: tree.path) }
+    } else {
+      ino = Inode.node(instance: instance, index: index)
+    }
+    return (ino, attributes(ino: ino, of: node))
+  }
+
+  // MARK: Replies
+
+  func replyEntry(_ req: Request, ino: UInt64, attr: stat) {
+    var e = fuse_entry_param()
+    e.ino = ino
+    e.attr = attr
+    e.attr_timeout = options.entryTimeout
+    e.entry_timeout = options.entryTimeout
+    if ino != Inode.root && Inode.decode(ino) != .invalid {
+      if case .virtual = Inode.decode(ino) {} else {
+        state.withLock { $0.lookups[ino, default: 0] += 1 }
+      }
+    }
+    if fuse_reply_entry(req.raw, &e) != 0 {
+      // The kernel did not take the reference (interrupted): undo the count.
+      forget(ino, 1)
+    }
+  }
+
+  /// "No such entry", cached by the kernel for the negative timeout.
+  func replyNegative(_ req: Request) {
+    var e = fuse_entry_param()
+    e.ino = 0
+    e.entry_timeout = options.negativeTimeout
+    _ = fuse_reply_entry(req.raw, &e)
+  }
+
+  func replyError(_ req: Request, _ errno: Int32, cause: String) {
+    state.withLock { $0.stats.errors[cause, default: 0] += 1 }
+    _ = fuse_reply_err(req.raw, errno)
+  }
+
+  func replyAttr(_ req: Request, _ st: stat) {
+    var st = st
+    _ = fuse_reply_attr(req.raw, &st, options.entryTimeout)
+  }
+
+  func forget(_ ino: UInt64, _ n: UInt64) {
+    state.withLock { s in
+      guard let c = s.lookups[ino] else { return }
+      if c <= n {
+        s.lookups[ino] = nil
+        if case .file(let content, _) = Inode.decode(ino) {
+          // The other executable-bit twin may still be known to the kernel.
+          let twin = ino ^ 1
+          if s.lookups[twin] == nil { s.files[content] = nil }
+        }
+      } else {
+        s.lookups[ino] = c - n
+      }
+    }
+  }
+
+  public var knownInodes: Int { state.withLock { $0.lookups.count } }
+}
+
+/// A FUSE request: replied to exactly once, from whichever thread finishes it.
+struct Request: @unchecked Sendable {
+  let raw: fuse_req_t
+  init(_ raw: fuse_req_t) { self.raw = raw }
+}
+
+extension Duration {
+  var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}
