@@ -19,6 +19,8 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	@command -v $(SWIFT) >/dev/null || { echo "make deps: swift 6.1+ is required on PATH"; exit 1; }
+	@python3 -c 'import kubernetes_validate' 2>/dev/null || \
+	  { echo "make deps: installing kubernetes-validate (PyPI)"; pip install -q kubernetes-validate==1.37.0; }
 
 build: deps
 	$(SWIFT) build

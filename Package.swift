@@ -37,7 +37,7 @@ let package = Package(
     .target(
       name: "BinaryCache",
       dependencies: [
-        "NixFormats", "CCurl", "CZstd", "CLzma", "CBzip2",
+        "NixFormats", "CCurl", "CZstd", "CLzma", "CBzip2", "CSQLite",
         .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),
@@ -76,7 +76,7 @@ let package = Package(
       swiftSettings: strict),
 
     .executableTarget(
-      name: "cache-bench", dependencies: ["BinaryCache"], path: "bench/CacheBench",
+      name: "cache-bench", dependencies: ["BinaryCache", "NixFormats", "CZstd", "CLzma"], path: "bench/CacheBench",
       swiftSettings: strict),
     .executableTarget(
       name: "store-bench", dependencies: ["ChunkStore"], path: "bench/StoreBench",
@@ -98,6 +98,7 @@ let package = Package(
       name: "BinaryCacheTests", dependencies: ["BinaryCache", "TestSupport"], swiftSettings: strict),
     .testTarget(
       name: "ChunkStoreTests", dependencies: ["ChunkStore", "TestSupport"], swiftSettings: strict),
+    .testTarget(name: "DeployTests", dependencies: ["TestSupport"], swiftSettings: strict),
     .testTarget(
       name: "SystemLibrariesTests",
       dependencies: ["CFuse3", "CZstd", "CLzma", "CSQLite", "CCurl"],
