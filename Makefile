@@ -9,7 +9,7 @@ DEBS := pkg-config libfuse3-dev fuse3 libzstd-dev liblzma-dev libbz2-dev libsqli
 SWIFT ?= swift
 FUZZ_SECONDS ?= 300
 
-.PHONY: deps build release test demo fuzz bench-formats clean
+.PHONY: deps build release test demo fuzz bench-formats clean bench-cache bench-store
 
 deps:
 	@missing=$$(for p in $(DEBS); do \
@@ -49,3 +49,13 @@ bench-formats: deps
 
 clean:
 	rm -rf .build .build-*
+
+# Chunk store figures: ingest MB/s, cold random reads, stored bytes vs xz/zstd NARs, dedup (root: drops caches).
+bench-store: deps
+	$(SWIFT) build -c release --product store-bench
+	"$$($(SWIFT) build -c release --show-bin-path)/store-bench"
+
+# Binary cache client: NAR download+decompress+verify MB/s per core, and a 1,000-path closure at 20 ms.
+bench-cache: deps
+	$(SWIFT) build -c release --product cache-bench
+	"$$($(SWIFT) build -c release --show-bin-path)/cache-bench"

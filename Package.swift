@@ -15,6 +15,12 @@ let package = Package(
     .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
     .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
     .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"5.0.0"),
+    .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+    .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+    .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
+    .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
+    .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
+    .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
   ],
   targets: [
     // C libraries. Each shim.h wraps the macros and variadic functions Swift cannot call.
@@ -56,17 +62,35 @@ let package = Package(
     .target(
       name: "StoreFS",
       dependencies: [
-        "NixFormats", "CFuse3",
+        "NixFormats", "BinaryCache", "ChunkStore", "CFuse3",
+        .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
+        .product(name: "CoreMetrics", package: "swift-metrics"),
+      ],
+      swiftSettings: strict),
+
+    // CSI Identity and Node services. Generated code (Generated/) comes from ../shared/spec/csi.proto
+    // via `make generate-csi`; it is committed so builds need no protoc.
+    .target(
+      name: "CSINode",
+      dependencies: [
+        "NixFormats", "StoreFS",
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+        .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
       ],
       swiftSettings: strict),
 
     .executableTarget(
       name: "nixfs",
       dependencies: [
-        "NixFormats", "BinaryCache", "ChunkStore",
+        "NixFormats", "BinaryCache", "ChunkStore", "StoreFS", "CSINode",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
+        .product(name: "CoreMetrics", package: "swift-metrics"),
+        .product(name: "Prometheus", package: "swift-prometheus"),
       ],
       swiftSettings: strict),
 
@@ -79,7 +103,7 @@ let package = Package(
       name: "cache-bench", dependencies: ["BinaryCache", "NixFormats", "CZstd", "CLzma"], path: "bench/CacheBench",
       swiftSettings: strict),
     .executableTarget(
-      name: "store-bench", dependencies: ["ChunkStore"], path: "bench/StoreBench",
+      name: "store-bench", dependencies: ["ChunkStore", "NixFormats"], path: "bench/StoreBench",
       swiftSettings: strict),
 
     // libFuzzer targets (`make fuzz`); without -DFUZZING they replay files given as arguments.
@@ -98,6 +122,16 @@ let package = Package(
       name: "BinaryCacheTests", dependencies: ["BinaryCache", "TestSupport"], swiftSettings: strict),
     .testTarget(
       name: "ChunkStoreTests", dependencies: ["ChunkStore", "TestSupport"], swiftSettings: strict),
+    .testTarget(
+      name: "StoreFSTests", dependencies: ["NixFormats", "TestSupport"], swiftSettings: strict),
+    .testTarget(
+      name: "CSINodeTests",
+      dependencies: [
+        "CSINode", "TestSupport", "NixFormats",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+      ],
+      swiftSettings: strict),
     .testTarget(name: "DeployTests", dependencies: ["TestSupport"], swiftSettings: strict),
     .testTarget(
       name: "SystemLibrariesTests",

@@ -7,4 +7,7 @@ static inline lzma_stream nixfs_lzma_stream_init(void) {
   lzma_stream s = LZMA_STREAM_INIT;
   return s;
 }
+
+// LZMA_CONCATENATED is a UINT32_C(...) macro Swift does not import.
+static inline uint32_t nixfs_lzma_concatenated(void) { return LZMA_CONCATENATED; }
 #endif

@@ -13,6 +13,9 @@ public struct MountError: Error, CustomStringConvertible {
   public var description: String { "cannot mount \(mountpoint): \(reason)" }
 }
 
+/// Write end of the pipe the signal handler wakes the watcher through.
+nonisolated(unsafe) var signalPipe: Int32 = -1
+
 /// A low-level libfuse session: mounted on init, serves on `run()` until unmounted or signalled.
 final class FuseSession: @unchecked Sendable {
   let session: OpaquePointer
@@ -44,9 +47,33 @@ final class FuseSession: @unchecked Sendable {
     mounted = true
   }
 
-  /// Installs SIGINT/SIGTERM/SIGHUP handlers that end `run()`; the caller then unmounts.
+  /// On SIGINT/SIGTERM/SIGHUP, unmounts: the kernel then ends every worker's read and `run()`
+  /// returns. (libfuse's own handlers only set a flag that a thread parked in the multithreaded
+  /// loop may never look at, and they skip signals a parent left ignored.) The handler only
+  /// writes to a pipe; a watcher thread does the work.
   func handleSignals() {
-    _ = fuse_set_signal_handlers(session)
+    var fds: [Int32] = [0, 0]
+    guard pipe(&fds) == 0 else { return }
+    signalPipe = fds[1]
+    var set = sigset_t()
+    sigemptyset(&set)
+    for s in [SIGTERM, SIGINT, SIGHUP] {
+      signal(s, { _ in
+        var b: UInt8 = 1
+        _ = write(signalPipe, &b, 1)
+      })
+      sigaddset(&set, s)
+    }
+    pthread_sigmask(SIG_UNBLOCK, &set, nil)
+    let readEnd = fds[0]
+    let watcher = Thread { [self] in
+      var b: UInt8 = 0
+      while read(readEnd, &b, 1) < 0 && errno == EINTR {}
+      exit()
+      unmount()
+    }
+    watcher.name = "nixfs-signals"
+    watcher.start()
   }
 
   /// Serves requests on up to `maxThreads` threads; returns when unmounted or told to exit.
@@ -56,10 +83,14 @@ final class FuseSession: @unchecked Sendable {
 
   func exit() { fuse_session_exit(session) }
 
+  private let unmountLock = NSLock()
+
+  /// Idempotent; safe from the signal watcher and the serving thread at once.
   func unmount() {
+    unmountLock.lock()
+    defer { unmountLock.unlock() }
     guard mounted else { return }
     mounted = false
-    fuse_remove_signal_handlers(session)
     fuse_session_unmount(session)
   }
 

@@ -3,6 +3,8 @@
 /// numbered by (tree instance, node index): a tree instance is a store path as seen in one
 /// namespace (the main store directory, or one CSI view), because Linux allows a directory only
 /// one parent. Numbers are deterministic, so they stay stable for the life of the mount.
+import ChunkStore
+
 enum Inode {
   static let root: UInt64 = 1
   static let fileTag: UInt64 = 1 << 63
@@ -11,6 +13,11 @@ enum Inode {
 
   static func file(content: UInt64, executable: Bool) -> UInt64 {
     fileTag | content << 1 | (executable ? 1 : 0)
+  }
+
+  /// 62 bits of a content digest: the file's inode number less the tag and executable bit.
+  static func fileNumber(_ content: ContentID) -> UInt64 {
+    content.w0 & (1 << 62 - 1)
   }
 
   static func node(instance: UInt32, index: Int32) -> UInt64 {

@@ -1,4 +1,5 @@
 import CFuse3
+import ChunkStore
 import Foundation
 import NixFormats
 
@@ -150,8 +151,10 @@ extension StoreFileSystem {
 
   /// Replies with the root of `path` as seen in `namespace`, materialising it if needed.
   func resolve(_ req: Request, namespace: UInt32, path: StorePath) {
+    if localTree(path) != nil { metrics.localHits.increment() }
     withTree(path, req) { tree in
-      let (ino, st) = self.entry(tree, instance: self.instance(namespace, path), index: 0)
+      self.store.touch(path)
+      let (ino, st) = self.entry(tree, path: path, instance: self.instance(namespace, path), index: 0)
       self.replyEntry(req, ino: ino, attr: st)
     }
   }
@@ -176,8 +179,8 @@ extension StoreFileSystem {
       }
       let name = Array(name)
       withTree(key.path, req) { tree in
-        guard let child = name.withUnsafeBytes({ tree.child(of: index, named: $0) }) else {
-          if case .directory = tree.nodes[Int(index)] {
+        guard let child = tree.lookup(Int(index), name) else {
+          if case .directory = tree.nodes[Int(index)].kind {
             // Immutable: a missing name stays missing.
             var e = fuse_entry_param()
             e.entry_timeout = self.options.entryTimeout
@@ -187,7 +190,7 @@ extension StoreFileSystem {
           }
           return
         }
-        let (ino, st) = self.entry(tree, instance: instance, index: child)
+        let (ino, st) = self.entry(tree, path: key.path, instance: instance, index: Int32(child))
         self.replyEntry(req, ino: ino, attr: st)
       }
     case .file:
@@ -235,13 +238,13 @@ extension StoreFileSystem {
     case .virtual(let n):
       guard let st = virtualAttributes(VirtualNode(n)) else { return replyError(req, ESTALE, cause: "stale") }
       replyAttr(req, st)
-    case .file(let content, let executable):
-      guard let info = state.withLock({ $0.files[content] }) else { return replyError(req, ESTALE, cause: "stale") }
-      replyAttr(req, attributes(ino: ino, of: .file(content: content, size: info.size, executable: executable)))
+    case .file(let number, let executable):
+      guard let info = state.withLock({ $0.files[number] }) else { return replyError(req, ESTALE, cause: "stale") }
+      replyAttr(req, attributes(ino: ino, of: .regular(content: info.content, size: info.size, executable: executable)))
     case .node(let instance, let index):
       guard let key = state.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
       withTree(key.path, req) { tree in
-        self.replyAttr(req, self.attributes(ino: ino, of: tree.nodes[Int(index)]))
+        self.replyAttr(req, self.attributes(ino: ino, of: tree.nodes[Int(index)].kind))
       }
     case .invalid:
       replyError(req, ESTALE, cause: "stale")
@@ -262,7 +265,7 @@ extension StoreFileSystem {
     case .node(let instance, let index):
       guard let key = state.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
       withTree(key.path, req) { tree in
-        guard case .symlink(let target) = tree.nodes[Int(index)] else {
+        guard case .symlink(let target) = tree.nodes[Int(index)].kind else {
           return self.replyError(req, EINVAL, cause: "client")
         }
         _ = (target + [0]).withUnsafeBufferPointer { buf in
@@ -276,11 +279,9 @@ extension StoreFileSystem {
 
   func open(_ req: Request, ino: UInt64, fi: UnsafeMutablePointer<fuse_file_info>) {
     count("open")
-    guard case .file(let content, _) = Inode.decode(ino) else {
-      return replyError(req, EISDIR, cause: "client")
-    }
     if fi.pointee.flags & O_ACCMODE != O_RDONLY { return replyError(req, EROFS, cause: "client") }
-    guard let path = state.withLock({ $0.files[content]?.path }) else { return replyError(req, ESTALE, cause: "stale") }
+    guard let file = file(ino) else { return replyError(req, EISDIR, cause: "client") }
+    let path = file.path
     // Pin the path while a file of it is open, so GC cannot take its chunks away.
     store.pin(path)
     let handle = state.withLock { s -> UInt64 in
@@ -300,19 +301,32 @@ extension StoreFileSystem {
     }
   }
 
+  /// The file behind an inode: by content, or (after a number clash) through its path's tree.
+  func file(_ ino: UInt64) -> FileInfo? {
+    switch Inode.decode(ino) {
+    case .file(let number, _):
+      return state.withLock { $0.files[number] }
+    case .node(let instance, let index):
+      guard let key = state.withLock({ $0.instances[instance] }), let tree = localTree(key.path),
+        case .regular(let content, let size, _) = tree.nodes[Int(index)].kind
+      else { return nil }
+      return FileInfo(content: content, size: size, path: key.path)
+    default:
+      return nil
+    }
+  }
+
   func read(_ req: Request, ino: UInt64, size: Int, offset: off_t) {
-    guard case .file(let content, _) = Inode.decode(ino) else {
-      return replyError(req, EISDIR, cause: "client")
+    guard let content = file(ino)?.content else {
+      return replyError(req, ESTALE, cause: "stale")
     }
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(size, 1), alignment: 16)
     defer { buffer.deallocate() }
     do {
       let n = try store.read(
         content: content, offset: UInt64(offset), into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<size]))
-      state.withLock {
-        $0.stats.requests["read", default: 0] += 1
-        $0.stats.bytesServed += UInt64(n)
-      }
+      metrics.request("read")
+      metrics.bytesServed.increment(by: Int64(n))
       _ = fuse_reply_buf(req.raw, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), n)
     } catch {
       logger.error("read failed", metadata: ["content": "\(content)", "offset": "\(offset)", "error": "\(error)"])
@@ -328,7 +342,7 @@ extension StoreFileSystem {
     switch Inode.decode(ino) {
     case .root:
       // What this node has or is fetching; never the caches' contents.
-      var paths = Set((try? store.completePaths()) ?? [])
+      var paths = Set(store.completePaths())
       state.withLock { s in paths.formUnion(s.inflight.keys) }
       listing = paths.sorted().map { p in
         DirectoryEntry(name: Array(p.baseName.utf8), ino: Inode.node(instance: instance(0, p), index: 0), mode: 0)
@@ -385,18 +399,20 @@ extension StoreFileSystem {
     if case .node(let instance, let index) = Inode.decode(ino) {
       guard let key = state.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
       withTree(key.path, req) { tree in
-        guard case .directory(let entries) = tree.nodes[Int(index)] else {
+        guard case .directory = tree.nodes[Int(index)].kind else {
           return self.replyError(req, ENOTDIR, cause: "client")
         }
-        let listing = entries.map { e -> DirectoryEntry in
-          let node = tree.nodes[Int(e.node)]
-          switch node {
-          case .file(let content, _, let executable):
-            return DirectoryEntry(name: e.name, ino: Inode.file(content: content, executable: executable), mode: S_IFREG)
+        let listing = tree.children(of: Int(index)).map { i -> DirectoryEntry in
+          let node = tree.nodes[i]
+          switch node.kind {
+          case .regular(let content, _, let executable):
+            // The same number lookup() gives, unless that content's number clashed.
+            let ino = Inode.file(content: Inode.fileNumber(content), executable: executable)
+            return DirectoryEntry(name: node.name, ino: ino, mode: S_IFREG)
           case .directory:
-            return DirectoryEntry(name: e.name, ino: Inode.node(instance: instance, index: e.node), mode: S_IFDIR)
+            return DirectoryEntry(name: node.name, ino: Inode.node(instance: instance, index: Int32(i)), mode: S_IFDIR)
           case .symlink:
-            return DirectoryEntry(name: e.name, ino: Inode.node(instance: instance, index: e.node), mode: S_IFLNK)
+            return DirectoryEntry(name: node.name, ino: Inode.node(instance: instance, index: Int32(i)), mode: S_IFLNK)
           }
         }
         self.replyListing(req, ino: ino, listing, size: size, offset: offset)

@@ -1,4 +1,5 @@
 import CFuse3
+import ChunkStore
 import Foundation
 import Logging
 import NixFormats
@@ -14,8 +15,8 @@ public struct StoreFSOptions: Sendable {
   public var entryTimeout: Double = 365 * 86400
   /// Kernel and daemon cache lifetime of "no such store path".
   public var negativeTimeout: Double = 30
-  /// Trees of store paths kept in memory (each is its directory structure, not file contents).
-  public var treeCacheSize: Int = 4096
+  /// Tree nodes of store paths kept in memory (directory structure only, not file contents).
+  public var treeCacheNodes: Int = 2_000_000
   public var maxThreads: Int = 16
   /// Where `statfs` reports disk space from (the state directory).
   public var statfsPath: String = "/"
@@ -36,22 +37,16 @@ public struct StoreView: Sendable {
   }
 }
 
-/// Counters the daemon exports as metrics.
-public struct StoreFSStats: Sendable {
-  public var requests: [String: UInt64] = [:]
-  public var bytesServed: UInt64 = 0
-  public var errors: [String: UInt64] = [:]
-}
-
 /// The read-only, lazily materialised /nix/store served over FUSE.
 public final class StoreFileSystem: @unchecked Sendable {
   public static let viewsDirName = ".views"
 
-  let store: any LocalStore
+  let store: ChunkStore
   let materialiser: any Materialiser
   let options: StoreFSOptions
   let logger: Logger
   let state: Mutex<State>
+  let metrics = FSMetrics()
   var session: FuseSession?
 
   struct InstanceKey: Hashable {
@@ -60,6 +55,7 @@ public final class StoreFileSystem: @unchecked Sendable {
   }
 
   struct FileInfo {
+    var content: ContentID
     var size: UInt64
     var path: StorePath
   }
@@ -74,9 +70,11 @@ public final class StoreFileSystem: @unchecked Sendable {
     var instances: [UInt32: InstanceKey] = [:]
     var instanceIDs: [InstanceKey: UInt32] = [:]
     var nextInstance: UInt32 = 1
-    var trees: [StorePath: (tree: PathTree, used: UInt64)] = [:]
+    var trees: [StorePath: (tree: Manifest, used: UInt64)] = [:]
+    var treeNodes = 0
     var clock: UInt64 = 0
-    var files: [UInt64: FileInfo] = [:]  // by content id
+    /// Files the kernel knows, by inode number less the executable bit.
+    var files: [UInt64: FileInfo] = [:]
     var lookups: [UInt64: UInt64] = [:]  // nlookup by inode (files and nodes)
     var negative: [StorePath: Date] = [:]
     var inflight: [StorePath: Task<Void, any Error>] = [:]
@@ -86,18 +84,15 @@ public final class StoreFileSystem: @unchecked Sendable {
     var openHandles: [UInt64: StorePath] = [:]
     var dirListings: [UInt64: [DirectoryEntry]] = [:]
     var nextHandle: UInt64 = 1
-    var stats = StoreFSStats()
   }
 
-  public init(store: any LocalStore, materialiser: any Materialiser, options: StoreFSOptions = .init(), logger: Logger) {
+  public init(store: ChunkStore, materialiser: any Materialiser, options: StoreFSOptions = .init(), logger: Logger) {
     self.store = store
     self.materialiser = materialiser
     self.options = options
     self.logger = logger
     self.state = Mutex(State())
   }
-
-  public var stats: StoreFSStats { state.withLock { $0.stats } }
 
   // MARK: Mounting
 
@@ -140,11 +135,9 @@ public final class StoreFileSystem: @unchecked Sendable {
 
   // MARK: Trees and materialisation
 
-  func count(_ op: String) {
-    state.withLock { $0.stats.requests[op, default: 0] += 1 }
-  }
+  func count(_ op: String) { metrics.request(op) }
 
-  func cachedTree(_ path: StorePath) -> PathTree? {
+  func cachedTree(_ path: StorePath) -> Manifest? {
     state.withLock { s in
       guard var entry = s.trees[path] else { return nil }
       s.clock += 1
@@ -154,24 +147,28 @@ public final class StoreFileSystem: @unchecked Sendable {
     }
   }
 
-  func remember(_ tree: PathTree) {
+  func remember(_ path: StorePath, _ tree: Manifest) {
     state.withLock { s in
       s.clock += 1
-      s.trees[tree.path] = (tree, s.clock)
-      if s.trees.count > options.treeCacheSize {
-        // Drop the least recently used tenth; trees reload from the index on demand.
-        let victims = s.trees.sorted { $0.value.used < $1.value.used }.prefix(max(1, options.treeCacheSize / 10))
-        for v in victims { s.trees[v.key] = nil }
+      if let old = s.trees.updateValue((tree, s.clock), forKey: path) { s.treeNodes -= old.tree.nodes.count }
+      s.treeNodes += tree.nodes.count
+      if s.treeNodes > options.treeCacheNodes {
+        // Drop least recently used trees down to 90% of the budget; they reload from the index.
+        for v in s.trees.sorted(by: { $0.value.used < $1.value.used }) where s.treeNodes > options.treeCacheNodes * 9 / 10 {
+          if v.key == path { continue }
+          s.trees[v.key] = nil
+          s.treeNodes -= v.value.tree.nodes.count
+        }
       }
     }
   }
 
   /// The tree of `path` if it is complete locally, without any network.
-  func localTree(_ path: StorePath) -> PathTree? {
+  func localTree(_ path: StorePath) -> Manifest? {
     if let t = cachedTree(path) { return t }
     do {
       guard let t = try store.tree(of: path) else { return nil }
-      remember(t)
+      remember(path, t)
       return t
     } catch {
       logger.error("cannot read the index", metadata: ["path": "\(path)", "error": "\(error)"])
@@ -182,11 +179,12 @@ public final class StoreFileSystem: @unchecked Sendable {
   /// Calls `body` with the tree of `path`, materialising it first if needed. `body` runs on the
   /// calling (FUSE worker) thread when the path is local, otherwise on a task once it is: the
   /// worker never waits for the network.
-  func withTree(_ path: StorePath, _ req: Request, _ body: @escaping @Sendable (PathTree) -> Void) {
+  func withTree(_ path: StorePath, _ req: Request, _ body: @escaping @Sendable (Manifest) -> Void) {
     if let t = localTree(path) {
       body(t)
       return
     }
+    metrics.fetchedMisses.increment()
     let negative = state.withLock { s -> Bool in
       if let until = s.negative[path] {
         if until > Date() { return true }
@@ -201,7 +199,15 @@ public final class StoreFileSystem: @unchecked Sendable {
     let task = state.withLock { s -> Task<Void, any Error> in
       if let t = s.inflight[path] { return t }
       let materialiser = self.materialiser
-      let t = Task<Void, any Error> { try await materialiser.materialise(path) }
+      let metrics = self.metrics
+      let t = Task<Void, any Error> {
+        metrics.inflight.increment()
+        defer { metrics.inflight.decrement() }
+        let start = ContinuousClock.now
+        try await materialiser.materialise(path)
+        metrics.fetchSeconds.recordNanoseconds(Int64((ContinuousClock.now - start).seconds * 1e9))
+        metrics.pathsFetched.increment()
+      }
       s.inflight[path] = t
       return t
     }
@@ -221,6 +227,7 @@ public final class StoreFileSystem: @unchecked Sendable {
       } catch MaterialiseFailure.notFound(let why) {
         self.finished(path, negative: true)
         self.logger.info("not in any cache", metadata: ["path": "\(path)", "reason": "\(why)"])
+        self.metrics.error("not_found")
         self.replyNegative(req)
       } catch {
         self.finished(path)
@@ -251,7 +258,7 @@ public final class StoreFileSystem: @unchecked Sendable {
 
   // MARK: Attributes
 
-  func attributes(ino: UInt64, of node: PathTree.Node) -> stat {
+  func attributes(ino: UInt64, of kind: Manifest.Kind) -> stat {
     var st = stat()
     st.st_ino = UInt(ino)
     st.st_uid = 0
@@ -260,13 +267,13 @@ public final class StoreFileSystem: @unchecked Sendable {
     st.st_atim = st.st_mtim
     st.st_ctim = st.st_mtim
     st.st_blksize = 65536
-    switch node {
-    case .directory(let entries):
+    switch kind {
+    case .directory:
       st.st_mode = S_IFDIR | 0o555
       st.st_nlink = 2
-      st.st_size = Int(4096 + 0 * entries.count)
+      st.st_size = 4096
       st.st_blocks = 8
-    case .file(_, let size, let executable):
+    case .regular(_, let size, let executable):
       st.st_mode = S_IFREG | (executable ? 0o555 : 0o444)
       st.st_nlink = 1
       st.st_size = Int(size)
@@ -280,20 +287,34 @@ public final class StoreFileSystem: @unchecked Sendable {
   }
 
   func directoryAttributes(ino: UInt64) -> stat {
-    attributes(ino: ino, of: .directory(entries: []))
+    attributes(ino: ino, of: .directory(firstChild: 0, childCount: 0))
+  }
+
+  /// The inode number of a file content: 62 bits of its digest, so every copy of the same bytes
+  /// anywhere in the mount is one inode. On the (astronomically rare) clash with another content
+  /// the kernel still knows, the file falls back to a per-path inode: correct, just not shared.
+  func fileInode(path: StorePath, instance: UInt32, index: Int32, content: ContentID, size: UInt64, executable: Bool)
+    -> UInt64
+  {
+    let number = Inode.fileNumber(content)
+    let clash = state.withLock { s -> Bool in
+      if let known = s.files[number], known.content != content { return true }
+      s.files[number] = FileInfo(content: content, size: size, path: path)
+      return false
+    }
+    return clash ? Inode.node(instance: instance, index: index) : Inode.file(content: number, executable: executable)
   }
 
   /// The inode of node `index` of `tree` as seen through `instance`, and its attributes.
-  func entry(_ tree: PathTree, instance: UInt32, index: Int32) -> (UInt64, stat) {
-    let node = tree.nodes[Int(index)]
+  func entry(_ tree: Manifest, path: StorePath, instance: UInt32, index: Int32) -> (UInt64, stat) {
+    let kind = tree.nodes[Int(index)].kind
     let ino: UInt64
-    if case .file(let content, let size, let executable) = node {
-      ino = Inode.file(content: content, executable: executable)
-      state.withLock { $0.files[content] = FileInfo(size: size, path: tree.path) }
+    if case .regular(let content, let size, let executable) = kind {
+      ino = fileInode(path: path, instance: instance, index: index, content: content, size: size, executable: executable)
     } else {
       ino = Inode.node(instance: instance, index: index)
     }
-    return (ino, attributes(ino: ino, of: node))
+    return (ino, attributes(ino: ino, of: kind))
   }
 
   // MARK: Replies
@@ -324,7 +345,7 @@ public final class StoreFileSystem: @unchecked Sendable {
   }
 
   func replyError(_ req: Request, _ errno: Int32, cause: String) {
-    state.withLock { $0.stats.errors[cause, default: 0] += 1 }
+    metrics.error(cause)
     _ = fuse_reply_err(req.raw, errno)
   }
 
@@ -340,8 +361,7 @@ public final class StoreFileSystem: @unchecked Sendable {
         s.lookups[ino] = nil
         if case .file(let content, _) = Inode.decode(ino) {
           // The other executable-bit twin may still be known to the kernel.
-          let twin = ino ^ 1
-          if s.lookups[twin] == nil { s.files[content] = nil }
+          if s.lookups[ino ^ 1] == nil { s.files[content] = nil }
         }
       } else {
         s.lookups[ino] = c - n

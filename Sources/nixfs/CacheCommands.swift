@@ -1,4 +1,132 @@
 import ArgumentParser
+import BinaryCache
+import Foundation
+import Logging
+import NixFormats
 
 /// Subcommands of the cache client layer.
-let cacheCommands: [any ParsableCommand.Type] = []
+let cacheCommands: [any ParsableCommand.Type] = [PathInfoCommand.self]
+
+/// The binary cache options, spelled as Nix spells them; shared by every command that substitutes.
+/// Flags win over `--nix-conf`; a repeatable flag given at all replaces the nix.conf list.
+struct CacheOptions: ParsableArguments {
+  @Option(name: .customLong("substituter"), help: "Binary cache URL: http://, https:// or file:// (repeatable; ?priority=N overrides the cache's Priority).")
+  var substituters: [String] = []
+
+  @Option(name: .customLong("trusted-public-key"), help: "Key whose signatures are trusted, name:base64 (repeatable).")
+  var trustedPublicKeys: [String] = []
+
+  @Flag(name: .customLong("no-require-sigs"), help: "Accept unsigned paths. Only for private caches you control.")
+  var noRequireSigs = false
+
+  @Option(name: .customLong("netrc-file"), help: "netrc file with credentials for the caches.")
+  var netrcFile: String?
+
+  @Option(name: .customLong("nix-conf"), help: "Read substituters, trusted-public-keys, require-sigs, netrc-file, connect-timeout and the narinfo cache TTLs from this nix.conf.")
+  var nixConf: String?
+
+  @Option(name: .customLong("connect-timeout"), help: "Seconds to establish a connection (default 10).")
+  var connectTimeout: Double?
+
+  @Option(name: .customLong("stall-timeout"), help: "Seconds without any byte before a transfer is abandoned (default 30).")
+  var stallTimeout: Double?
+
+  @Option(name: .customLong("narinfo-cache-positive-ttl"), help: "Seconds a found narinfo is remembered (default 30 days).")
+  var positiveTTL: Double?
+
+  @Option(name: .customLong("narinfo-cache-negative-ttl"), help: "Seconds a missing narinfo is remembered (default 3600).")
+  var negativeTTL: Double?
+
+  @Option(name: .customLong("state-dir"), help: "Where the narinfo cache is kept.")
+  var stateDir = "/var/lib/nixfs"
+
+  func configuration() throws -> CacheConfiguration {
+    var config = CacheConfiguration()
+    if let file = nixConf {
+      let settings: [String: String]
+      do { settings = try NixConf.load(file: file) } catch let e as NixConf.ParseError {
+        throw ValidationError("\(e)")
+      } catch {
+        throw ValidationError("cannot read \(file): \(error.localizedDescription)")
+      }
+      try config.apply(nixConf: settings)
+    }
+    if !substituters.isEmpty { config.substituters = substituters }
+    if !trustedPublicKeys.isEmpty { config.trustedPublicKeys = trustedPublicKeys }
+    if noRequireSigs { config.requireSignatures = false }
+    if let netrcFile { config.netrcFile = netrcFile }
+    if let connectTimeout { config.connectTimeout = connectTimeout }
+    if let stallTimeout { config.stallTimeout = stallTimeout }
+    if let positiveTTL { config.narinfoCachePositiveTTL = positiveTTL }
+    if let negativeTTL { config.narinfoCacheNegativeTTL = negativeTTL }
+    config.stateDirectory = stateDir
+    return config
+  }
+
+  func client(logger: Logger = Logger(label: "nixfs.cache")) throws -> BinaryCacheClient {
+    try BinaryCacheClient(configuration: try configuration(), logger: logger)
+  }
+}
+
+struct PathInfoCommand: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "path-info", abstract: "Show what the binary caches say about store paths (like `nix path-info`).")
+
+  @Flag(name: .shortAndLong, help: "Include the closure: every path referenced, transitively.")
+  var recursive = false
+
+  @OptionGroup var cache: CacheOptions
+
+  @Argument(help: "Store paths (/nix/store/<hash>-<name>, a path inside one, or <hash>-<name>).")
+  var paths: [String]
+
+  func run() async throws {
+    let client: BinaryCacheClient
+    var roots: [StorePath] = []
+    do {
+      client = try cache.client()
+      let storeDir = client.configuration.storeDir
+      for p in paths { roots.append(try Self.storePath(p, storeDir: storeDir)) }
+    } catch {
+      fail("\(error)")
+    }
+    do {
+      var infos: [CachedPathInfo] = []
+      if recursive {
+        infos = Array(try await client.closure(of: roots).values)
+      } else {
+        for root in roots { infos.append(try await client.narInfo(for: root)) }
+      }
+      for found in infos.sorted(by: { $0.info.storePath < $1.info.storePath }) { print(Self.describe(found)) }
+    } catch {
+      fail("\(error)")
+    }
+  }
+
+  static func storePath(_ text: String, storeDir: String) throws -> StorePath {
+    if text.hasPrefix(storeDir + "/") {
+      // Accept paths inside a store path, as `nix path-info` does.
+      let rest = text.dropFirst(storeDir.count + 1)
+      let base = rest.split(separator: "/", maxSplits: 1).first.map(String.init) ?? ""
+      return try StorePath(baseName: base, storeDir: storeDir)
+    }
+    return try StorePath(baseName: text, storeDir: storeDir)
+  }
+
+  static func describe(_ found: CachedPathInfo) -> String {
+    let info = found.info
+    var lines = ["\(info.storePath.path)"]
+    lines.append("  substituter: \(found.substituter.url)")
+    lines.append("  NAR: \(info.narSize) bytes, \(info.narHash)")
+    let file = info.fileSize.map { "\($0) bytes" } ?? "size unknown"
+    lines.append("  file: \(info.url) (\(info.compression), \(file))")
+    let refs = info.references.map(\.baseName)
+    lines.append("  references: \(refs.isEmpty ? "none" : refs.joined(separator: " "))")
+    if let deriver = info.deriver { lines.append("  deriver: \(deriver)") }
+    if let ca = info.ca { lines.append("  ca: \(ca)") }
+    let signers = info.signatures.map(\.keyName)
+    let verified = found.signer.map { " (verified: \($0))" } ?? " (NOT verified: --no-require-sigs)"
+    lines.append("  signers: \(signers.isEmpty ? "none" : signers.joined(separator: ", "))\(verified)")
+    return lines.joined(separator: "\n")
+  }
+}

@@ -8,7 +8,8 @@ struct NixFS: AsyncParsableCommand {
     commandName: "nixfs",
     abstract: "A lazy, deduplicated /nix/store for Kubernetes nodes and Linux hosts.",
     version: NixFSVersion.string,
-    subcommands: [NarCommand.self, NarInfoCommand.self] + cacheCommands + storeCommands
+    subcommands: [MountCommand.self, CSICommand.self, FetchCommand.self] + storeCommands + cacheCommands
+      + [NarCommand.self, NarInfoCommand.self]
   )
 }
 

@@ -1,4 +1,186 @@
 import ArgumentParser
+import ChunkStore
+import Foundation
+import NixFormats
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// Subcommands of the chunk store layer.
-let storeCommands: [any ParsableCommand.Type] = []
+let storeCommands: [any ParsableCommand.Type] = [
+  IngestCommand.self, DumpCommand.self, GCCommand.self, FsckCommand.self, StatsCommand.self,
+]
+
+struct StateOptions: ParsableArguments {
+  @Option(help: "The node's state directory (index and chunk packs).")
+  var stateDir: String = "/var/lib/nixfs"
+
+  func open(readOnly: Bool = false) -> ChunkStore {
+    do {
+      return try ChunkStore(.init(stateDirectory: stateDir, readOnly: readOnly))
+    } catch {
+      fail("\(error)")
+    }
+  }
+}
+
+/// Parses `10G`, `512M`, `4096`, `1.5T` (binary units).
+func parseSize(_ text: String) -> UInt64? {
+  let units: [Character: Double] = ["K": 0x1p10, "M": 0x1p20, "G": 0x1p30, "T": 0x1p40]
+  var t = text.uppercased()
+  if t.hasSuffix("IB") { t.removeLast(2) } else if t.hasSuffix("B") { t.removeLast() }
+  var factor = 1.0
+  if let last = t.last, let f = units[last] {
+    factor = f
+    t.removeLast()
+  }
+  guard let n = Double(t), n >= 0 else { return nil }
+  return UInt64(n * factor)
+}
+
+func parseStorePath(_ text: String) -> StorePath {
+  do { return try StorePath(text) } catch { fail("\(error)") }
+}
+
+struct IngestCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "ingest",
+    abstract: "Ingest a local uncompressed NAR as a store path, verifying its hash.",
+    discussion: "The path becomes visible only once its NarHash is verified and its data durable.")
+  @OptionGroup var state: StateOptions
+  @Option(help: "The store path the NAR is the contents of.") var storePath: String
+  @Option(help: "Its NarHash (sha256:<nix32>, hex or SRI).") var narHash: String
+  @Option(help: "Its NarSize (default: the file's size).") var narSize: UInt64?
+  @Option(name: .customLong("reference"), help: "A referenced store path (repeatable).") var references: [String] = []
+  @Argument(help: "Uncompressed NAR file, or - for standard input (then --nar-size is required).") var file: String
+
+  func run() throws {
+    let path = parseStorePath(storePath)
+    let hash: NixHash
+    do { hash = try NixHash(parsing: narHash) } catch { fail("\(error)") }
+    var size = narSize
+    if size == nil && file != "-" {
+      size = (try? FileManager.default.attributesOfItem(atPath: file)[.size] as? NSNumber)?.uint64Value
+    }
+    guard let size else { fail("--nar-size is required when reading standard input (or \(file) is unreadable)") }
+    let refs = references.map { r in
+      (try? StorePath(r)) ?? (try? StorePath(baseName: r)) ?? { fail("invalid reference '\(r)'") }()
+    }
+    let store = state.open()
+    let info = PathInfo(storePath: path, narHash: hash, narSize: size, references: refs)
+    do {
+      let ingest = try store.ingest(info)
+      try forEachChunk(of: file) { try ingest.feed($0) }
+      let m = try ingest.commit()
+      print("\(path.path): \(m.nodes.count) nodes, \(m.fileBytes) file bytes")
+    } catch ChunkStoreError.alreadyComplete {
+      print("\(path.path): already in the store")
+    } catch {
+      fail("\(error)")
+    }
+  }
+}
+
+struct DumpCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "dump", abstract: "Write a stored path's NAR to standard output, byte-identical to the cache's.")
+  @OptionGroup var state: StateOptions
+  @Argument(help: "The store path.") var storePath: String
+
+  func run() throws {
+    let path = parseStorePath(storePath)
+    // Read-only: dump works while the daemon holds the writer lock.
+    let store = state.open(readOnly: true)
+    do {
+      try store.dump(path) { bytes in
+        try bytes.withUnsafeBytes { b in
+          var done = 0
+          while done < b.count {
+            let r = write(1, b.baseAddress! + done, b.count - done)
+            if r < 0 {
+              if errno == EINTR { continue }
+              throw ChunkStoreError.io(path: "standard output", operation: "write", errno: errno)
+            }
+            done += r
+          }
+        }
+      }
+    } catch {
+      fail("\(error)")
+    }
+  }
+}
+
+struct GCCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "gc",
+    abstract: "Evict least recently used store paths until the store fits in a size (pinned paths are kept).")
+  @OptionGroup var state: StateOptions
+  @Option(help: "Budget for stored chunk bytes, e.g. 20G, 512M.") var maxSize: String
+
+  func run() throws {
+    guard let budget = parseSize(maxSize) else { fail("--max-size: '\(maxSize)' is not a size (e.g. 20G)") }
+    let store = state.open()
+    do {
+      let r = try store.collectGarbage(maxStoredBytes: budget)
+      print("evicted \(r.evicted.count) paths, freed \(r.freedBytes) bytes; stored \(r.storedBytesBefore) -> \(r.storedBytesAfter) bytes")
+      for p in r.evicted { print("  \(p)") }
+    } catch {
+      fail("\(error)")
+    }
+  }
+}
+
+struct FsckCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "fsck",
+    abstract: "Verify the index and every chunk's digest; exit 0 only when the store is consistent.")
+  @OptionGroup var state: StateOptions
+  @Flag(help: "Remove bad chunks and mark the affected paths incomplete so they are fetched again.")
+  var repair = false
+
+  func run() throws {
+    let store = state.open()
+    let report: FsckReport
+    do { report = try store.fsck(repair: repair) } catch { fail("\(error)") }
+    for r in report.repaired { print("repaired: \(r)") }
+    for p in report.problems { print("problem: \(p)") }
+    print("checked \(report.pathsChecked) paths, \(report.contentsChecked) contents, \(report.chunksChecked) chunks: "
+      + (report.isConsistent ? "consistent" : "\(report.problems.count) problems"))
+    if !report.isConsistent { throw ExitCode(1) }
+  }
+}
+
+struct StatsCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "stats", abstract: "Paths, files, chunks, logical and stored bytes, dedup and compression ratios.")
+  @OptionGroup var state: StateOptions
+  @Flag(help: "Print JSON.") var json = false
+
+  func run() throws {
+    let store = state.open(readOnly: true)
+    let s: StoreStats
+    do { s = try store.stats() } catch { fail("\(error)") }
+    if json {
+      let enc = JSONEncoder()
+      enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+      print(String(decoding: try enc.encode(s), as: UTF8.self))
+      return
+    }
+    func mib(_ b: UInt64) -> String { String(format: "%.1f MiB", Double(b) / 1048576) }
+    print("""
+      paths:             \(s.paths) complete, \(s.incompletePaths) incomplete
+      files:             \(s.files) (\(s.contents) distinct contents)
+      chunks:            \(s.chunks) (\(s.inlineChunks) inline in the index) in \(s.packs) packs
+      NAR bytes:         \(s.narBytes) (\(mib(s.narBytes)))
+      logical bytes:     \(s.logicalBytes) (\(mib(s.logicalBytes)))
+      unique chunks:     \(s.chunkBytes) (\(mib(s.chunkBytes)))
+      stored bytes:      \(s.storedBytes) (\(mib(s.storedBytes)))
+      on disk:           \(s.diskBytes) (\(mib(s.diskBytes)))
+      dedup ratio:       \(String(format: "%.2f", s.dedupRatio))
+      compression ratio: \(String(format: "%.2f", s.compressionRatio))
+      NAR / stored:      \(String(format: "%.2f", s.overallRatio))
+      """)
+  }
+}

@@ -1,1 +1,399 @@
+import ChunkStore
+import Foundation
+import NixFormats
+import TestSupport
 import Testing
+
+@Suite struct FastCDCTests {
+  let cdc = FastCDC(minSize: 2048, avgSize: 8192, maxSize: 32768)
+
+  @Test func chunkSizesStayWithinBoundsAndNearTheAverage() {
+    let data = Tree.bytes(4 << 20, seed: 1)
+    let lengths = cdc.chunkLengths(data)
+    #expect(lengths.reduce(0, +) == data.count)
+    #expect(lengths.dropLast().allSatisfy { $0 >= 2048 && $0 <= 32768 })
+    let mean = data.count / lengths.count
+    #expect(mean > 4096 && mean < 16384, "mean chunk \(mean)")
+  }
+
+  @Test func boundariesAreContentDefined() {
+    let data = Tree.bytes(2 << 20, seed: 2)
+    var edited = data
+    edited.insert(contentsOf: Array("inserted near the start".utf8), at: 1000)
+    func chunks(_ d: [UInt8]) -> [ArraySlice<UInt8>] {
+      var out: [ArraySlice<UInt8>] = []
+      var s = 0
+      for l in cdc.chunkLengths(d) {
+        out.append(d[s..<s + l])
+        s += l
+      }
+      return out
+    }
+    let a = chunks(data)
+    let b = Set(chunks(edited).map { Array($0) })
+    let shared = a.filter { b.contains(Array($0)) }.count
+    // Only the chunks around the insertion may differ.
+    #expect(shared >= a.count - 2, "\(shared) of \(a.count) chunks survived an insertion")
+  }
+
+  @Test func resultDoesNotDependOnHowInputIsSplit() throws {
+    let dir = try TemporaryDirectory("cdc-split")
+    try Tree.file(dir.sub("tree/a"), Tree.bytes(900_000, seed: 3))
+    try Tree.file(dir.sub("tree/b"), "small")
+    let f = try NARFixture(tree: dir.sub("tree"), name: "split")
+    let one = try openStore(dir.sub("s1"))
+    let two = try openStore(dir.sub("s2"))
+    let m1 = try ingest(one, f, pieces: 1 << 30)
+    let m2 = try ingest(two, f, pieces: 977)
+    #expect(m1 == m2)
+    #expect((m1.chunks.values.map(\.count).max() ?? 0) > 3)
+  }
+}
+
+@Suite struct RoundTripTests {
+  @Test func everyKindRoundTripsAndServesTheFilesystemAPI() throws {
+    let dir = try TemporaryDirectory("roundtrip")
+    try Tree.everyKind(at: dir.sub("tree"), bigFileBytes: 3 << 20)
+    let fixture = NixFixture(in: dir.path)
+    let realPath = try fixture.add(dir.sub("tree"))
+    let f = try NARFixture(tree: dir.sub("tree"), name: "tree")
+    // The NAR of the real store path is the NAR we ingest, under the path Nix gave it.
+    #expect(try NixFixture.dump(fixture.store + realPath) == f.nar)
+    #expect(f.storePath.path == realPath)
+
+    let store = try openStore(dir.sub("state"))
+    #expect(!store.isComplete(f.storePath))
+    let m = try ingest(store, f)
+    #expect(store.isComplete(f.storePath))
+    #expect(store.completePaths() == [f.storePath])
+    #expect(try dump(store, f.storePath) == f.nar)
+
+    // Tree API: lookups, kinds, sorted children, identical files share a content ID.
+    let tool = try #require(m.lookup(path: "bin/tool"))
+    guard case .regular(let toolContent, let toolSize, true) = m.nodes[tool].kind else {
+      Issue.record("bin/tool is not an executable file")
+      return
+    }
+    #expect(try store.read(content: toolContent, offset: 0, count: 100) == Array("#!/bin/sh\necho tool\n".utf8))
+    #expect(toolSize == 20)
+    let link = try #require(m.lookup(path: "link-to-dir"))
+    #expect(m.nodes[link].kind == .symlink(target: Array("bin".utf8)))
+    #expect(m.lookup(path: "does-not-exist") == nil)
+    let order = try #require(m.lookup(path: "order"))
+    let names = m.children(of: order).map { String(decoding: m.nodes[$0].name, as: UTF8.self) }
+    #expect(names == ["-", "0", "B", "Z", "_", "a", "a-b", "a.b", "ab", "z"])
+    #expect(m.children(of: order).allSatisfy { Int(m.nodes[$0].parent) == order })
+    guard case .regular(let e1, 0, false) = m.nodes[try #require(m.lookup(path: "empty"))].kind,
+      case .regular(let e2, 0, true) = m.nodes[try #require(m.lookup(path: "bin/empty-exec"))].kind
+    else {
+      Issue.record("empty files")
+      return
+    }
+    #expect(e1 == e2)
+    #expect(try store.read(content: e1, offset: 0, count: 10) == [])
+
+    // Reads across chunk boundaries match the file.
+    let bigBytes = Tree.bytes((3 << 20) + 3, seed: 42)
+    guard case .regular(let big, let bigSize, _) = m.nodes[try #require(m.lookup(path: "big.bin"))].kind else {
+      Issue.record("big.bin")
+      return
+    }
+    #expect(bigSize == UInt64(bigBytes.count))
+    #expect((m.chunks[big]?.count ?? 0) > 5)
+    var rng = SystemRandomNumberGenerator()
+    for _ in 0..<200 {
+      let off = Int.random(in: 0..<bigBytes.count, using: &rng)
+      let n = Int.random(in: 0...300_000, using: &rng)
+      let got = try store.read(content: big, offset: UInt64(off), count: n)
+      #expect(got[...] == bigBytes[off..<min(bigBytes.count, off + n)])
+    }
+    #expect(try store.read(content: big, offset: bigSize, count: 5) == [])
+    #expect(throws: ChunkStoreError.self) { try store.read(content: big, offset: bigSize + 1, count: 5) }
+
+    // The manifest is self-contained and serialisable.
+    let full = try #require(try store.manifest(of: f.storePath))
+    let json = try JSONEncoder().encode(full)
+    let back = try JSONDecoder().decode(Manifest.self, from: json)
+    #expect(back == full)
+    #expect(back.info.narHash == f.hash.nix32)
+    #expect(full.chunks[big]?.reduce(0) { $0 + UInt64($1.size) } == bigSize)
+    // Rebuilding the NAR from the decoded manifest + chunk reads gives the same bytes.
+    var writer = NARWriter()
+    try back.replay({ try writer.write($0) }) { content, _, emit in
+      var off: UInt64 = 0
+      for ref in back.chunks[content] ?? [] {
+        let bytes = try store.read(content: content, offset: off, count: Int(ref.size))
+        #expect(SHA256Digest.of(bytes) == ref.id)
+        try bytes.withUnsafeBytes { try emit($0) }
+        off += UInt64(ref.size)
+      }
+    }
+    #expect(writer.take() == f.nar)
+    #expect(try store.fsck(repair: false).isConsistent)
+  }
+
+  @Test func badHashSizeOrArchiveLeavesNoTrace() throws {
+    let dir = try TemporaryDirectory("badhash")
+    try mixedTree(at: dir.sub("tree"), seed: 5)
+    let f = try NARFixture(tree: dir.sub("tree"), name: "bad")
+    let store = try openStore(dir.sub("state"))
+    var wrong = f.info
+    wrong.narHash = NixHash.sha256([1, 2, 3]).nix32
+    let ing = try store.ingest(wrong)
+    try ing.feed(f.nar)
+    #expect(throws: ChunkStoreError.self) { try ing.commit() }
+    #expect(!store.isComplete(f.storePath))
+
+    var short = f.info
+    short.narSize -= 8
+    let ing2 = try store.ingest(short)
+    #expect(throws: ChunkStoreError.self) { try ing2.feed(f.nar) }
+    ing2.abort()
+
+    // Truncated NAR.
+    let ing3 = try store.ingest(f.info)
+    try ing3.feed(Array(f.nar.prefix(f.nar.count / 2)))
+    #expect(throws: ChunkStoreError.self) { try ing3.commit() }
+
+    // Dropped without commit.
+    do {
+      let ing4 = try store.ingest(f.info)
+      try ing4.feed(Array(f.nar.prefix(f.nar.count - 100)))
+    }
+    let stats = try store.stats()
+    #expect(stats.paths == 0 && stats.chunks == 0 && stats.storedBytes == 0)
+    #expect(try store.fsck(repair: false).isConsistent)
+    // Nothing is left behind in the packs either (the uncommitted tail was cut).
+    var packBytes = 0
+    for p in try FileManager.default.contentsOfDirectory(atPath: dir.sub("state/packs")) {
+      packBytes += (try FileManager.default.attributesOfItem(atPath: dir.sub("state/packs/\(p)"))[.size] as? Int) ?? 0
+    }
+    #expect(packBytes == 0)
+    // And the real thing still goes in.
+    try ingest(store, f)
+    #expect(try dump(store, f.storePath) == f.nar)
+  }
+
+  @Test func rootMayBeAFileOrASymlink() throws {
+    let dir = try TemporaryDirectory("roots")
+    try Tree.file(dir.sub("script"), "#!/bin/sh\nexit 0\n", executable: true)
+    try Tree.file(dir.sub("blob"), Tree.bytes(300_000, seed: 17))
+    try Tree.symlink(dir.sub("link"), to: "/nix/store/somewhere")
+    let store = try openStore(dir.sub("state"))
+    for name in ["script", "blob", "link"] {
+      let f = try NARFixture(tree: dir.sub(name), name: name)
+      let m = try ingest(store, f)
+      #expect(m.nodes.count == 1)
+      #expect(try dump(store, f.storePath) == f.nar)
+    }
+    #expect(try store.fsck(repair: false).isConsistent)
+  }
+
+  @Test func resetRestartsTheStream() throws {
+    let dir = try TemporaryDirectory("reset")
+    try mixedTree(at: dir.sub("tree"), seed: 13, files: 12, big: 700_000)
+    let f = try NARFixture(tree: dir.sub("tree"), name: "reset")
+    let store = try openStore(dir.sub("state"))
+    let ing = try store.ingest(f.info)
+    try ing.feed(Array(f.nar.prefix(f.nar.count * 2 / 3)))
+    try ing.reset()
+    try f.nar.withUnsafeBytes { try ing.write($0) }
+    try ing.commit()
+    #expect(try dump(store, f.storePath) == f.nar)
+    #expect(try store.fsck(repair: false).isConsistent)
+  }
+
+  @Test func secondWriterIsRefusedAndReadOnlyOpenWorks() throws {
+    let dir = try TemporaryDirectory("lock")
+    try mixedTree(at: dir.sub("tree"), seed: 6, files: 6, big: 100_000)
+    let f = try NARFixture(tree: dir.sub("tree"), name: "locked")
+    let store = try openStore(dir.sub("state"))
+    try ingest(store, f)
+    #expect(throws: ChunkStoreError.locked(stateDir: dir.sub("state"))) { try openStore(dir.sub("state")) }
+    let reader = try ChunkStore(.init(stateDirectory: dir.sub("state"), readOnly: true))
+    #expect(try dump(reader, f.storePath) == f.nar)
+    #expect(throws: ChunkStoreError.alreadyComplete(storePath: f.storePath.path)) { try store.ingest(f.info) }
+  }
+}
+
+@Suite struct DedupTests {
+  @Test func identicalFilesAcrossPathsAreStoredOnce() throws {
+    let dir = try TemporaryDirectory("dedup-same")
+    let big = Tree.bytes(6 << 20, seed: 9)
+    try Tree.file(dir.sub("a/lib/big.so"), big)
+    try Tree.file(dir.sub("a/readme"), "version a\n")
+    try Tree.file(dir.sub("b/share/copy-of-big"), big, executable: true)
+    try Tree.file(dir.sub("b/readme"), "version b\n")
+    let a = try NARFixture(tree: dir.sub("a"), name: "a")
+    let b = try NARFixture(tree: dir.sub("b"), name: "b")
+    let store = try openStore(dir.sub("state"))
+    let ma = try ingest(store, a)
+    let one = try store.stats().storedBytes
+    let mb = try ingest(store, b)
+    let two = try store.stats().storedBytes
+    guard case .regular(let ca, _, false) = ma.nodes[try #require(ma.lookup(path: "lib/big.so"))].kind,
+      case .regular(let cb, _, true) = mb.nodes[try #require(mb.lookup(path: "share/copy-of-big"))].kind
+    else {
+      Issue.record("kinds")
+      return
+    }
+    #expect(ca == cb, "identical files get one content ID (one inode)")
+    #expect(two - one < 4096, "second copy cost \(two - one) bytes")
+    let s = try store.stats()
+    print("dedup, same large file in two paths: logical \(s.logicalBytes), stored \(s.storedBytes), dedup ratio \(s.dedupRatio)")
+    #expect(s.dedupRatio > 1.9)
+    #expect(try dump(store, b.storePath) == b.nar)
+  }
+
+  @Test func twoVersionsDifferingByAFewPercentShareMostChunks() throws {
+    let dir = try TemporaryDirectory("dedup-versions")
+    try mixedTree(at: dir.sub("v1"), seed: 11, files: 40, big: 8 << 20)
+    try mixedTree(at: dir.sub("v2"), seed: 11, files: 40, big: 8 << 20)
+    // v2: a few edits inside the big file (insertions and overwrites), one changed small file.
+    var big = Tree.bytes(8 << 20, seed: 11 &* 31 &+ 1)
+    for k in 0..<6 {
+      let at = (k * 1_300_007) % big.count
+      if k % 2 == 0 {
+        big.insert(contentsOf: Tree.bytes(3000, seed: UInt64(100 + k)), at: at)
+      } else {
+        big.replaceSubrange(at..<at + 5000, with: Tree.bytes(5000, seed: UInt64(200 + k)))
+      }
+    }
+    try Tree.file(dir.sub("v2/big"), big)
+    try Tree.file(dir.sub("v2/d0/f0"), "changed")
+    let v1 = try NARFixture(tree: dir.sub("v1"), name: "pkg-1.0")
+    let v2 = try NARFixture(tree: dir.sub("v2"), name: "pkg-1.1")
+    let store = try openStore(dir.sub("state"))
+    try ingest(store, v1)
+    let one = try store.stats().chunkBytes
+    try ingest(store, v2)
+    let both = try store.stats()
+    let ratio = Double(both.chunkBytes) / Double(one)
+    print("dedup, two versions: v1 \(one) unique bytes, v1+v2 \(both.chunkBytes) (\(ratio)x), dedup ratio \(both.dedupRatio)")
+    #expect(ratio < 1.25, "two versions cost \(ratio)x one")
+    #expect(try dump(store, v1.storePath) == v1.nar)
+    #expect(try dump(store, v2.storePath) == v2.nar)
+  }
+}
+
+@Suite struct GCAndFsckTests {
+  @Test func gcEvictsLeastRecentlyUsedUnpinnedPathsAndKeepsSharedChunks() throws {
+    let dir = try TemporaryDirectory("gc")
+    let shared = Tree.bytes(2 << 20, seed: 21)
+    var fixtures: [NARFixture] = []
+    for i in 0..<4 {
+      try Tree.file(dir.sub("t\(i)/shared"), shared)
+      try Tree.file(dir.sub("t\(i)/own"), Tree.bytes(1 << 20, seed: UInt64(30 + 2 * i)))
+      fixtures.append(try NARFixture(tree: dir.sub("t\(i)"), name: "p\(i)"))
+    }
+    let store = try openStore(dir.sub("state"))
+    for f in fixtures { try ingest(store, f) }
+    // LRU order: p1 oldest, then p2; p0 and p3 recently used; p1 pinned by a volume.
+    Thread.sleep(forTimeInterval: 1.1)
+    store.touch(fixtures[0].storePath)
+    store.touch(fixtures[3].storePath)
+    try store.pin(fixtures[1].storePath, holder: "volume-1")
+    let total = try store.stats().storedBytes
+    // Room for about everything but one path's own file.
+    let r = try store.collectGarbage(maxStoredBytes: total - (1 << 19))
+    #expect(r.evicted == [fixtures[2].storePath.path])
+    #expect(!store.isComplete(fixtures[2].storePath))
+    for i in [0, 1, 3] { #expect(try dump(store, fixtures[i].storePath) == fixtures[i].nar) }
+    // The writer's running total agrees with a recount.
+    #expect(try store.storedBytes() == store.stats().storedBytes)
+    #expect(try store.fsck(repair: false).isConsistent)
+    // Down to nothing: the pinned path survives, with the shared file.
+    try store.collectGarbage(maxStoredBytes: 0)
+    #expect(store.completePaths() == [fixtures[1].storePath])
+    #expect(try dump(store, fixtures[1].storePath) == fixtures[1].nar)
+    try store.unpin(fixtures[1].storePath, holder: "volume-1")
+    try store.collectGarbage(maxStoredBytes: 0)
+    let s = try store.stats()
+    #expect(s.paths == 0 && s.chunks == 0 && s.contents == 0)
+    #expect(try store.fsck(repair: false).isConsistent)
+  }
+
+  @Test func onlineBudgetIsEnforcedAfterCommits() throws {
+    let dir = try TemporaryDirectory("budget")
+    let store = try openStore(dir.sub("state"), maxStored: 3 << 20)
+    var last: NARFixture?
+    for i in 0..<4 {
+      try Tree.file(dir.sub("t\(i)/f"), Tree.bytes(1 << 20, seed: UInt64(50 + 2 * i)))
+      let f = try NARFixture(tree: dir.sub("t\(i)"), name: "b\(i)")
+      try ingest(store, f)
+      last = f
+      #expect(try store.stats().storedBytes <= 3 << 20)
+    }
+    #expect(store.isComplete(try #require(last).storePath))
+    #expect(store.completePaths().count < 4)
+  }
+
+  @Test func fsckFindsCorruptionAndRepairMarksPathsIncomplete() throws {
+    let dir = try TemporaryDirectory("fsck")
+    try Tree.file(dir.sub("a/big"), Tree.bytes(1 << 20, seed: 61))
+    try Tree.file(dir.sub("a/small"), "tiny")
+    try Tree.file(dir.sub("b/other"), Tree.bytes(1 << 20, seed: 62))
+    let a = try NARFixture(tree: dir.sub("a"), name: "a")
+    let b = try NARFixture(tree: dir.sub("b"), name: "b")
+    do {
+      let store = try openStore(dir.sub("state"))
+      try ingest(store, a)
+      try ingest(store, b)
+      #expect(try store.fsck(repair: false).isConsistent)
+    }
+    // Flip a byte in the middle of the first pack: it belongs to path a (ingested first).
+    let pack = dir.sub("state/packs/00000001.pack")
+    let fd = open(pack, O_RDWR)
+    var byte: UInt8 = 0
+    _ = pread(fd, &byte, 1, 300_000)
+    byte ^= 0xff
+    _ = pwrite(fd, &byte, 1, 300_000)
+    close(fd)
+    let store = try openStore(dir.sub("state"))
+    let report = try store.fsck(repair: false)
+    #expect(!report.isConsistent)
+    #expect(report.problems.contains { $0.contains("does not match its digest") })
+    let repaired = try store.fsck(repair: true)
+    #expect(repaired.isConsistent, "\(repaired.problems)")
+    #expect(!store.isComplete(a.storePath))
+    #expect(store.incompletePaths() == [a.storePath.path])
+    #expect(try dump(store, b.storePath) == b.nar)
+    // Fetching it again makes it whole.
+    try ingest(store, a)
+    #expect(try dump(store, a.storePath) == a.nar)
+    #expect(try store.fsck(repair: false).isConsistent)
+    #expect(store.incompletePaths().isEmpty)
+  }
+
+  @Test func cliFsckAndStatsExitStatus() throws {
+    guard let bin = nixfsBinary() else {
+      Issue.record("nixfs binary not found next to the tests; build with --build-tests")
+      return
+    }
+    let dir = try TemporaryDirectory("cli")
+    try mixedTree(at: dir.sub("tree"), seed: 71, files: 10, big: 300_000)
+    let f = try NARFixture(tree: dir.sub("tree"), name: "cli")
+    let nar = dir.sub("x.nar")
+    _ = FileManager.default.createFile(atPath: nar, contents: Data(f.nar))
+    let state = dir.sub("state")
+    try run([bin, "ingest", "--state-dir", state, "--store-path", f.storePath.path, "--nar-hash", f.hash.nix32, nar])
+    #expect(try run([bin, "dump", "--state-dir", state, f.storePath.path]).stdout == f.nar)
+    #expect(try run([bin, "fsck", "--state-dir", state]).status == 0)
+    #expect(try run([bin, "stats", "--state-dir", state]).text.contains("paths:             1 complete"))
+    let bad = try run(
+      [bin, "ingest", "--state-dir", state, "--store-path", f.storePath.path.replacingOccurrences(of: "-cli", with: "-clj"),
+       "--nar-hash", NixHash.sha256([0]).nix32, nar], check: false)
+    #expect(bad.status == 1)
+    #expect(bad.stderr.contains("NAR hash mismatch"))
+    // Corrupt a pack byte: fsck must now fail.
+    let pack = dir.sub("state/packs/00000001.pack")
+    let fd = open(pack, O_RDWR)
+    var byte: UInt8 = 0
+    _ = pread(fd, &byte, 1, 100)
+    byte ^= 0x55
+    _ = pwrite(fd, &byte, 1, 100)
+    close(fd)
+    #expect(try run([bin, "fsck", "--state-dir", state], check: false).status == 1)
+    #expect(try run([bin, "fsck", "--state-dir", state, "--repair"], check: false).status == 0)
+  }
+}

@@ -1,1 +1,0 @@
-// The binary cache client: narinfo, NAR streams, decompression, verification, closures.

@@ -1,0 +1,104 @@
+import NixFormats
+
+/// Everything the cache client can fail with. Each case carries what a person needs to act on it
+/// (which store path, which URL, which hash or status) and prints as one line.
+public enum CacheError: Error, Sendable, CustomStringConvertible {
+  /// No configured substituter has the path (every one answered 404/403, or none are configured).
+  case notFound(storePath: String, substituters: [String])
+  /// A non-success HTTP status that is not a miss (after retries when it was retryable).
+  case httpStatus(url: String, status: Int, attempts: Int)
+  /// A transport failure reported by libcurl (after retries when it was retryable).
+  case network(url: String, curlCode: Int, message: String, attempts: Int)
+  /// No bytes arrived for `seconds` (the stall timeout).
+  case stalled(url: String, seconds: Double, attempts: Int)
+  case hashMismatch(url: String, field: String, expected: NixHash, actual: NixHash)
+  case sizeMismatch(url: String, field: String, expected: UInt64, actual: UInt64)
+  case decompression(url: String, compression: String, reason: String)
+  case unsupportedCompression(url: String, compression: String)
+  /// The decompressed stream is not a valid NAR.
+  case invalidNAR(url: String, error: NARError)
+  case malformedNarInfo(NarInfoError)
+  /// A narinfo answered for another path than the one asked for.
+  case wrongStorePath(url: String, expected: String, actual: String)
+  case untrusted(url: String, error: SignatureError)
+  case storeDirMismatch(substituter: String, expected: String, actual: String)
+  case malformedCacheInfo(NarInfoError)
+  /// The server answered a Range request with a range we did not ask for.
+  case badRange(url: String, requestedOffset: UInt64, contentRange: String)
+  /// The NAR sink refused the bytes; the download was abandoned.
+  case sink(url: String, error: any Error)
+  case invalidConfiguration(String)
+  case cancelled(url: String)
+  /// Every substituter that might have had the path failed; one entry per substituter.
+  case allSubstitutersFailed(storePath: String, failures: [CacheError])
+
+  public var description: String {
+    switch self {
+    case .notFound(let path, let subs):
+      return subs.isEmpty
+        ? "\(path): no substituters are configured (use --substituter or substituters in nix.conf)"
+        : "\(path) is not in any substituter (asked \(subs.joined(separator: ", ")))"
+    case .httpStatus(let url, let status, let attempts):
+      return "\(url): HTTP \(status)\(Self.tries(attempts))"
+    case .network(let url, let code, let message, let attempts):
+      return "\(url): \(message) (curl error \(code))\(Self.tries(attempts))"
+    case .stalled(let url, let seconds, let attempts):
+      return "\(url): no data received for \(Self.seconds(seconds)) (stall timeout)\(Self.tries(attempts))"
+    case .hashMismatch(let url, let field, let expected, let actual):
+      return "\(url): \(field) mismatch: expected \(expected), got \(actual); the download was discarded"
+    case .sizeMismatch(let url, let field, let expected, let actual):
+      return "\(url): \(field) mismatch: expected \(expected) bytes, got \(actual); the download was discarded"
+    case .decompression(let url, let compression, let reason):
+      return "\(url): corrupt \(compression) stream: \(reason)"
+    case .unsupportedCompression(let url, let compression):
+      return "\(url): unsupported compression '\(compression)' (supported: xz, zstd, bzip2, none)"
+    case .invalidNAR(let url, let error):
+      return "\(url): \(error)"
+    case .malformedNarInfo(let error):
+      return "\(error)"
+    case .wrongStorePath(let url, let expected, let actual):
+      return "\(url): narinfo is for \(actual), not \(expected)"
+    case .untrusted(let url, let error):
+      return "\(url): \(error) (add the key with --trusted-public-key, or --no-require-sigs for a private cache)"
+    case .storeDirMismatch(let sub, let expected, let actual):
+      return "\(sub): the cache is for store \(actual), but this node's store is \(expected); substituter disabled"
+    case .malformedCacheInfo(let error):
+      return "\(error)"
+    case .badRange(let url, let offset, let range):
+      return "\(url): asked for bytes from \(offset), server sent Content-Range '\(range)'"
+    case .sink(let url, let error):
+      return "\(url): the NAR consumer failed: \(error)"
+    case .invalidConfiguration(let why):
+      return "invalid cache configuration: \(why)"
+    case .cancelled(let url):
+      return "\(url): cancelled"
+    case .allSubstitutersFailed(let path, let failures):
+      return "\(path): every substituter failed: " + failures.map(\.description).joined(separator: "; ")
+    }
+  }
+
+  /// Errors worth another attempt: connection trouble, 5xx, 429, stalls. Never a miss, a bad hash
+  /// or a bad signature: those would only fail again.
+  var isRetryable: Bool {
+    switch self {
+    case .httpStatus(_, let status, _): return status == 429 || (500..<600).contains(status)
+    case .network, .stalled: return true
+    default: return false
+    }
+  }
+
+  func withAttempts(_ n: Int) -> CacheError {
+    switch self {
+    case .httpStatus(let url, let status, _): return .httpStatus(url: url, status: status, attempts: n)
+    case .network(let url, let code, let message, _):
+      return .network(url: url, curlCode: code, message: message, attempts: n)
+    case .stalled(let url, let seconds, _): return .stalled(url: url, seconds: seconds, attempts: n)
+    default: return self
+    }
+  }
+
+  static func tries(_ n: Int) -> String { n > 1 ? " after \(n) attempts" : "" }
+  static func seconds(_ s: Double) -> String {
+    s == s.rounded() ? "\(Int(s)) s" : "\(s) s"
+  }
+}

@@ -1,0 +1,203 @@
+import Foundation
+import NixFormats
+
+/// Where a NAR download delivers its decompressed bytes, in order, as they arrive.
+///
+/// Calls come from one of the client's transport threads (never a Swift concurrency thread, so a
+/// sink may do blocking disk I/O) and never concurrently. Bytes are unverified until `fetchNAR`
+/// returns: only then do they hash to the narinfo's NarHash. When `fetchNAR` throws, the sink must
+/// discard everything it was given. `reset()` means "the download restarts from byte 0" (a server
+/// that ignored a Range request, or a fall-through to another substituter): forget what you have.
+public protocol NARSink: AnyObject, Sendable {
+  func write(_ bytes: UnsafeRawBufferPointer) throws
+  func reset() throws
+}
+
+/// Collects a NAR in memory (tests, small paths).
+public final class NARBuffer: NARSink, @unchecked Sendable {
+  private let lock = NSLock()
+  private var storage: [UInt8] = []
+  /// How many times the download restarted from zero.
+  public private(set) var resets = 0
+
+  public init() {}
+
+  public var bytes: [UInt8] {
+    lock.lock()
+    defer { lock.unlock() }
+    return storage
+  }
+
+  public func write(_ bytes: UnsafeRawBufferPointer) throws {
+    lock.lock()
+    storage.append(contentsOf: bytes)
+    lock.unlock()
+  }
+
+  public func reset() throws {
+    lock.lock()
+    storage.removeAll(keepingCapacity: true)
+    resets += 1
+    lock.unlock()
+  }
+}
+
+/// Adapts a NARSink into NAR events, for consumers that want the tree rather than the bytes.
+/// `handler` gets `nil` on reset: drop what was built and start over.
+public final class NAREventSink: NARSink, @unchecked Sendable {
+  private var reader: NARReader
+  private let totalSize: UInt64?
+  private let handler: (NAREvent?) throws -> Void
+
+  public init(totalSize: UInt64? = nil, _ handler: @escaping (NAREvent?) throws -> Void) {
+    self.totalSize = totalSize
+    self.reader = NARReader(totalSize: totalSize)
+    self.handler = handler
+  }
+
+  public func write(_ bytes: UnsafeRawBufferPointer) throws {
+    try reader.feed(bytes) { try handler($0) }
+  }
+
+  public func reset() throws {
+    reader = NARReader(totalSize: totalSize)
+    try handler(nil)
+  }
+}
+
+/// One NAR download's verification pipeline: compressed bytes → FileHash/FileSize → decompressor →
+/// NarHash/NarSize + strict NAR parse → sink. It survives across attempts, so a download resumed
+/// with a Range request continues the same decompressor and hashers from the byte it stopped at.
+/// Used by one transport thread at a time.
+final class NARDownload: @unchecked Sendable {
+  let info: NarInfo
+  let url: String
+  let sink: any NARSink
+  private var fileHasher = NixHasher()
+  private var narHasher = NixHasher()
+  private var decompressor: any Decompressor
+  private var reader: NARReader
+  /// Whether FileHash needs its own hasher: uncompressed, it is the NarHash over the same bytes.
+  private let hashFile: Bool
+  /// Compressed bytes received and accepted so far: where a resumed request starts.
+  private(set) var received: UInt64 = 0
+  private(set) var restarts = 0
+  private(set) var resumes = 0
+  /// The sink holds bytes from an earlier download (another substituter): reset it first.
+  var pendingReset: Bool
+
+  init(info: NarInfo, url: String, sink: any NARSink, sinkHasData: Bool = false) throws(CacheError) {
+    self.pendingReset = sinkHasData
+    guard let d = Decompressors.make(info.compression) else {
+      throw .unsupportedCompression(url: url, compression: info.compression.description)
+    }
+    self.info = info
+    self.url = url
+    self.sink = sink
+    self.decompressor = d
+    self.reader = NARReader(totalSize: info.narSize)
+    self.hashFile = info.fileHash != nil && !(info.compression == .none && info.fileHash == info.narHash)
+  }
+
+  /// Back to byte 0: fresh state, and the sink forgets what it got.
+  func restart() throws(CacheError) {
+    let ours = received > 0 || narHasher.byteCount > 0
+    guard ours || pendingReset else { return }
+    if ours { restarts += 1 }
+    pendingReset = false
+    fileHasher = NixHasher()
+    narHasher = NixHasher()
+    decompressor = Decompressors.make(info.compression)!
+    reader = NARReader(totalSize: info.narSize)
+    received = 0
+    do { try sink.reset() } catch { throw .sink(url: url, error: error) }
+  }
+
+  /// A response is starting; `requested` is the offset we asked for.
+  func start(_ head: ResponseHead, requested: UInt64) throws {
+    if requested == 0 {
+      try restart()
+      return
+    }
+    if head.status == 206 {
+      // Only continue when the server resumed exactly where we stopped.
+      let range = head.contentRange ?? ""
+      guard let start = Self.rangeStart(range), start == requested else {
+        throw CacheError.badRange(url: url, requestedOffset: requested, contentRange: range)
+      }
+      resumes += 1
+    } else {
+      // The server ignored the Range header and sends everything: start over.
+      try restart()
+    }
+  }
+
+  static func rangeStart(_ header: String) -> UInt64? {
+    // "bytes START-END/TOTAL"
+    guard header.hasPrefix("bytes ") else { return nil }
+    let spec = header.dropFirst(6)
+    guard let dash = spec.firstIndex(of: "-") else { return nil }
+    return UInt64(spec[..<dash])
+  }
+
+  func consume(_ bytes: UnsafeRawBufferPointer) throws {
+    let total = received + UInt64(bytes.count)
+    if let size = info.fileSize, total > size {
+      throw CacheError.sizeMismatch(url: url, field: "FileSize", expected: size, actual: total)
+    }
+    if hashFile { fileHasher.update(bytes) }
+    do {
+      try decompressor.feed(bytes) { try deliver($0) }
+    } catch let e as DecompressionError {
+      throw CacheError.decompression(url: url, compression: info.compression.description, reason: e.reason)
+    }
+    received = total
+  }
+
+  private func deliver(_ piece: UnsafeRawBufferPointer) throws {
+    if narHasher.byteCount + UInt64(piece.count) > info.narSize {
+      throw CacheError.sizeMismatch(
+        url: url, field: "NarSize", expected: info.narSize, actual: narHasher.byteCount + UInt64(piece.count))
+    }
+    narHasher.update(piece)
+    do {
+      try reader.feed(piece) { _ in }
+    } catch let e as NARError {
+      throw CacheError.invalidNAR(url: url, error: e)
+    }
+    do { try sink.write(piece) } catch {
+      throw CacheError.sink(url: url, error: error)
+    }
+  }
+
+  /// Whether the sink has been given bytes of this download.
+  var touchedSink: Bool { narHasher.byteCount > 0 }
+
+  /// All bytes are in: verify sizes and hashes. Throws `CacheError`.
+  func finish() throws {
+    do {
+      try decompressor.finish { try deliver($0) }
+    } catch let e as DecompressionError {
+      throw CacheError.decompression(url: url, compression: info.compression.description, reason: e.reason)
+    }
+    if let size = info.fileSize, received != size {
+      throw CacheError.sizeMismatch(url: url, field: "FileSize", expected: size, actual: received)
+    }
+    if hashFile, let expected = info.fileHash {
+      // Only sha256 is computed; narinfos from Nix always use it.
+      if expected.algorithm == .sha256 {
+        let actual = fileHasher.finalize()
+        if actual != expected { throw CacheError.hashMismatch(url: url, field: "FileHash", expected: expected, actual: actual) }
+      }
+    }
+    if narHasher.byteCount != info.narSize {
+      throw CacheError.sizeMismatch(url: url, field: "NarSize", expected: info.narSize, actual: narHasher.byteCount)
+    }
+    let actual = narHasher.finalize()
+    if actual != info.narHash {
+      throw CacheError.hashMismatch(url: url, field: "NarHash", expected: info.narHash, actual: actual)
+    }
+    do { try reader.finish() } catch let e as NARError { throw CacheError.invalidNAR(url: url, error: e) }
+  }
+
+}

@@ -1,0 +1,295 @@
+import CCurl
+import Foundation
+import NixFormats
+
+/// What a response said before its body.
+struct ResponseHead: Sendable {
+  /// The HTTP status; `file://` transfers report 200 (or 404 for a missing file).
+  var status: Int
+  /// The `Content-Range` header of a 206, if any.
+  var contentRange: String?
+  var isSuccess: Bool { (200..<300).contains(status) }
+}
+
+struct TransportSettings: Sendable {
+  var userAgent: String
+  var connectTimeout: Double
+  var stallTimeout: Double
+  var netrcFile: String?
+  var caFile: String?
+  var maxConnections: Int
+}
+
+/// libcurl on threads of our own, so no Swift concurrency thread ever waits on the network.
+///
+/// Each worker thread owns one easy handle for its whole life and only resets its options between
+/// transfers: `curl_easy_reset` keeps live connections, the DNS cache and TLS sessions, so
+/// consecutive requests to a cache reuse kept-alive connections. Body callbacks run on the worker,
+/// which gives natural back-pressure (a slow consumer slows the socket reads) and lets parallel NAR
+/// downloads decompress on several cores. Workers start on demand up to `maxConnections` and exit
+/// after a short idle period, so an unused client holds no threads.
+final class Transport: @unchecked Sendable {
+  typealias Job = (UnsafeMutableRawPointer, UnsafeMutablePointer<CChar>) -> Void
+
+  let settings: TransportSettings
+  private let condition = NSCondition()
+  private var queue: [Job] = []
+  private var queueHead = 0
+  private var workers = 0
+  private var idleWorkers = 0
+  private static let idleExitSeconds = 20.0
+
+  /// `curl_global_init` must run once before any thread uses libcurl.
+  private static let globalInit: Void = { _ = curl_global_init(Int(CURL_GLOBAL_ALL)) }()
+
+  init(settings: TransportSettings) {
+    _ = Self.globalInit
+    self.settings = settings
+  }
+
+  /// Performs one GET. `onStart` runs once before the first body byte of a 2xx response;
+  /// `onData` gets the body in order. Both run on a transport thread, never concurrently.
+  /// `onEnd` runs there too, after the last byte of a complete 2xx response.
+  /// Non-2xx statuses are returned, not thrown; transport failures throw.
+  func get(
+    _ url: String, from offset: UInt64 = 0,
+    onStart: @escaping @Sendable (ResponseHead) throws -> Void,
+    onData: @escaping @Sendable (UnsafeRawBufferPointer) throws -> Void,
+    onEnd: (@Sendable () throws -> Void)? = nil
+  ) async throws(CacheError) -> ResponseHead {
+    let context = TransferContext(url: url, settings: settings, onStart: onStart, onData: onData, onEnd: onEnd)
+    let result: Result<ResponseHead, CacheError> = await withTaskCancellationHandler {
+      await withCheckedContinuation { continuation in
+        submit { easy, errorBuffer in
+          continuation.resume(returning: context.perform(easy: easy, errorBuffer: errorBuffer, offset: offset))
+        }
+      }
+    } onCancel: {
+      context.cancel()
+    }
+    return try result.get()
+  }
+
+  private func submit(_ job: @escaping Job) {
+    condition.lock()
+    queue.append(job)
+    let pending = queue.count - queueHead
+    let spawn = idleWorkers < pending && workers < settings.maxConnections
+    if spawn { workers += 1 }
+    condition.signal()
+    condition.unlock()
+    if spawn {
+      let thread = Thread { [self] in workerLoop() }
+      thread.name = "nixfs-curl"
+      thread.start()
+    }
+  }
+
+  private func workerLoop() {
+    guard let easy = curl_easy_init() else {
+      condition.lock()
+      workers -= 1
+      condition.unlock()
+      return
+    }
+    let errorBuffer = UnsafeMutablePointer<CChar>.allocate(capacity: Int(CURL_ERROR_SIZE) + 1)
+    defer {
+      curl_easy_cleanup(easy)
+      errorBuffer.deallocate()
+    }
+    while true {
+      condition.lock()
+      while queueHead == queue.count {
+        idleWorkers += 1
+        let signalled = condition.wait(until: Date(timeIntervalSinceNow: Self.idleExitSeconds))
+        idleWorkers -= 1
+        if !signalled && queueHead == queue.count {
+          workers -= 1
+          condition.unlock()
+          return
+        }
+      }
+      let job = queue[queueHead]
+      queueHead += 1
+      if queueHead > 64 && queueHead * 2 > queue.count {
+        queue.removeFirst(queueHead)
+        queueHead = 0
+      }
+      condition.unlock()
+      job(easy, errorBuffer)
+    }
+  }
+}
+
+/// The state of one transfer, shared with libcurl's C callbacks through an unmanaged pointer.
+private final class TransferContext: @unchecked Sendable {
+  let url: String
+  let settings: TransportSettings
+  let onStart: @Sendable (ResponseHead) throws -> Void
+  let onData: @Sendable (UnsafeRawBufferPointer) throws -> Void
+  let onEnd: (@Sendable () throws -> Void)?
+  let lock = NSLock()
+  var cancelledFlag = false
+  var easy: UnsafeMutableRawPointer? = nil
+  var head: ResponseHead? = nil
+  var headers: [String: String] = [:]
+  var callbackError: (any Error)? = nil
+  var isFile: Bool
+
+  init(
+    url: String, settings: TransportSettings, onStart: @escaping @Sendable (ResponseHead) throws -> Void,
+    onData: @escaping @Sendable (UnsafeRawBufferPointer) throws -> Void, onEnd: (@Sendable () throws -> Void)?
+  ) {
+    self.onEnd = onEnd
+    self.url = url
+    self.settings = settings
+    self.onStart = onStart
+    self.onData = onData
+    self.isFile = url.hasPrefix("file:")
+  }
+
+  func cancel() {
+    lock.lock()
+    cancelledFlag = true
+    lock.unlock()
+  }
+
+  var isCancelled: Bool {
+    lock.lock()
+    defer { lock.unlock() }
+    return cancelledFlag
+  }
+
+  func currentStatus() -> Int {
+    guard let easy else { return 0 }
+    var code = 0
+    _ = nixfs_curl_easy_getinfo_long(easy, CURLINFO_RESPONSE_CODE, &code)
+    return isFile ? 200 : code
+  }
+
+  /// Body bytes from libcurl. Returns false to abort the transfer.
+  func receive(_ bytes: UnsafeRawBufferPointer) -> Bool {
+    if head == nil {
+      let h = ResponseHead(status: currentStatus(), contentRange: headers["content-range"])
+      head = h
+      if h.isSuccess {
+        do { try onStart(h) } catch {
+          callbackError = error
+          return false
+        }
+      }
+    }
+    // The body of an error response is not the file: drop it.
+    guard head!.isSuccess else { return true }
+    do { try onData(bytes) } catch {
+      callbackError = error
+      return false
+    }
+    return true
+  }
+
+  func header(_ line: UnsafeRawBufferPointer) {
+    let text = String(decoding: line, as: UTF8.self)
+    if text.hasPrefix("HTTP/") {
+      headers = [:]  // a new response (after a redirect or a 100 Continue)
+      return
+    }
+    guard let colon = text.firstIndex(of: ":") else { return }
+    headers[text[..<colon].lowercased()] = text[text.index(after: colon)...].trimmingCharacters(in: .whitespacesAndNewlines)
+  }
+
+  func perform(easy: UnsafeMutableRawPointer, errorBuffer: UnsafeMutablePointer<CChar>, offset: UInt64) -> Result<ResponseHead, CacheError> {
+    if isCancelled { return .failure(.cancelled(url: url)) }
+    self.easy = easy
+    defer { self.easy = nil }
+    curl_easy_reset(easy)
+    errorBuffer[0] = 0
+    let me = Unmanaged.passRetained(self)
+    defer { me.release() }
+    let opaque = UnsafeRawPointer(me.toOpaque())
+    _ = nixfs_curl_easy_setopt_str(easy, CURLOPT_URL, url)
+    _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_NOSIGNAL, 1)
+    _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_FOLLOWLOCATION, 1)
+    _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_MAXREDIRS, 10)
+    _ = nixfs_curl_easy_setopt_str(easy, CURLOPT_USERAGENT, settings.userAgent)
+    _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_CONNECTTIMEOUT_MS, max(1, Int(settings.connectTimeout * 1000)))
+    // The stall timeout: abort when fewer than 1 byte/s arrive for that many seconds.
+    _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_LOW_SPEED_LIMIT, 1)
+    _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_LOW_SPEED_TIME, max(1, Int(settings.stallTimeout.rounded(.up))))
+    _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_TCP_KEEPALIVE, 1)
+    _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_BUFFERSIZE, 256 << 10)
+    if let netrc = settings.netrcFile {
+      _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_NETRC, Int(CURL_NETRC_OPTIONAL.rawValue))
+      _ = nixfs_curl_easy_setopt_str(easy, CURLOPT_NETRC_FILE, netrc)
+    }
+    if let ca = settings.caFile { _ = nixfs_curl_easy_setopt_str(easy, CURLOPT_CAINFO, ca) }
+    // Proxies: libcurl reads http_proxy / https_proxy / all_proxy / no_proxy from the environment.
+    if offset > 0 { _ = nixfs_curl_easy_setopt_str(easy, CURLOPT_RANGE, "\(offset)-") }
+    _ = nixfs_curl_easy_setopt_ptr(easy, CURLOPT_ERRORBUFFER, errorBuffer)
+    _ = nixfs_curl_easy_setopt_write(easy, CURLOPT_WRITEFUNCTION, writeCallback)
+    _ = nixfs_curl_easy_setopt_ptr(easy, CURLOPT_WRITEDATA, opaque)
+    _ = nixfs_curl_easy_setopt_write(easy, CURLOPT_HEADERFUNCTION, headerCallback)
+    _ = nixfs_curl_easy_setopt_ptr(easy, CURLOPT_HEADERDATA, opaque)
+    _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_NOPROGRESS, 0)
+    _ = nixfs_curl_easy_setopt_xferinfo(easy, CURLOPT_XFERINFOFUNCTION, progressCallback)
+    _ = nixfs_curl_easy_setopt_ptr(easy, CURLOPT_XFERINFODATA, opaque)
+
+    let code = curl_easy_perform(easy)
+    // Leave no pointer to this context behind in the reused handle.
+    _ = nixfs_curl_easy_setopt_ptr(easy, CURLOPT_ERRORBUFFER, nil)
+
+    if let error = callbackError {
+      if let e = error as? CacheError { return .failure(e) }
+      return .failure(.sink(url: url, error: error))
+    }
+    if isCancelled { return .failure(.cancelled(url: url)) }
+    switch code {
+    case CURLE_OK:
+      if head == nil {
+        // An empty body: the callbacks never ran.
+        let h = ResponseHead(status: currentStatus(), contentRange: headers["content-range"])
+        head = h
+        if h.isSuccess {
+          do { try onStart(h) } catch {
+            return .failure((error as? CacheError) ?? .sink(url: url, error: error))
+          }
+        }
+      }
+      if head!.isSuccess, let onEnd {
+        do { try onEnd() } catch {
+          return .failure((error as? CacheError) ?? .sink(url: url, error: error))
+        }
+      }
+      return .success(head!)
+    case CURLE_FILE_COULDNT_READ_FILE where isFile:
+      return .success(ResponseHead(status: 404))
+    case CURLE_OPERATION_TIMEDOUT where String(cString: errorBuffer).contains("too slow"):
+      return .failure(.stalled(url: url, seconds: settings.stallTimeout, attempts: 1))
+    default:
+      var message = String(cString: errorBuffer)
+      if message.isEmpty { message = String(cString: curl_easy_strerror(code)) }
+      return .failure(.network(url: url, curlCode: Int(code.rawValue), message: message, attempts: 1))
+    }
+  }
+}
+
+private let writeCallback: @convention(c) (UnsafeMutablePointer<CChar>?, Int, Int, UnsafeMutableRawPointer?) -> Int = {
+  data, size, count, user in
+  let context = Unmanaged<TransferContext>.fromOpaque(user!).takeUnretainedValue()
+  let n = size * count
+  return context.receive(UnsafeRawBufferPointer(start: data, count: n)) ? n : 0
+}
+
+private let headerCallback: @convention(c) (UnsafeMutablePointer<CChar>?, Int, Int, UnsafeMutableRawPointer?) -> Int = {
+  data, size, count, user in
+  let context = Unmanaged<TransferContext>.fromOpaque(user!).takeUnretainedValue()
+  let n = size * count
+  context.header(UnsafeRawBufferPointer(start: data, count: n))
+  return n
+}
+
+private let progressCallback: @convention(c) (UnsafeMutableRawPointer?, curl_off_t, curl_off_t, curl_off_t, curl_off_t) -> Int32 = {
+  user, _, _, _, _ in
+  let context = Unmanaged<TransferContext>.fromOpaque(user!).takeUnretainedValue()
+  return context.isCancelled ? 1 : 0
+}

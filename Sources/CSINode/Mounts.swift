@@ -1,0 +1,73 @@
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Bind mounts and the kernel's view of them (`/proc/self/mountinfo`).
+enum Mounts {
+  struct Failure: Error, CustomStringConvertible {
+    let operation: String
+    let path: String
+    let errno: Int32
+    var description: String { "\(operation) \(path): \(String(cString: strerror(errno)))" }
+  }
+
+  /// Bind-mounts `source` at `target` read-only, nosuid, nodev. The second, remounting step is what
+  /// makes a bind mount read-only on Linux; MS_REC keeps submounts visible.
+  static func bindReadOnly(_ source: String, at target: String) throws {
+    if mount(source, target, nil, UInt(MS_BIND | MS_REC), nil) != 0 {
+      throw Failure(operation: "bind mount \(source) at", path: target, errno: errno)
+    }
+    let flags = UInt(MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    if mount("none", target, nil, flags, nil) != 0 {
+      let e = errno
+      umount2(target, Int32(MNT_DETACH))
+      throw Failure(operation: "remount read-only", path: target, errno: e)
+    }
+  }
+
+  static func unmount(_ target: String) throws {
+    if umount2(target, 0) != 0 {
+      let e = errno
+      if e == EINVAL || e == ENOENT { return }  // not mounted
+      // Busy (a pod still has files open): detach now, the kernel finishes when they close.
+      if umount2(target, Int32(MNT_DETACH)) != 0 && errno != EINVAL {
+        throw Failure(operation: "unmount", path: target, errno: errno)
+      }
+    }
+  }
+
+  /// Mount points from /proc/self/mountinfo (field 5), unescaped.
+  static func mountPoints() -> Set<String> {
+    guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
+    var out = Set<String>()
+    for line in text.split(separator: "\n") {
+      let fields = line.split(separator: " ")
+      if fields.count > 4 { out.insert(unescape(String(fields[4]))) }
+    }
+    return out
+  }
+
+  static func isMountPoint(_ path: String) -> Bool {
+    mountPoints().contains((path as NSString).standardizingPath)
+  }
+
+  /// mountinfo escapes space, tab, newline and backslash as octal.
+  static func unescape(_ s: String) -> String {
+    guard s.contains("\\") else { return s }
+    var out = [UInt8]()
+    let b = Array(s.utf8)
+    var i = 0
+    while i < b.count {
+      if b[i] == UInt8(ascii: "\\"), i + 3 < b.count, let v = UInt8(String(decoding: b[i + 1...i + 3], as: UTF8.self), radix: 8) {
+        out.append(v)
+        i += 4
+      } else {
+        out.append(b[i])
+        i += 1
+      }
+    }
+    return String(decoding: out, as: UTF8.self)
+  }
+}

@@ -1,0 +1,285 @@
+import Foundation
+import GRPCCore
+import Logging
+import NixFormats
+import StoreFS
+import SwiftProtobuf
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+public struct CSIConfiguration: Sendable {
+  public var driverName: String
+  public var nodeID: String
+  public var stateDir: String
+  /// The Nix system of this node (`x86_64-linux`): which volume attribute names the store path.
+  public var system: String
+  /// A `nix` binary to evaluate `flakeRef` / `nixExpr` attributes; nil disables them.
+  public var nixBinary: String?
+  public var storeDir: String = StorePath.defaultStoreDir
+
+  public init(driverName: String, nodeID: String, stateDir: String, system: String, nixBinary: String?) {
+    self.driverName = driverName
+    self.nodeID = nodeID
+    self.stateDir = stateDir
+    self.system = system
+    self.nixBinary = nixBinary
+  }
+
+  public static let defaultDriverName = "csi.nixfs.dev"
+
+  /// `x86_64-linux`, `aarch64-linux`, … from uname.
+  public static func detectSystem() -> String {
+    var u = utsname()
+    uname(&u)
+    let machine = withUnsafeBytes(of: &u.machine) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    switch machine {
+    case "arm64": return "aarch64-linux"
+    case "i686", "i586", "i386": return "i686-linux"
+    default: return "\(machine)-linux"
+    }
+  }
+
+  var controlSocket: String { (stateDir as NSString).appendingPathComponent("control.sock") }
+}
+
+/// CSI Identity: who we are, and whether the mount daemon behind us answers.
+public struct IdentityService: Csi_V1_Identity.SimpleServiceProtocol {
+  let config: CSIConfiguration
+  let control: ControlClient
+
+  public init(config: CSIConfiguration) {
+    self.config = config
+    self.control = ControlClient(path: config.controlSocket)
+  }
+
+  public func getPluginInfo(request: Csi_V1_GetPluginInfoRequest, context: ServerContext) async throws
+    -> Csi_V1_GetPluginInfoResponse
+  {
+    var r = Csi_V1_GetPluginInfoResponse()
+    r.name = config.driverName
+    r.vendorVersion = NixFSVersion.string
+    return r
+  }
+
+  public func getPluginCapabilities(request: Csi_V1_GetPluginCapabilitiesRequest, context: ServerContext) async throws
+    -> Csi_V1_GetPluginCapabilitiesResponse
+  {
+    // No controller service: volumes are ephemeral and node-local.
+    Csi_V1_GetPluginCapabilitiesResponse()
+  }
+
+  public func probe(request: Csi_V1_ProbeRequest, context: ServerContext) async throws -> Csi_V1_ProbeResponse {
+    var r = Csi_V1_ProbeResponse()
+    let answer = try? control.send(.ping, timeout: 5)
+    r.ready = Google_Protobuf_BoolValue(answer?.mountpoint != nil)
+    return r
+  }
+}
+
+/// CSI Node: publishes views of the node's one FUSE mount into pods.
+public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Sendable {
+  let config: CSIConfiguration
+  let control: ControlClient
+  let records: VolumeRecords
+  let logger: Logger
+  /// Serialises publish/unpublish (kubelet may retry while a call still runs), and keeps their
+  /// blocking work (control socket, mount syscalls, nix eval) off the concurrency pool.
+  let queue = DispatchQueue(label: "nixfs.csi.node")
+
+  func serially<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { c in
+      queue.async { c.resume(with: Result { try body() }) }
+    }
+  }
+
+  public init(config: CSIConfiguration, logger: Logger) {
+    self.config = config
+    self.control = ControlClient(path: config.controlSocket)
+    self.records = VolumeRecords(stateDir: config.stateDir)
+    self.logger = logger
+  }
+
+  static func fail(_ code: RPCError.Code, _ message: String) -> RPCError {
+    RPCError(code: code, message: message)
+  }
+
+  public func nodeGetInfo(request: Csi_V1_NodeGetInfoRequest, context: ServerContext) async throws
+    -> Csi_V1_NodeGetInfoResponse
+  {
+    var r = Csi_V1_NodeGetInfoResponse()
+    r.nodeID = config.nodeID
+    return r
+  }
+
+  public func nodeGetCapabilities(request: Csi_V1_NodeGetCapabilitiesRequest, context: ServerContext) async throws
+    -> Csi_V1_NodeGetCapabilitiesResponse
+  {
+    // No STAGE_UNSTAGE_VOLUME: publish is the only step.
+    Csi_V1_NodeGetCapabilitiesResponse()
+  }
+
+  /// Which store path the volume attributes ask for: `<system>`, then `storePath`, then `flakeRef`,
+  /// then `nixExpr` (the last two need a nix binary on the node).
+  func requestedPath(_ attributes: [String: String]) throws -> StorePath {
+    let text: String
+    if let p = attributes[config.system] {
+      text = p
+    } else if let p = attributes["storePath"] {
+      text = p
+    } else if let flake = attributes["flakeRef"] {
+      text = try evaluate(["eval", "--raw", flake], what: "flakeRef \(flake)")
+    } else if let expr = attributes["nixExpr"] {
+      text = try evaluate(["eval", "--raw", "--impure", "--expr", "(\(expr)).outPath"], what: "nixExpr")
+    } else {
+      let systems = attributes.keys.filter { $0.hasSuffix("-linux") || $0.hasSuffix("-darwin") }.sorted()
+      let hint = systems.isEmpty ? "" : " (this node is \(config.system); the volume names \(systems.joined(separator: ", ")))"
+      throw Self.fail(.invalidArgument, "volumeAttributes need one of \(config.system), storePath, flakeRef or nixExpr\(hint)")
+    }
+    do {
+      return try StorePath(text, storeDir: config.storeDir)
+    } catch {
+      throw Self.fail(.invalidArgument, "\(error)")
+    }
+  }
+
+  func evaluate(_ args: [String], what: String) throws -> String {
+    guard let nix = config.nixBinary else {
+      throw Self.fail(.failedPrecondition, "\(what) needs a nix binary on the node (start nixfs csi with --nix PATH); use a \(config.system) or storePath attribute instead")
+    }
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: nix)
+    p.arguments = ["--extra-experimental-features", "nix-command flakes"] + args
+    let out = Pipe()
+    let err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    do { try p.run() } catch { throw Self.fail(.failedPrecondition, "cannot run \(nix): \(error)") }
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    let errText = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    p.waitUntilExit()
+    guard p.terminationStatus == 0 else {
+      let line = errText.split(separator: "\n").last.map(String.init) ?? "exit \(p.terminationStatus)"
+      throw Self.fail(.invalidArgument, "cannot evaluate \(what): \(line)")
+    }
+    return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+  }
+
+  static func code(_ failure: ControlFailure?) -> RPCError.Code {
+    switch failure {
+    case .invalidArgument: .invalidArgument
+    case .notFound: .notFound
+    case .untrusted: .failedPrecondition
+    case .unavailable: .unavailable
+    case .alreadyExists: .alreadyExists
+    case .internalError, .none: .internalError
+    }
+  }
+
+  public func nodePublishVolume(request: Csi_V1_NodePublishVolumeRequest, context: ServerContext) async throws
+    -> Csi_V1_NodePublishVolumeResponse
+  {
+    try await serially { try self.publish(request) }
+  }
+
+  func publish(_ request: Csi_V1_NodePublishVolumeRequest) throws -> Csi_V1_NodePublishVolumeResponse {
+    guard !request.volumeID.isEmpty else { throw Self.fail(.invalidArgument, "volume_id is required") }
+    guard !request.targetPath.isEmpty else { throw Self.fail(.invalidArgument, "target_path is required") }
+    guard request.hasVolumeCapability else { throw Self.fail(.invalidArgument, "volume_capability is required") }
+    if case .block = request.volumeCapability.accessType {
+      throw Self.fail(.invalidArgument, "block volumes are not supported: nixfs volumes are filesystems")
+    }
+    let target = (request.targetPath as NSString).standardizingPath
+    let attributes = request.volumeContext.filter { !$0.key.hasPrefix("csi.storage.k8s.io/") }
+    let path = try requestedPath(attributes)
+    if let existing = records.byTarget(target) {
+      guard existing.volumeID == request.volumeID && existing.attributes == attributes else {
+        throw Self.fail(
+          .alreadyExists,
+          "\(target) already holds volume \(existing.volumeID) (\(existing.storePath)) with other attributes")
+      }
+      // A retry: done if the mount is there, otherwise finish the job.
+      if Mounts.isMountPoint(target) { return Csi_V1_NodePublishVolumeResponse() }
+    } else if let existing = records.get(request.volumeID) {
+      throw Self.fail(
+        .alreadyExists, "volume \(request.volumeID) is already published at \(existing.targetPath)")
+    }
+
+    let response: ControlResponse
+    do {
+      response = try control.send(.publish(volumeID: request.volumeID, storePath: path.path))
+    } catch {
+      throw Self.fail(.unavailable, "\(path): the nixfs mount daemon is not answering (\(error))")
+    }
+    guard let view = response.viewPath else {
+      throw Self.fail(Self.code(response.failure), response.message ?? "\(path): publish failed")
+    }
+    do {
+      try FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: true)
+      if !Mounts.isMountPoint(target) { try Mounts.bindReadOnly(view, at: target) }
+      try records.put(VolumeRecord(volumeID: request.volumeID, targetPath: target, storePath: path.path, attributes: attributes))
+    } catch {
+      _ = try? control.send(.unpublish(volumeID: request.volumeID))
+      throw Self.fail(.internalError, "\(path): cannot mount the view at \(target): \(error)")
+    }
+    logger.info(
+      "published",
+      metadata: ["volume": "\(request.volumeID)", "path": "\(path)", "target": "\(target)", "closure": "\(response.closure?.count ?? 0)"])
+    return Csi_V1_NodePublishVolumeResponse()
+  }
+
+  public func nodeUnpublishVolume(request: Csi_V1_NodeUnpublishVolumeRequest, context: ServerContext) async throws
+    -> Csi_V1_NodeUnpublishVolumeResponse
+  {
+    guard !request.volumeID.isEmpty else { throw Self.fail(.invalidArgument, "volume_id is required") }
+    guard !request.targetPath.isEmpty else { throw Self.fail(.invalidArgument, "target_path is required") }
+    let target = (request.targetPath as NSString).standardizingPath
+    let volumeID = request.volumeID
+    try await serially { try self.unpublish(volumeID: volumeID, target: target) }
+    return Csi_V1_NodeUnpublishVolumeResponse()
+  }
+
+  func unpublish(volumeID: String, target: String) throws {
+    do {
+      try Mounts.unmount(target)
+    } catch {
+      throw Self.fail(.internalError, "volume \(volumeID): \(error)")
+    }
+    // Remove the directory we created; only if it is empty, so nothing of the pod's is lost.
+    rmdir(target)
+    _ = try? control.send(.unpublish(volumeID: volumeID))
+    try? records.remove(volumeID)
+    logger.info("unpublished", metadata: ["volume": "\(volumeID)", "target": "\(target)"])
+  }
+
+  /// On start: volumes whose target is no longer mounted (their pods are gone) are unpublished and
+  /// unpinned; the others are published again, so the daemon pins them after its own restart.
+  public func reconcile() {
+    let mounted = Mounts.mountPoints()
+    for r in records.all {
+      if mounted.contains(r.targetPath) {
+        _ = try? control.send(.publish(volumeID: r.volumeID, storePath: r.storePath))
+        logger.info("kept", metadata: ["volume": "\(r.volumeID)", "target": "\(r.targetPath)"])
+      } else {
+        try? unpublish(volumeID: r.volumeID, target: r.targetPath)
+      }
+    }
+  }
+
+  public func nodeStageVolume(request: Csi_V1_NodeStageVolumeRequest, context: ServerContext) async throws
+    -> Csi_V1_NodeStageVolumeResponse
+  { throw Self.fail(.unimplemented, "nixfs does not stage volumes") }
+
+  public func nodeUnstageVolume(request: Csi_V1_NodeUnstageVolumeRequest, context: ServerContext) async throws
+    -> Csi_V1_NodeUnstageVolumeResponse
+  { throw Self.fail(.unimplemented, "nixfs does not stage volumes") }
+
+  public func nodeGetVolumeStats(request: Csi_V1_NodeGetVolumeStatsRequest, context: ServerContext) async throws
+    -> Csi_V1_NodeGetVolumeStatsResponse
+  { throw Self.fail(.unimplemented, "nixfs does not report volume stats") }
+
+  public func nodeExpandVolume(request: Csi_V1_NodeExpandVolumeRequest, context: ServerContext) async throws
+    -> Csi_V1_NodeExpandVolumeResponse
+  { throw Self.fail(.unimplemented, "nixfs volumes cannot be expanded") }
+}

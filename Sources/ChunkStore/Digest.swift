@@ -1,0 +1,98 @@
+internal import Crypto
+import Foundation
+
+/// A SHA-256 digest held as four words, so it hashes and compares cheaply as a dictionary key.
+/// Chunks and file contents are both named by the SHA-256 of their uncompressed bytes, so the same
+/// bytes get the same name on every node: that is what lets chunks and manifests travel later.
+public struct SHA256Digest: Hashable, Comparable, Sendable, CustomStringConvertible {
+  public let w0: UInt64, w1: UInt64, w2: UInt64, w3: UInt64
+
+  public init(bytes: some Collection<UInt8>) {
+    precondition(bytes.count == 32, "a SHA-256 digest is 32 bytes")
+    var words = [UInt64](repeating: 0, count: 4)
+    for (i, b) in bytes.enumerated() { words[i / 8] = words[i / 8] << 8 | UInt64(b) }
+    (w0, w1, w2, w3) = (words[0], words[1], words[2], words[3])
+  }
+
+  init(_ digest: SHA256.Digest) {
+    self.init(bytes: Array(digest))
+  }
+
+  public static func of(_ bytes: UnsafeRawBufferPointer) -> SHA256Digest {
+    SHA256Digest(SHA256.hash(data: bytes))
+  }
+
+  public static func of(_ bytes: [UInt8]) -> SHA256Digest {
+    bytes.withUnsafeBytes { of($0) }
+  }
+
+  /// Big-endian bytes, the usual written order of a SHA-256 digest.
+  public var bytes: [UInt8] {
+    var out = [UInt8]()
+    out.reserveCapacity(32)
+    for w in [w0, w1, w2, w3] {
+      for shift in stride(from: 56, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: w >> UInt64(shift))) }
+    }
+    return out
+  }
+
+  public var hex: String {
+    let digits = Array("0123456789abcdef".utf8)
+    var out = [UInt8]()
+    out.reserveCapacity(64)
+    for b in bytes {
+      out.append(digits[Int(b >> 4)])
+      out.append(digits[Int(b & 0xf)])
+    }
+    return String(decoding: out, as: UTF8.self)
+  }
+
+  public init?(hex: String) {
+    let chars = Array(hex.utf8)
+    guard chars.count == 64 else { return nil }
+    var out = [UInt8]()
+    for i in stride(from: 0, to: 64, by: 2) {
+      guard let b = UInt8(String(decoding: chars[i..<i + 2], as: UTF8.self), radix: 16) else { return nil }
+      out.append(b)
+    }
+    self.init(bytes: out)
+  }
+
+  public var description: String { hex }
+
+  public static func < (a: SHA256Digest, b: SHA256Digest) -> Bool {
+    (a.w0, a.w1, a.w2, a.w3) < (b.w0, b.w1, b.w2, b.w3)
+  }
+}
+
+extension SHA256Digest: Codable {
+  public init(from decoder: any Decoder) throws {
+    let text = try decoder.singleValueContainer().decode(String.self)
+    guard let d = SHA256Digest(hex: text) else {
+      throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a hex SHA-256: \(text)"))
+    }
+    self = d
+  }
+
+  public func encode(to encoder: any Encoder) throws {
+    var c = encoder.singleValueContainer()
+    try c.encode(hex)
+  }
+}
+
+extension SHA256Digest: CodingKeyRepresentable {
+  public var codingKey: any CodingKey { HexKey(stringValue: hex) }
+  public init?<T: CodingKey>(codingKey: T) { self.init(hex: codingKey.stringValue) }
+  struct HexKey: CodingKey {
+    var stringValue: String
+    var intValue: Int? { nil }
+    init(stringValue: String) { self.stringValue = stringValue }
+    init?(intValue: Int) { nil }
+  }
+}
+
+/// The name of a chunk: SHA-256 of its uncompressed bytes.
+public typealias ChunkID = SHA256Digest
+/// The name of a regular file's whole content: SHA-256 of all its bytes. Identical files in
+/// different store paths share it, so the filesystem can give them one inode.
+public typealias ContentID = SHA256Digest

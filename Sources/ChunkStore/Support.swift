@@ -1,0 +1,126 @@
+internal import CZstd
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// A pthread readers–writer lock: reads share it, GC takes it exclusively while it deletes index
+/// rows and punches holes, so no read can pread a range that is being freed.
+final class RWLock: @unchecked Sendable {
+  private let lock = UnsafeMutablePointer<pthread_rwlock_t>.allocate(capacity: 1)
+  init() { pthread_rwlock_init(lock, nil) }
+  deinit {
+    pthread_rwlock_destroy(lock)
+    lock.deallocate()
+  }
+  func read<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+    pthread_rwlock_rdlock(lock)
+    defer { pthread_rwlock_unlock(lock) }
+    return try body()
+  }
+  func write<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+    pthread_rwlock_wrlock(lock)
+    defer { pthread_rwlock_unlock(lock) }
+    return try body()
+  }
+}
+
+extension NSLock {
+  func locked<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+    lock()
+    defer { unlock() }
+    return try body()
+  }
+}
+
+/// How a chunk's bytes are kept.
+enum Codec: Int64 {
+  case raw = 0
+  case zstd = 1
+}
+
+/// Compresses with zstd; returns nil when compression saves less than 1/32 of the size, in which
+/// case the chunk is stored raw (random or already-compressed data).
+func compress(_ src: UnsafeRawBufferPointer, level: Int32, context: OpaquePointer) -> [UInt8]? {
+  let bound = ZSTD_compressBound(src.count)
+  let out = [UInt8](unsafeUninitializedCapacity: bound) { buf, n in
+    let r = ZSTD_compressCCtx(context, buf.baseAddress, bound, src.baseAddress, src.count, level)
+    n = ZSTD_isError(r) != 0 ? 0 : r
+  }
+  if out.isEmpty || out.count >= src.count - src.count / 32 { return nil }
+  return out
+}
+
+func decompress(_ src: [UInt8], rawSize: Int) -> [UInt8]? {
+  var ok = false
+  let out = [UInt8](unsafeUninitializedCapacity: rawSize) { buf, n in
+    let r = src.withUnsafeBytes { ZSTD_decompress(buf.baseAddress, rawSize, $0.baseAddress, src.count) }
+    ok = ZSTD_isError(r) == 0 && r == rawSize
+    n = ok ? rawSize : 0
+  }
+  return ok ? out : nil
+}
+
+/// pread until `count` bytes or end of file.
+func preadFully(_ fd: Int32, count: Int, offset: UInt64) -> [UInt8]? {
+  var done = 0
+  var failed = false
+  let out = [UInt8](unsafeUninitializedCapacity: count) { buf, n in
+    while done < count {
+      let r = pread(fd, buf.baseAddress! + done, count - done, off_t(offset) + off_t(done))
+      if r < 0 && errno == EINTR { continue }
+      if r <= 0 {
+        failed = true
+        break
+      }
+      done += r
+    }
+    n = done
+  }
+  return failed ? nil : out
+}
+
+func pwriteFully(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, offset: UInt64) -> Int32? {
+  var done = 0
+  while done < bytes.count {
+    let r = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
+    if r < 0 {
+      if errno == EINTR { continue }
+      return errno
+    }
+    done += r
+  }
+  return nil
+}
+
+/// Frees the disk blocks of a range without changing offsets (FALLOC_FL_PUNCH_HOLE |
+/// FALLOC_FL_KEEP_SIZE): packs are never rewritten, so no live chunk ever moves under a reader.
+func punchHole(_ fd: Int32, offset: UInt64, length: UInt64) {
+  guard length > 0 else { return }
+  _ = linuxFallocate(fd, 0x02 | 0x01, Int64(offset), Int64(length))
+}
+
+/// Starts writeback of a range without waiting (SYNC_FILE_RANGE_WRITE), so the fdatasync at
+/// commit finds most of the data already on disk instead of flushing it all at once.
+func startWriteback(_ fd: Int32, offset: UInt64, length: UInt64) {
+  _ = linuxSyncFileRange(fd, Int64(offset), Int64(length), 2)
+}
+
+@_silgen_name("sync_file_range")
+func linuxSyncFileRange(_ fd: Int32, _ offset: Int64, _ length: Int64, _ flags: UInt32) -> Int32
+
+// Glibc declares fallocate only under _GNU_SOURCE, which Swift's Glibc module does not set.
+@_silgen_name("fallocate")
+func linuxFallocate(_ fd: Int32, _ mode: Int32, _ offset: Int64, _ length: Int64) -> Int32
+
+func fsyncDirectory(_ path: String) {
+  let fd = open(path, O_RDONLY | O_DIRECTORY)
+  if fd >= 0 {
+    fsync(fd)
+    close(fd)
+  }
+}
+
+/// Seconds since the epoch, for LRU.
+func now() -> Int64 { Int64(Date().timeIntervalSince1970) }

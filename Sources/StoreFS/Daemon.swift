@@ -1,0 +1,131 @@
+import BinaryCache
+import ChunkStore
+import Crypto
+import Foundation
+import Logging
+import NixFormats
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// The node daemon: the FUSE mount plus the control socket through which the CSI plugin
+/// publishes views. One per state directory (the chunk store's writer lock enforces it).
+public final class Daemon: Sendable {
+  public let mountpoint: String
+  public let stateDir: String
+  let cache: BinaryCacheClient
+  let store: ChunkStore
+  public let filesystem: StoreFileSystem
+  let logger: Logger
+
+  public init(
+    mountpoint: String, stateDir: String, cache: BinaryCacheClient, store: ChunkStore, options: StoreFSOptions,
+    logger: Logger
+  ) {
+    self.mountpoint = (mountpoint as NSString).standardizingPath
+    self.stateDir = stateDir
+    self.cache = cache
+    self.store = store
+    self.logger = logger
+    var options = options
+    options.statfsPath = stateDir
+    filesystem = StoreFileSystem(
+      store: store, materialiser: Substitution(cache: cache, store: store, logger: logger), options: options,
+      logger: logger)
+  }
+
+  public var controlSocket: String { (stateDir as NSString).appendingPathComponent("control.sock") }
+
+  /// Mounts, serves the control socket, and blocks until unmounted or signalled.
+  public func run() throws {
+    let control = try ControlServer(path: controlSocket) { [self] request in await handle(request) }
+    defer { control.stop() }
+    try filesystem.serve(at: mountpoint)
+  }
+
+  /// View directory names are volume IDs when those are plain, else a digest of them.
+  static func viewName(_ volumeID: String) -> String {
+    let plain = volumeID.utf8.allSatisfy {
+      ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x41 && $0 <= 0x5a) || ($0 >= 0x61 && $0 <= 0x7a) || $0 == 0x2d || $0 == 0x5f
+        || $0 == 0x2e
+    }
+    if plain && !volumeID.isEmpty && volumeID.utf8.count <= 128 && volumeID.first != "." { return volumeID }
+    return "v-" + SHA256.hash(data: Array(volumeID.utf8)).map { String(format: "%02x", $0) }.joined().prefix(40)
+  }
+
+  public func handle(_ request: ControlRequest) async -> ControlResponse {
+    switch request {
+    case .ping:
+      return ControlResponse(mountpoint: mountpoint)
+    case .views:
+      return ControlResponse(views: Dictionary(uniqueKeysWithValues: filesystem.viewIDs().map { ($0, $0) }))
+    case .unpublish(let volumeID):
+      let name = Self.viewName(volumeID)
+      filesystem.removeView(id: name)
+      do { try store.unpinAll(holder: volumeID) } catch {
+        logger.error("cannot unpin", metadata: ["volume": "\(volumeID)", "error": "\(error)"])
+      }
+      return ControlResponse()
+    case .publish(let volumeID, let text):
+      let path: StorePath
+      do { path = try StorePath(text) } catch { return .failed(.invalidArgument, "\(error)") }
+      let closure: [StorePath]
+      do {
+        closure = try await self.closure(of: path)
+      } catch let e as CacheError {
+        return .failed(Self.failure(e), "\(path): \(e)")
+      } catch {
+        return .failed(.internalError, "\(path): \(error)")
+      }
+      do {
+        try store.pin(closure, holder: volumeID)
+      } catch {
+        return .failed(.internalError, "\(path): cannot pin the closure: \(error)")
+      }
+      let name = Self.viewName(volumeID)
+      filesystem.addView(StoreView(id: name, closure: closure, result: path))
+      logger.info("view published", metadata: ["volume": "\(volumeID)", "path": "\(path)", "closure": "\(closure.count)"])
+      return ControlResponse(
+        viewPath: "\(mountpoint)/\(StoreFileSystem.viewsDirName)/\(name)", closure: closure.map(\.path))
+    }
+  }
+
+  static func failure(_ e: CacheError) -> ControlFailure {
+    switch e {
+    case .notFound: .notFound
+    case .untrusted: .untrusted
+    case .allSubstitutersFailed(_, let failures):
+      failures.allSatisfy { if case .notFound = $0 { true } else { false } } ? .notFound
+        : failures.contains { if case .untrusted = $0 { true } else { false } } ? .untrusted : .unavailable
+    case .httpStatus, .network, .stalled: .unavailable
+    default: .internalError
+    }
+  }
+
+  /// The closure of `path`: from the local index when every member is here (no network on a
+  /// warm node), otherwise from the caches' narinfos.
+  func closure(of path: StorePath) async throws -> [StorePath] {
+    var seen: Set<StorePath> = [path]
+    var queue = [path]
+    var local = true
+    while let p = queue.popLast() {
+      guard let tree = try? store.tree(of: p) else {
+        local = false
+        break
+      }
+      for r in tree.info.references {
+        if let ref = try? StorePath(baseName: r), seen.insert(ref).inserted { queue.append(ref) }
+      }
+    }
+    if local { return seen.sorted() }
+    return try await cache.closure(of: [path]).keys.sorted()
+  }
+}
+
+extension ChunkStore {
+  /// Pins every path of a closure for `holder` (a published volume).
+  func pin(_ paths: [StorePath], holder: String) throws {
+    for p in paths { try pin(p, holder: holder) }
+  }
+}

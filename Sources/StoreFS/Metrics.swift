@@ -1,0 +1,34 @@
+import CoreMetrics
+import Foundation
+
+/// What the daemon exports (`--metrics-listen`), through swift-metrics so the backend is the
+/// executable's choice (Prometheus). Counters are created once: the hot path only increments.
+final class FSMetrics: Sendable {
+  static let operations = ["lookup", "getattr", "readlink", "open", "read", "opendir", "readdir", "statfs"]
+  let requests: [String: Counter]
+  let bytesServed = Counter(label: "nixfs_bytes_served_total")
+  let pathsFetched = Counter(label: "nixfs_paths_fetched_total")
+  /// Uncompressed NAR bytes ingested, and compressed bytes downloaded for them.
+  static let narBytesFetched = Counter(label: "nixfs_nar_bytes_fetched_total")
+  static let downloadBytes = Counter(label: "nixfs_download_bytes_total")
+  let fetchSeconds = Timer(label: "nixfs_fetch_duration_seconds")
+  /// Store path resolutions: served from the local store, or fetched first.
+  let localHits = Counter(label: "nixfs_store_path_resolutions_total", dimensions: [("result", "local")])
+  let fetchedMisses = Counter(label: "nixfs_store_path_resolutions_total", dimensions: [("result", "fetched")])
+  let errorCounters: [String: Counter]
+  let inflight = Meter(label: "nixfs_fetches_in_flight")
+
+  static let causes = ["not_found", "fetch", "read", "index", "stale", "client"]
+
+  init() {
+    var r: [String: Counter] = [:]
+    for op in Self.operations { r[op] = Counter(label: "nixfs_fuse_requests_total", dimensions: [("op", op)]) }
+    requests = r
+    var e: [String: Counter] = [:]
+    for c in Self.causes { e[c] = Counter(label: "nixfs_errors_total", dimensions: [("cause", c)]) }
+    errorCounters = e
+  }
+
+  func request(_ op: String) { requests[op]?.increment() }
+  func error(_ cause: String) { errorCounters[cause]?.increment() }
+}

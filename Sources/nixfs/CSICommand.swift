@@ -1,0 +1,39 @@
+import ArgumentParser
+import CSINode
+import Foundation
+
+struct CSICommand: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "csi",
+    abstract: "Serve the CSI Identity and Node services, publishing views of the node's nixfs mount into pods.",
+    discussion: """
+      Talks to `nixfs mount` of the same state directory over its control socket. Restarting it \
+      does not disturb running pods: published volumes are recorded and reconciled on start.
+      """)
+
+  @Option(help: "The state directory shared with `nixfs mount`.") var stateDir: String = "/var/lib/nixfs"
+  @Option(help: "The CSI endpoint kubelet talks to.") var endpoint: String = "unix:///csi/csi.sock"
+  @Option(help: "This node's ID (default: $NODE_NAME).") var nodeID: String?
+  @Option(help: "The CSI driver name; nix.csi.store replaces nix-csi without touching pod specs.")
+  var driverName: String = CSIConfiguration.defaultDriverName
+  @Option(help: "The Nix system whose volume attribute names the store path (default: detected).")
+  var system: String?
+  @Option(help: "A nix binary, to evaluate flakeRef and nixExpr volume attributes.") var nix: String?
+  @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
+
+  func run() async throws {
+    unblockTerminationSignals()
+    let logger = bootstrapLogging(level: logLevel, label: "nixfs.csi")
+    guard let node = nodeID ?? ProcessInfo.processInfo.environment["NODE_NAME"], !node.isEmpty else {
+      fail("no node ID: pass --node-id or set NODE_NAME")
+    }
+    let config = CSIConfiguration(
+      driverName: driverName, nodeID: node, stateDir: stateDir, system: system ?? CSIConfiguration.detectSystem(),
+      nixBinary: nix)
+    do {
+      try await CSIServer.run(config: config, endpoint: endpoint, logger: logger)
+    } catch {
+      fail("\(error)")
+    }
+  }
+}

@@ -1,0 +1,113 @@
+import ArgumentParser
+import BinaryCache
+import ChunkStore
+import CoreMetrics
+import Foundation
+import Logging
+import NixFormats
+import Prometheus
+import StoreFS
+
+struct MountCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "mount",
+    abstract: "Mount a read-only /nix/store that fetches store paths from binary caches on first access.",
+    discussion: """
+      Runs in the foreground until SIGTERM/SIGINT or `fusermount3 -u MOUNTPOINT`, and unmounts \
+      cleanly. MOUNTPOINT may be /nix/store itself. One daemon per state directory.
+      """)
+
+  @OptionGroup var cache: CacheOptions
+  @Option(help: "Serve Prometheus metrics on ADDR:PORT (e.g. 0.0.0.0:9464).") var metricsListen: String?
+  @Option(help: "Keep the chunk store under this size, evicting least recently used paths (e.g. 50G).")
+  var maxSize: String?
+  @Option(help: "FUSE worker threads.") var threads: Int = 16
+  @Option(help: "Seconds the kernel and the daemon remember that a path is in no cache.")
+  var negativeTimeout: Double = 30
+  @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
+  @Argument(help: "Where to mount the store.") var mountpoint: String
+
+  func run() throws {
+    unblockTerminationSignals()
+    let logger = bootstrapLogging(level: logLevel, label: "nixfs.mount")
+    let registry = PrometheusCollectorRegistry()
+    MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+    var maxBytes: UInt64? = nil
+    if let maxSize {
+      guard let n = parseSize(maxSize) else { fail("--max-size \(maxSize): expected a size such as 50G") }
+      maxBytes = n
+    }
+    let store: ChunkStore
+    do {
+      store = try ChunkStore(.init(stateDirectory: cache.stateDir, maxStoredBytes: maxBytes))
+    } catch {
+      fail("\(error)")
+    }
+    let client: BinaryCacheClient
+    do { client = try cache.client(logger: logger) } catch { fail("\(error)") }
+    var options = StoreFSOptions()
+    options.maxThreads = threads
+    options.negativeTimeout = negativeTimeout
+    let daemon = Daemon(
+      mountpoint: mountpoint, stateDir: cache.stateDir, cache: client, store: store, options: options, logger: logger)
+    var metrics: MetricsEndpoint? = nil
+    if let metricsListen {
+      do { metrics = try MetricsEndpoint(listen: metricsListen, registry: registry) } catch { fail("\(error)") }
+    }
+    do {
+      try daemon.run()
+    } catch {
+      fail("\(error)")
+    }
+    metrics?.stop()
+  }
+}
+
+struct FetchCommand: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "fetch",
+    abstract: "Materialise store paths and their closures into the state directory now (prefetch).")
+
+  @OptionGroup var cache: CacheOptions
+  @Option(help: "Paths fetched at once.") var parallel: Int = 4
+  @Argument(help: "Store paths.") var paths: [String]
+
+  func run() async throws {
+    let logger = bootstrapLogging(level: "info", label: "nixfs.fetch")
+    let roots: [StorePath]
+    do { roots = try paths.map { try StorePath($0) } } catch { fail("\(error)") }
+    let store: ChunkStore
+    do { store = try ChunkStore(.init(stateDirectory: cache.stateDir)) } catch {
+      fail("\(error) (is `nixfs mount` running on this state directory? prefetch through it by reading the paths)")
+    }
+    let client: BinaryCacheClient
+    do { client = try cache.client(logger: logger) } catch { fail("\(error)") }
+    let substitution = Substitution(cache: client, store: store, logger: logger)
+    do {
+      let r = try await substitution.fetchClosure(of: roots, parallel: parallel)
+      print("\(r.paths) paths in the closure, \(r.fetched) fetched (\(r.narBytes) NAR bytes)")
+    } catch {
+      fail("\(error)")
+    }
+  }
+}
+
+/// A parent may start us with SIGTERM/SIGINT blocked (some supervisors and test runners do), and a
+/// blocked SIGTERM would never unmount: take them back.
+func unblockTerminationSignals() {
+  var set = sigset_t()
+  sigemptyset(&set)
+  for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&set, s) }
+  pthread_sigmask(SIG_UNBLOCK, &set, nil)
+}
+
+/// Logs to stderr, one line per event with its metadata (structured, greppable).
+func bootstrapLogging(level: String, label: String) -> Logger {
+  let lvl = Logger.Level(rawValue: level) ?? .info
+  LoggingSystem.bootstrap { label in
+    var h = StreamLogHandler.standardError(label: label)
+    h.logLevel = lvl
+    return h
+  }
+  return Logger(label: label)
+}

@@ -1,0 +1,202 @@
+import Foundation
+import TestSupport
+
+/// A real HTTP/1.1 server on 127.0.0.1 serving a directory (a binary cache made by `nix copy`),
+/// with faults injected per path. Python's http.server does the HTTP; the script is kept here so
+/// the test target has no loose resource files. The process is stopped when the value is released
+/// (and exits by itself if the test process dies).
+final class TestServer: @unchecked Sendable {
+  enum ServerError: Error { case noPort(status: Int32) }
+
+  struct Fault: Encodable {
+    /// Answer with this HTTP status.
+    var status: Int? = nil
+    /// Send this many body bytes, then cut the connection.
+    var cut: Int? = nil
+    /// Send this many body bytes, then go silent.
+    var stall: Int? = nil
+    /// Flip the byte at this offset of the file.
+    var corrupt: Int? = nil
+    /// Serve only this many bytes (with a matching Content-Length).
+    var truncate: Int? = nil
+    /// Apply to the first `times` requests only (nil: every request).
+    var times: Int? = nil
+  }
+
+  struct Config: Encodable {
+    var latency: Double = 0
+    var range = true
+    var faults: [String: [Fault]] = [:]
+  }
+
+  let port: Int
+  let dir: String
+  private let process: Process
+  private let logFile: String
+  private let configFile: String
+  private let tmp: TemporaryDirectory
+
+  var url: String { "http://127.0.0.1:\(port)" }
+
+  init(serving dir: String, config: Config = Config()) throws {
+    self.dir = dir
+    tmp = try TemporaryDirectory("server")
+    let script = tmp.sub("server.py")
+    try Self.script.write(toFile: script, atomically: true, encoding: .utf8)
+    logFile = tmp.sub("requests.log")
+    configFile = tmp.sub("config.json")
+    _ = FileManager.default.createFile(atPath: logFile, contents: nil)
+    process = Process()
+    try Self.write(config, to: configFile)
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = ["python3", script, dir, configFile, logFile]
+    let out = Pipe()
+    process.standardOutput = out
+    process.standardError = FileHandle.standardError
+    try process.run()
+    // The first line on stdout is the port it bound (port 0: the kernel picked a free one).
+    var line = Data()
+    while !line.contains(UInt8(ascii: "\n")) {
+      let piece = out.fileHandleForReading.availableData
+      if piece.isEmpty { break }
+      line.append(piece)
+    }
+    guard let p = Int(String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)) else {
+      kill(process.processIdentifier, SIGKILL)
+      process.waitUntilExit()
+      throw ServerError.noPort(status: process.terminationStatus)
+    }
+    port = p
+  }
+
+  /// Changes the faults of a running server.
+  func configure(_ config: Config) throws { try Self.write(config, to: configFile) }
+
+  private static func write(_ config: Config, to file: String) throws {
+    let data = try JSONEncoder().encode(config)
+    let temp = file + ".new"
+    try data.write(to: URL(fileURLWithPath: temp))
+    _ = rename(temp, file)
+  }
+
+  /// Requests served so far, as "GET /path range" lines.
+  var requests: [String] {
+    ((try? String(contentsOfFile: logFile, encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
+  }
+
+  func requests(for path: String) -> [String] { requests.filter { $0.split(separator: " ")[1] == path } }
+
+  func stop() {
+    if process.isRunning {
+      // SIGKILL: the test process may run with SIGTERM blocked, and children inherit the mask.
+      kill(process.processIdentifier, SIGKILL)
+      process.waitUntilExit()
+    }
+  }
+
+  deinit { stop() }
+
+  static let script = #"""
+    import http.server, json, os, signal, socket, sys, threading, time
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+
+    root, config_file, log_file = sys.argv[1], sys.argv[2], sys.argv[3]
+    parent = os.getppid()
+    counts = {}
+    lock = threading.Lock()
+
+    def watchdog():
+        # Never outlive the test process.
+        while True:
+            if os.getppid() != parent:
+                os._exit(0)
+            time.sleep(0.5)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def fault(self, config):
+            rules = config.get("faults", {}).get(self.path.split("?")[0], [])
+            with lock:
+                for i, rule in enumerate(rules):
+                    key = (self.path, i)
+                    n = counts.get(key, 0)
+                    times = rule.get("times")
+                    if times is None or n < times:
+                        counts[key] = n + 1
+                        return rule
+            return {}
+
+        def do_GET(self):
+            with open(config_file) as f:
+                config = json.load(f)
+            with open(log_file, "a") as f:
+                f.write("GET %s %s\n" % (self.path, self.headers.get("Range", "-")))
+            if config.get("latency"):
+                time.sleep(config["latency"])
+            rule = self.fault(config)
+            if rule.get("status"):
+                body = b"injected failure\n"
+                self.send_response(rule["status"])
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            path = os.path.join(root, self.path.split("?")[0].lstrip("/"))
+            if not os.path.isfile(path):
+                body = b"not found\n"
+                self.send_response(404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            with open(path, "rb") as f:
+                data = bytearray(f.read())
+            if rule.get("corrupt") is not None and rule["corrupt"] < len(data):
+                data[rule["corrupt"]] ^= 0xFF
+            if rule.get("truncate") is not None:
+                data = data[: rule["truncate"]]
+            total = len(data)
+            start = 0
+            rng = self.headers.get("Range")
+            if rng and config.get("range", True) and rng.startswith("bytes=") and rng.endswith("-"):
+                start = int(rng[6:-1])
+                self.send_response(206)
+                self.send_header("Content-Range", "bytes %d-%d/%d" % (start, total - 1, total))
+            else:
+                self.send_response(200)
+                if config.get("range", True):
+                    self.send_header("Accept-Ranges", "bytes")
+            body = bytes(data[start:])
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if rule.get("cut") is not None:
+                self.wfile.write(body[: rule["cut"]])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            if rule.get("stall") is not None:
+                self.wfile.write(body[: rule["stall"]])
+                self.wfile.flush()
+                time.sleep(3600)
+                return
+            self.wfile.write(body)
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 128
+
+        def handle_error(self, request, client_address):
+            pass  # clients that hang up (on purpose, in these tests) are not news
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    server = Server(("127.0.0.1", 0), Handler)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+    """#
+}

@@ -1,0 +1,136 @@
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// The repository root, for scripts the tests run.
+public let repositoryRoot: String = {
+  var url = URL(fileURLWithPath: #filePath)
+  for _ in 0..<3 { url.deleteLastPathComponent() }
+  return url.path
+}()
+
+/// The `nixfs` executable built next to the test bundle (`swift build --build-tests` builds it).
+public let nixfsBinary: String = {
+  let dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+  for candidate in [dir, dir.deletingLastPathComponent()] {
+    let p = candidate.appendingPathComponent("nixfs").path
+    if FileManager.default.isExecutableFile(atPath: p) { return p }
+  }
+  return dir.appendingPathComponent("nixfs").path
+}()
+
+/// A process that runs while a test needs it and is always stopped (TERM, then KILL) when the
+/// value is released, failing test or not. Its stdout is readable line by line; stderr goes to a
+/// file kept for failure messages.
+public final class BackgroundProcess: @unchecked Sendable {
+  public let process = Process()
+  public let argv: [String]
+  let out = Pipe()
+  let errPath: String
+  var buffer = Data()
+
+  public init(_ argv: [String], environment: [String: String] = [:]) throws {
+    self.argv = argv
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = argv
+    var env = ProcessInfo.processInfo.environment
+    env.merge(environment) { $1 }
+    process.environment = env
+    process.standardOutput = out
+    process.standardInput = FileHandle.nullDevice
+    errPath = NSTemporaryDirectory() + "nixfs-bg-\(UUID().uuidString.prefix(8)).stderr"
+    _ = FileManager.default.createFile(atPath: errPath, contents: nil)
+    process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
+    try process.run()
+  }
+
+  public var pid: Int32 { process.processIdentifier }
+  public var isRunning: Bool { process.isRunning }
+
+  /// What it wrote to stderr so far.
+  public var stderr: String { (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "" }
+
+  /// The next stdout line, or nil at end of output.
+  public func readLine() -> String? {
+    while true {
+      if let nl = buffer.firstIndex(of: 0x0a) {
+        let line = String(decoding: buffer[buffer.startIndex..<nl], as: UTF8.self)
+        buffer.removeSubrange(buffer.startIndex...nl)
+        return line
+      }
+      let chunk = out.fileHandleForReading.availableData
+      if chunk.isEmpty { return nil }
+      buffer.append(chunk)
+    }
+  }
+
+  public func signal(_ sig: Int32) { if process.isRunning { kill(process.processIdentifier, sig) } }
+
+  /// Waits up to `seconds` for exit; true when it exited.
+  @discardableResult
+  public func wait(seconds: Double) -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while process.isRunning && Date() < deadline { usleep(20_000) }
+    return !process.isRunning
+  }
+
+  public func stop() {
+    signal(SIGTERM)
+    if !wait(seconds: 10) {
+      signal(SIGKILL)
+      wait(seconds: 10)
+    }
+  }
+
+  deinit {
+    stop()
+    try? FileManager.default.removeItem(atPath: errPath)
+  }
+}
+
+/// `scripts/cache-server.py` serving a binary cache directory on 127.0.0.1.
+public final class CacheServer: @unchecked Sendable {
+  public let process: BackgroundProcess
+  public let port: Int
+  public let logFile: String
+  public var url: String { "http://127.0.0.1:\(port)" }
+
+  public init(directory: String, latencyMs: Double = 0, bandwidth: Double = 0, stall: String? = nil, fail: String? = nil) throws {
+    logFile = NSTemporaryDirectory() + "nixfs-cache-\(UUID().uuidString.prefix(8)).log"
+    var argv = ["python3", "\(repositoryRoot)/scripts/cache-server.py", "--dir", directory, "--log", logFile]
+    if latencyMs > 0 { argv += ["--latency-ms", "\(latencyMs)"] }
+    if bandwidth > 0 { argv += ["--bandwidth", "\(bandwidth)"] }
+    if let stall { argv += ["--stall", stall] }
+    if let fail { argv += ["--fail", fail] }
+    process = try BackgroundProcess(argv)
+    guard let line = process.readLine(), line.hasPrefix("PORT "), let p = Int(line.dropFirst(5)) else {
+      throw CommandError(argv: argv, status: -1, stderr: process.stderr)
+    }
+    port = p
+  }
+
+  /// Paths requested so far, in order.
+  public var requests: [String] {
+    guard let text = try? String(contentsOfFile: logFile, encoding: .utf8) else { return [] }
+    return text.split(separator: "\n").compactMap { line in
+      guard let obj = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else { return nil }
+      return obj["path"] as? String
+    }
+  }
+
+  deinit {
+    process.stop()
+    try? FileManager.default.removeItem(atPath: logFile)
+  }
+}
+
+/// True when `path` is a FUSE mount point (from /proc/self/mountinfo).
+public func isFuseMount(_ path: String) -> Bool {
+  guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
+  return text.split(separator: "\n").contains { line in
+    let f = line.split(separator: " ")
+    return f.count > 4 && f[4] == path && line.contains(" - fuse")
+  }
+}

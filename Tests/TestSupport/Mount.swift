@@ -1,0 +1,41 @@
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// A running `nixfs mount`, unmounted and stopped when released (even when the test failed).
+public final class MountedStore: @unchecked Sendable {
+  public let mountpoint: String
+  public let stateDir: String
+  public let daemon: BackgroundProcess
+
+  /// Starts the daemon and waits until the mount is up.
+  public init(mountpoint: String, stateDir: String, arguments: [String]) throws {
+    self.mountpoint = mountpoint
+    self.stateDir = stateDir
+    try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: true)
+    daemon = try BackgroundProcess([nixfsBinary, "mount", "--state-dir", stateDir] + arguments + [mountpoint])
+    let deadline = Date().addingTimeInterval(30)
+    while !isFuseMount(mountpoint) {
+      if !daemon.isRunning || Date() > deadline {
+        let err = daemon.stderr
+        daemon.stop()
+        throw CommandError(argv: daemon.argv, status: daemon.process.isRunning ? -1 : daemon.process.terminationStatus, stderr: err)
+      }
+      usleep(20_000)
+    }
+  }
+
+  public func path(_ relative: String) -> String { "\(mountpoint)/\(relative)" }
+
+  /// Stops the daemon the way an operator would (SIGTERM) and waits for the mount to go.
+  public func stop() {
+    daemon.stop()
+    if isFuseMount(mountpoint) {
+      _ = try? run(["fusermount3", "-u", "-z", mountpoint], check: false)
+    }
+  }
+
+  deinit { stop() }
+}
