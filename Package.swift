@@ -115,7 +115,7 @@ let package = Package(
       name: "fuzz-narinfo", dependencies: ["NixFormats", "CFuzzSupport"], path: "Fuzz/FuzzNarInfo",
       swiftSettings: strict),
 
-    .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: strict),
+    .target(name: "TestSupport", dependencies: ["NixFormats"], path: "Tests/TestSupport", swiftSettings: strict),
     .testTarget(
       name: "NixFormatsTests", dependencies: ["NixFormats", "TestSupport"], swiftSettings: strict),
     .testTarget(

@@ -1,1 +1,241 @@
+import CSINode
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import NixFormats
 import Testing
+import TestSupport
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// A node as kubelet sees it: a cache, `nixfs mount`, and `nixfs csi` on a Unix socket.
+final class Node: @unchecked Sendable {
+  let tmp: TemporaryDirectory
+  let server: CacheServer
+  let store: MountedStore
+  var csi: BackgroundProcess?
+  let socket: String
+  let fx = StoreFixture.shared
+
+  init(cache: String? = nil) throws {
+    tmp = try TemporaryDirectory("csi")
+    server = try CacheServer(directory: cache ?? fx.caches["zstd"]!)
+    store = try MountedStore(mountpoint: tmp.sub("mnt"), stateDir: tmp.sub("state"), arguments: fx.mountArguments(server))
+    socket = tmp.sub("plugin/csi.sock")
+    try startCSI()
+  }
+
+  func startCSI() throws {
+    let p = try BackgroundProcess([
+      nixfsBinary, "csi", "--state-dir", store.stateDir, "--endpoint", "unix://\(socket)", "--node-id", "node-1",
+    ])
+    let deadline = Date().addingTimeInterval(30)
+    while !FileManager.default.fileExists(atPath: socket) {
+      guard p.isRunning, Date() < deadline else { throw CommandError(argv: p.argv, status: -1, stderr: p.stderr) }
+      usleep(20_000)
+    }
+    csi = p
+  }
+
+  func stopCSI() {
+    csi?.stop()
+    csi = nil
+  }
+
+  func target(_ name: String) -> String { tmp.sub("pods/\(name)/volumes/nix") }
+
+  func withClients<T: Sendable>(_ body: @Sendable (Csi_V1_Identity.Client<HTTP2ClientTransport.Posix>, Csi_V1_Node.Client<HTTP2ClientTransport.Posix>) async throws -> T) async throws -> T {
+    try await withGRPCClient(
+      transport: .http2NIOPosix(target: .unixDomainSocket(path: socket), transportSecurity: .plaintext)
+    ) { client in
+      try await body(Csi_V1_Identity.Client(wrapping: client), Csi_V1_Node.Client(wrapping: client))
+    }
+  }
+
+  func publishRequest(volume: String, target: String, attributes: [String: String]) -> Csi_V1_NodePublishVolumeRequest {
+    var r = Csi_V1_NodePublishVolumeRequest()
+    r.volumeID = volume
+    r.targetPath = target
+    var cap = Csi_V1_VolumeCapability()
+    cap.mount = Csi_V1_VolumeCapability.MountVolume()
+    var mode = Csi_V1_VolumeCapability.AccessMode()
+    mode.mode = .singleNodeReaderOnly
+    cap.accessMode = mode
+    r.volumeCapability = cap
+    r.readonly = true
+    r.volumeContext = attributes.merging(["csi.storage.k8s.io/ephemeral": "true", "csi.storage.k8s.io/pod.name": "p"]) { a, _ in a }
+    return r
+  }
+
+  func unpublishRequest(volume: String, target: String) -> Csi_V1_NodeUnpublishVolumeRequest {
+    var r = Csi_V1_NodeUnpublishVolumeRequest()
+    r.volumeID = volume
+    r.targetPath = target
+    return r
+  }
+
+  /// Runs `command` as a "pod": a private mount namespace with the volume bound at /nix.
+  func pod(_ target: String, _ command: String) throws -> CommandResult {
+    try FileManager.default.createDirectory(atPath: "/nix", withIntermediateDirectories: true)
+    return try run(["unshare", "-m", "--propagation", "private", "sh", "-c", "mount --bind '\(target)' /nix && \(command)"], check: false)
+  }
+}
+
+func code(_ body: () async throws -> Void) async -> RPCError.Code? {
+  do {
+    try await body()
+    return nil
+  } catch let e as RPCError {
+    return e.code
+  } catch {
+    return .unknown
+  }
+}
+
+@Suite(.serialized) struct CSINodeTests {
+  let fx = StoreFixture.shared
+
+  @Test func identityAndNodeInfo() async throws {
+    let node = try Node()
+    try await node.withClients { identity, csiNode in
+      let info = try await identity.getPluginInfo(Csi_V1_GetPluginInfoRequest())
+      #expect(info.name == "csi.nixfs.dev")
+      #expect(info.vendorVersion == NixFSVersion.string)
+      let caps = try await identity.getPluginCapabilities(Csi_V1_GetPluginCapabilitiesRequest())
+      #expect(caps.capabilities.isEmpty)
+      #expect(try await identity.probe(Csi_V1_ProbeRequest()).ready.value)
+      #expect(try await csiNode.nodeGetInfo(Csi_V1_NodeGetInfoRequest()).nodeID == "node-1")
+      #expect(try await csiNode.nodeGetCapabilities(Csi_V1_NodeGetCapabilitiesRequest()).capabilities.isEmpty)
+    }
+    // Probe is not ready when the mount daemon is gone.
+    node.store.stop()
+    try await node.withClients { identity, _ in
+      let ready = try await identity.probe(Csi_V1_ProbeRequest()).ready.value
+      #expect(ready == false)
+    }
+  }
+
+  /// Publish returns without downloading a NAR; the view holds exactly the closure; a pod runs
+  /// the program; two pods share inodes; unpublish removes the target.
+  @Test func publishRunUnpublish() async throws {
+    let node = try Node()
+    let app = fx.paths["app"]!
+    let closure = Set(["app", "lib", "busybox"].map { fx.paths[$0]!.baseName })
+    let t1 = node.target("pod-1")
+    let t2 = node.target("pod-2")
+    try await node.withClients { _, csi in
+      _ = try await csi.nodePublishVolume(node.publishRequest(volume: "vol-1", target: t1, attributes: ["x86_64-linux": app.path]))
+      _ = try await csi.nodePublishVolume(node.publishRequest(volume: "vol-2", target: t2, attributes: ["storePath": app.path]))
+    }
+    #expect(StoreFixture.narRequests(node.server).isEmpty)
+    #expect(isMountPoint(t1) && isMountPoint(t2))
+    #expect(Set(try FileManager.default.contentsOfDirectory(atPath: "\(t1)/store")) == closure)
+    #expect(try FileManager.default.destinationOfSymbolicLink(atPath: "\(t1)/var/result") == app.path)
+    // Paths outside the closure are not in the view, even when the cache has them.
+    #expect(!FileManager.default.fileExists(atPath: "\(t1)/store/\(fx.paths["unrelated"]!.baseName)"))
+    let out = try node.pod(t1, "exec /nix/var/result/bin/app")
+    #expect(out.trimmed == "libdata", "\(out.stderr)")
+    var s1 = stat()
+    var s2 = stat()
+    let lib = fx.paths["lib"]!.baseName
+    #expect(stat("\(t1)/store/\(lib)/lib/numbers", &s1) == 0 && stat("\(t2)/store/\(lib)/lib/numbers", &s2) == 0)
+    #expect(s1.st_ino == s2.st_ino)
+    // Read-only in the pod.
+    #expect(try node.pod(t1, "touch /nix/store/x").status != 0)
+
+    try await node.withClients { _, csi in
+      _ = try await csi.nodeUnpublishVolume(node.unpublishRequest(volume: "vol-1", target: t1))
+      // Again, and for a volume nobody knows: both fine.
+      _ = try await csi.nodeUnpublishVolume(node.unpublishRequest(volume: "vol-1", target: t1))
+      _ = try await csi.nodeUnpublishVolume(node.unpublishRequest(volume: "nope", target: node.target("nope")))
+    }
+    #expect(!FileManager.default.fileExists(atPath: t1))
+    #expect(isMountPoint(t2))
+  }
+
+  @Test func idempotencyAndErrors() async throws {
+    let node = try Node()
+    let app = fx.paths["app"]!.path
+    let t = node.target("pod-e")
+    try await node.withClients { _, csi in
+      let req = node.publishRequest(volume: "vol-e", target: t, attributes: ["storePath": app])
+      _ = try await csi.nodePublishVolume(req)
+      _ = try await csi.nodePublishVolume(req)  // the same twice is fine
+      let other = node.publishRequest(volume: "vol-e", target: t, attributes: ["storePath": fx.paths["lib"]!.path])
+      #expect(await code { _ = try await csi.nodePublishVolume(other) } == .alreadyExists)
+
+      var noID = req
+      noID.volumeID = ""
+      #expect(await code { _ = try await csi.nodePublishVolume(noID) } == .invalidArgument)
+      var noTarget = req
+      noTarget.targetPath = ""
+      #expect(await code { _ = try await csi.nodePublishVolume(noTarget) } == .invalidArgument)
+      var noCap = req
+      noCap.clearVolumeCapability()
+      #expect(await code { _ = try await csi.nodePublishVolume(noCap) } == .invalidArgument)
+      for bad in ["/nix/store/../etc/passwd", "/nix//store/\(fx.paths["app"]!.baseName)", "/gnu/store/\(fx.paths["app"]!.baseName)",
+        app + "/bin/app", "relative"]
+      {
+        let r = node.publishRequest(volume: "vol-bad", target: node.target("bad"), attributes: ["storePath": bad])
+        #expect(await code { _ = try await csi.nodePublishVolume(r) } == .invalidArgument, "\(bad)")
+      }
+      let none = node.publishRequest(volume: "vol-none", target: node.target("none"), attributes: ["unrelated": "x"])
+      #expect(await code { _ = try await csi.nodePublishVolume(none) } == .invalidArgument)
+      let flake = node.publishRequest(volume: "vol-f", target: node.target("f"), attributes: ["flakeRef": "nixpkgs#hello"])
+      #expect(await code { _ = try await csi.nodePublishVolume(flake) } == .failedPrecondition)
+      let missing = node.publishRequest(
+        volume: "vol-m", target: node.target("m"), attributes: ["storePath": "/nix/store/00000000000000000000000000000000-missing"])
+      #expect(await code { _ = try await csi.nodePublishVolume(missing) } == .notFound)
+      var noUnpubID = node.unpublishRequest(volume: "", target: t)
+      #expect(await code { _ = try await csi.nodeUnpublishVolume(noUnpubID) } == .invalidArgument)
+      noUnpubID = node.unpublishRequest(volume: "vol-e", target: "")
+      #expect(await code { _ = try await csi.nodeUnpublishVolume(noUnpubID) } == .invalidArgument)
+    }
+  }
+
+  @Test func untrustedPathIsFailedPrecondition() async throws {
+    let tmp = try TemporaryDirectory("csi-untrusted")
+    let cache = try fx.copyCache("zstd", to: tmp.sub("cache"))
+    let app = fx.paths["app"]!
+    var info = try fx.narInfo(app)
+    info.signatures = [SecretKey(generatingWithName: "someone-else").sign(info.fingerprint)]
+    try info.serialized.write(toFile: "\(cache)/\(app.hashPart).narinfo", atomically: true, encoding: .utf8)
+    let node = try Node(cache: cache)
+    try await node.withClients { _, csi in
+      let r = node.publishRequest(volume: "vol-u", target: node.target("u"), attributes: ["storePath": app.path])
+      do {
+        _ = try await csi.nodePublishVolume(r)
+        Issue.record("untrusted path published")
+      } catch let e as RPCError {
+        #expect(e.code == .failedPrecondition)
+        #expect(e.message.contains(app.path) && e.message.contains("someone-else"))
+      }
+    }
+  }
+
+  /// Stopping the plugin leaves running pods' files readable; a restarted plugin reconciles and
+  /// can unpublish what its predecessor published.
+  @Test func pluginRestartKeepsPods() async throws {
+    let node = try Node()
+    let app = fx.paths["app"]!
+    let t = node.target("pod-r")
+    try await node.withClients { _, csi in
+      _ = try await csi.nodePublishVolume(node.publishRequest(volume: "vol-r", target: t, attributes: ["storePath": app.path]))
+    }
+    node.stopCSI()
+    #expect(try node.pod(t, "exec /nix/var/result/bin/app").trimmed == "libdata")
+    try node.startCSI()
+    #expect(isMountPoint(t))
+    try await node.withClients { _, csi in
+      _ = try await csi.nodeUnpublishVolume(node.unpublishRequest(volume: "vol-r", target: t))
+    }
+    #expect(!FileManager.default.fileExists(atPath: t))
+  }
+}
+
+func isMountPoint(_ path: String) -> Bool {
+  guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
+  return text.split(separator: "\n").contains { $0.split(separator: " ").count > 4 && $0.split(separator: " ")[4] == path }
+}

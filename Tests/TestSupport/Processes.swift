@@ -6,6 +6,11 @@ public struct CommandError: Error, CustomStringConvertible {
   public let status: Int32
   public let stderr: String
   public var description: String { "\(argv.joined(separator: " ")) exited \(status): \(stderr)" }
+  public init(argv: [String], status: Int32, stderr: String) {
+    self.argv = argv
+    self.status = status
+    self.stderr = stderr
+  }
 }
 
 public struct CommandResult: Sendable {
@@ -74,8 +79,25 @@ public final class TemporaryDirectory: @unchecked Sendable {
   public func sub(_ name: String) -> String { (path as NSString).appendingPathComponent(name) }
 
   deinit {
+    // Anything a test left mounted below us (bind mounts of views, a FUSE mount) goes first,
+    // deepest first, so removal never walks into a read-only or dead mount.
+    unmountAll(under: path)
     // Store paths are read-only: make them writable before removing.
     _ = try? run(["chmod", "-R", "u+w", path], check: false)
     try? FileManager.default.removeItem(atPath: path)
+  }
+}
+
+/// Lazily unmounts every mount point at or below `root`, deepest first.
+public func unmountAll(under root: String) {
+  guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return }
+  let points = text.split(separator: "\n").compactMap { line -> String? in
+    let f = line.split(separator: " ")
+    guard f.count > 4 else { return nil }
+    let p = String(f[4])
+    return p == root || p.hasPrefix(root + "/") ? p : nil
+  }
+  for p in points.sorted(by: { $0.count > $1.count }) {
+    _ = try? run(["umount", "-l", p], check: false)
   }
 }

@@ -1,20 +1,19 @@
 import Foundation
 import NixFormats
-import TestSupport
 
 /// Real store paths built by real Nix, signed, and copied into real binary caches (xz, zstd,
 /// none). Built once per test process.
-final class StoreFixture: @unchecked Sendable {
-  let tmp: TemporaryDirectory
-  let nix: NixFixture
-  let publicKey: String
+public final class StoreFixture: @unchecked Sendable {
+  public let tmp: TemporaryDirectory
+  public let nix: NixFixture
+  public let publicKey: String
   /// name -> store path
-  let paths: [String: StorePath]
+  public let paths: [String: StorePath]
   /// store path -> the tree it was made from (for byte comparisons), when made by `nix-store --add`
-  let trees: [StorePath: String]
-  let caches: [String: String]
+  public let trees: [StorePath: String]
+  public let caches: [String: String]
 
-  static let shared: StoreFixture = try! StoreFixture()
+  public static let shared: StoreFixture = try! StoreFixture()
 
   init() throws {
     tmp = try TemporaryDirectory("fsfix")
@@ -79,24 +78,24 @@ final class StoreFixture: @unchecked Sendable {
     self.caches = caches
   }
 
-  func narInfo(_ path: StorePath, compression: String = "zstd") throws -> NarInfo {
+  public func narInfo(_ path: StorePath, compression: String = "zstd") throws -> NarInfo {
     let text = try String(contentsOfFile: "\(caches[compression]!)/\(path.hashPart).narinfo", encoding: .utf8)
     return try NarInfo(parsing: text)
   }
 
   /// A copy of a cache, to tamper with.
-  func copyCache(_ compression: String, to dir: String) throws -> String {
+  public func copyCache(_ compression: String, to dir: String) throws -> String {
     try run(["cp", "-a", caches[compression]!, dir])
     return dir
   }
 
   /// Arguments for `nixfs mount` trusting the fixture key.
-  func mountArguments(_ server: CacheServer, extra: [String] = []) -> [String] {
+  public func mountArguments(_ server: CacheServer, extra: [String] = []) -> [String] {
     ["--substituter", server.url, "--trusted-public-key", publicKey] + extra
   }
 
   /// NAR paths (`nar/…`) a server was asked for.
-  static func narRequests(_ server: CacheServer) -> [String] {
+  public static func narRequests(_ server: CacheServer) -> [String] {
     server.requests.filter { $0.hasPrefix("/nar/") }
   }
 }
