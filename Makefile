@@ -9,7 +9,7 @@ DEBS := pkg-config libfuse3-dev fuse3 libzstd-dev liblzma-dev libbz2-dev libsqli
 SWIFT ?= swift
 FUZZ_SECONDS ?= 300
 
-.PHONY: deps build release test demo fuzz bench-formats clean bench-cache bench-store
+.PHONY: deps build release test demo fuzz bench-formats clean bench-cache bench-store generate-csi
 
 deps:
 	@missing=$$(for p in $(DEBS); do \
@@ -59,3 +59,15 @@ bench-store: deps
 bench-cache: deps
 	$(SWIFT) build -c release --product cache-bench
 	"$$($(SWIFT) build -c release --show-bin-path)/cache-bench"
+
+# Regenerates the CSI code from the spec (needs protoc and the two Swift plugins; not part of CI:
+# the generated code is committed). PLUGINS is a folder holding protoc-gen-swift and
+# protoc-gen-grpc-swift-2, built from swift-protobuf and grpc-swift-protobuf.
+PLUGINS ?= /tmp/protogen/.build/release
+generate-csi:
+	protoc --plugin=protoc-gen-swift=$(PLUGINS)/protoc-gen-swift \
+	  --plugin=protoc-gen-grpc-swift-2=$(PLUGINS)/protoc-gen-grpc-swift-2 \
+	  -I ../shared/spec -I /usr/include \
+	  --swift_out=Visibility=Public:Sources/CSINode/Generated \
+	  --grpc-swift-2_out=Visibility=Public,Client=true,Server=true:Sources/CSINode/Generated \
+	  csi.proto
