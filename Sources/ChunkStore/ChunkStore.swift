@@ -430,6 +430,14 @@ public final class ChunkStore: @unchecked Sendable {
   public func pin(_ path: StorePath, holder: String) throws {
     try withWriter { db in try db.prepare("INSERT OR IGNORE INTO pins VALUES(?, ?)").bind(path.path, holder).run() }
   }
+  /// Pins a whole closure for `holder` in one transaction (one fsync, not one per path).
+  public func pin(_ paths: [StorePath], holder: String) throws {
+    try withWriter { db in
+      try db.transaction {
+        for p in paths { try db.prepare("INSERT OR IGNORE INTO pins VALUES(?, ?)").bind(p.path, holder).run() }
+      }
+    }
+  }
   public func unpin(_ path: StorePath, holder: String) throws {
     try withWriter { db in try db.prepare("DELETE FROM pins WHERE store_path = ? AND holder = ?").bind(path.path, holder).run() }
   }

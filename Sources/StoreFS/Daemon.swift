@@ -122,10 +122,3 @@ public final class Daemon: Sendable {
     return try await cache.closure(of: [path]).keys.sorted()
   }
 }
-
-extension ChunkStore {
-  /// Pins every path of a closure for `holder` (a published volume).
-  func pin(_ paths: [StorePath], holder: String) throws {
-    for p in paths { try pin(p, holder: holder) }
-  }
-}

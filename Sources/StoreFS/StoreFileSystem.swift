@@ -115,11 +115,17 @@ public final class StoreFileSystem: @unchecked Sendable {
 
   // MARK: Views (for the CSI node service)
 
+  /// Adds a view, or updates it in place: a view keeps its number, hence its inodes, so pods
+  /// bound to it keep working when the CSI plugin publishes it again (retries, restarts).
   public func addView(_ view: StoreView) {
     state.withLock { s in
-      if let old = s.views[view.id] { s.viewNumbers[old.number] = nil }
-      let number = s.nextView
-      s.nextView += 1
+      let number: UInt32
+      if let old = s.views[view.id] {
+        number = old.number
+      } else {
+        number = s.nextView
+        s.nextView += 1
+      }
       s.views[view.id] = RegisteredView(view: view, number: number, members: Set(view.closure))
       s.viewNumbers[number] = view.id
     }
@@ -127,7 +133,13 @@ public final class StoreFileSystem: @unchecked Sendable {
 
   public func removeView(id: String) {
     state.withLock { s in
-      if let old = s.views.removeValue(forKey: id) { s.viewNumbers[old.number] = nil }
+      guard let old = s.views.removeValue(forKey: id) else { return }
+      s.viewNumbers[old.number] = nil
+      // Its tree instances go too: a view's number is never reused, so nothing can refer to them.
+      for (key, instance) in s.instanceIDs where key.namespace == old.number {
+        s.instanceIDs[key] = nil
+        s.instances[instance] = nil
+      }
     }
   }
 

@@ -228,6 +228,8 @@ func code(_ body: () async throws -> Void) async -> RPCError.Code? {
     #expect(try node.pod(t, "exec /nix/var/result/bin/app").trimmed == "libdata")
     try node.startCSI()
     #expect(isMountPoint(t))
+    // The restarted plugin re-published the volume to the daemon: the pod's mount still works.
+    #expect(try node.pod(t, "exec /nix/var/result/bin/app").trimmed == "libdata")
     try await node.withClients { _, csi in
       _ = try await csi.nodeUnpublishVolume(node.unpublishRequest(volume: "vol-r", target: t))
     }
