@@ -25,7 +25,7 @@ cat > "$work/example.nix" <<NIX
 let bb = builtins.storePath "$bb"; sh = "\${bb}/bin/busybox"; in rec {
   # A large path the program references but never reads: a lazy store never fetches it.
   manual = derivation { name = "hello-manual"; system = "x86_64-linux"; builder = sh;
-    args = ["sh" "-c" "\${sh} mkdir -p \$out/share; \${sh} seq 1 2000000 > \$out/share/manual.txt"]; };
+    args = ["sh" "-c" "\${sh} mkdir -p \$out/share; \${sh} head -c 8000000 /dev/urandom > \$out/share/manual.bin"]; };
   greeting = derivation { name = "greeting"; system = "x86_64-linux"; builder = sh;
     args = ["sh" "-c" "\${sh} mkdir -p \$out/share; echo 'Hello from a lazily served /nix/store!' > \$out/share/greeting"]; };
   hello = derivation { name = "hello"; system = "x86_64-linux"; builder = sh;
