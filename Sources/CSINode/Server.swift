@@ -2,6 +2,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
+import StoreFS
 
 /// Serves the CSI Identity and Node services on a Unix socket until SIGTERM/SIGINT.
 public enum CSIServer {
@@ -15,16 +16,9 @@ public enum CSIServer {
     let server = GRPCServer(
       transport: .http2NIOPosix(address: .unixDomainSocket(path: path), transportSecurity: .plaintext),
       services: [IdentityService(config: config), node])
-    let signals = [SIGTERM, SIGINT].map { sig -> any DispatchSourceSignal in
-      signal(sig, SIG_IGN)
-      let source = DispatchSource.makeSignalSource(signal: sig)
-      source.setEventHandler { server.beginGracefulShutdown() }
-      source.resume()
-      return source
-    }
+    TerminationSignals.onTermination { server.beginGracefulShutdown() }
     logger.info("serving CSI", metadata: ["endpoint": "\(endpoint)", "driver": "\(config.driverName)", "node": "\(config.nodeID)"])
     try await server.serve()
-    _ = signals
     unlink(path)
     logger.info("stopped")
   }

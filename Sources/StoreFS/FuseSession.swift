@@ -13,9 +13,6 @@ public struct MountError: Error, CustomStringConvertible {
   public var description: String { "cannot mount \(mountpoint): \(reason)" }
 }
 
-/// Write end of the pipe the signal handler wakes the watcher through.
-nonisolated(unsafe) var signalPipe: Int32 = -1
-
 /// A low-level libfuse session: mounted on init, serves on `run()` until unmounted or signalled.
 final class FuseSession: @unchecked Sendable {
   let session: OpaquePointer
@@ -49,31 +46,12 @@ final class FuseSession: @unchecked Sendable {
 
   /// On SIGINT/SIGTERM/SIGHUP, unmounts: the kernel then ends every worker's read and `run()`
   /// returns. (libfuse's own handlers only set a flag that a thread parked in the multithreaded
-  /// loop may never look at, and they skip signals a parent left ignored.) The handler only
-  /// writes to a pipe; a watcher thread does the work.
+  /// loop may never look at, and they skip signals a parent left ignored.)
   func handleSignals() {
-    var fds: [Int32] = [0, 0]
-    guard pipe(&fds) == 0 else { return }
-    signalPipe = fds[1]
-    var set = sigset_t()
-    sigemptyset(&set)
-    for s in [SIGTERM, SIGINT, SIGHUP] {
-      signal(s, { _ in
-        var b: UInt8 = 1
-        _ = write(signalPipe, &b, 1)
-      })
-      sigaddset(&set, s)
-    }
-    pthread_sigmask(SIG_UNBLOCK, &set, nil)
-    let readEnd = fds[0]
-    let watcher = Thread { [self] in
-      var b: UInt8 = 0
-      while read(readEnd, &b, 1) < 0 && errno == EINTR {}
+    TerminationSignals.onTermination { [self] in
       exit()
       unmount()
     }
-    watcher.name = "nixfs-signals"
-    watcher.start()
   }
 
   /// Serves requests on up to `maxThreads` threads; returns when unmounted or told to exit.

@@ -22,7 +22,6 @@ struct CSICommand: AsyncParsableCommand {
   @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
 
   func run() async throws {
-    unblockTerminationSignals()
     let logger = bootstrapLogging(level: logLevel, label: "nixfs.csi")
     guard let node = nodeID ?? ProcessInfo.processInfo.environment["NODE_NAME"], !node.isEmpty else {
       fail("no node ID: pass --node-id or set NODE_NAME")

@@ -28,7 +28,6 @@ struct MountCommand: ParsableCommand {
   @Argument(help: "Where to mount the store.") var mountpoint: String
 
   func run() throws {
-    unblockTerminationSignals()
     let logger = bootstrapLogging(level: logLevel, label: "nixfs.mount")
     let registry = PrometheusCollectorRegistry()
     MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
@@ -90,15 +89,6 @@ struct FetchCommand: AsyncParsableCommand {
       fail("\(error)")
     }
   }
-}
-
-/// A parent may start us with SIGTERM/SIGINT blocked (some supervisors and test runners do), and a
-/// blocked SIGTERM would never unmount: take them back.
-func unblockTerminationSignals() {
-  var set = sigset_t()
-  sigemptyset(&set)
-  for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&set, s) }
-  pthread_sigmask(SIG_UNBLOCK, &set, nil)
 }
 
 /// Logs to stderr, one line per event with its metadata (structured, greppable).
