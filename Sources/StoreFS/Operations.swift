@@ -151,8 +151,7 @@ extension StoreFileSystem {
 
   /// Replies with the root of `path` as seen in `namespace`, materialising it if needed.
   func resolve(_ req: Request, namespace: UInt32, path: StorePath) {
-    if localTree(path) != nil { metrics.localHits.increment() }
-    withTree(path, req) { tree in
+    withTree(path, req, resolution: true) { tree in
       self.store.touch(path)
       let (ino, st) = self.entry(tree, path: path, instance: self.instance(namespace, path), index: 0)
       self.replyEntry(req, ino: ino, attr: st)

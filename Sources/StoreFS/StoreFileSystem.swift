@@ -191,12 +191,16 @@ public final class StoreFileSystem: @unchecked Sendable {
   /// Calls `body` with the tree of `path`, materialising it first if needed. `body` runs on the
   /// calling (FUSE worker) thread when the path is local, otherwise on a task once it is: the
   /// worker never waits for the network.
-  func withTree(_ path: StorePath, _ req: Request, _ body: @escaping @Sendable (Manifest) -> Void) {
+  /// `resolution` marks a store path lookup, counted in the local/fetched hit-ratio metric.
+  func withTree(
+    _ path: StorePath, _ req: Request, resolution: Bool = false, _ body: @escaping @Sendable (Manifest) -> Void
+  ) {
     if let t = localTree(path) {
+      if resolution { metrics.localHits.increment() }
       body(t)
       return
     }
-    metrics.fetchedMisses.increment()
+    if resolution { metrics.fetchedMisses.increment() }
     let negative = state.withLock { s -> Bool in
       if let until = s.negative[path] {
         if until > Date() { return true }
