@@ -13,6 +13,8 @@ public enum ControlRequest: Codable, Sendable, Equatable {
   case publish(volumeID: String, storePath: String)
   case unpublish(volumeID: String)
   case views
+  /// Materialise the closures of `storePaths` now (prefetch); answers when done.
+  case fetch(storePaths: [String], parallel: Int)
 }
 
 /// Why a request failed, in the categories a pod's owner can act on.
@@ -29,10 +31,12 @@ public struct ControlResponse: Codable, Sendable, Equatable {
   /// For `ping`: where the store is mounted.
   public var mountpoint: String?
   public var views: [String: String]?
+  /// For `fetch`: paths downloaded now (the rest of the closure was already local).
+  public var fetched: Int?
 
   public init(
     failure: ControlFailure? = nil, message: String? = nil, viewPath: String? = nil, closure: [String]? = nil,
-    mountpoint: String? = nil, views: [String: String]? = nil
+    mountpoint: String? = nil, views: [String: String]? = nil, fetched: Int? = nil
   ) {
     self.failure = failure
     self.message = message
@@ -40,6 +44,7 @@ public struct ControlResponse: Codable, Sendable, Equatable {
     self.closure = closure
     self.mountpoint = mountpoint
     self.views = views
+    self.fetched = fetched
   }
 
   public static func failed(_ failure: ControlFailure, _ message: String) -> ControlResponse {

@@ -67,6 +67,24 @@ public final class Daemon: Sendable {
         logger.error("cannot unpin", metadata: ["volume": "\(volumeID)", "error": "\(error)"])
       }
       return ControlResponse()
+    case .fetch(let texts, let parallel):
+      let roots: [StorePath]
+      do { roots = try texts.map { try StorePath($0) } } catch { return .failed(.invalidArgument, "\(error)") }
+      let closure: [StorePath]
+      do {
+        closure = try await cache.closure(of: roots).keys.sorted()
+      } catch let e as CacheError {
+        return .failed(Self.failure(e), "\(e)")
+      } catch {
+        return .failed(.internalError, "\(error)")
+      }
+      do {
+        let fetched = try await filesystem.prefetch(closure, parallel: parallel)
+        logger.info("prefetched", metadata: ["roots": "\(texts)", "closure": "\(closure.count)", "fetched": "\(fetched)"])
+        return ControlResponse(closure: closure.map(\.path), fetched: fetched)
+      } catch {
+        return .failed(.unavailable, "\(error)")
+      }
     case .publish(let volumeID, let text):
       let path: StorePath
       do { path = try StorePath(text) } catch { return .failed(.invalidArgument, "\(error)") }

@@ -212,21 +212,7 @@ public final class StoreFileSystem: @unchecked Sendable {
       replyNegative(req)
       return
     }
-    let task = state.withLock { s -> Task<Void, any Error> in
-      if let t = s.inflight[path] { return t }
-      let materialiser = self.materialiser
-      let metrics = self.metrics
-      let t = Task<Void, any Error> {
-        metrics.inflight.increment()
-        defer { metrics.inflight.decrement() }
-        let start = ContinuousClock.now
-        try await materialiser.materialise(path)
-        metrics.fetchSeconds.recordNanoseconds(Int64((ContinuousClock.now - start).seconds * 1e9))
-        metrics.pathsFetched.increment()
-      }
-      s.inflight[path] = t
-      return t
-    }
+    let task = materialisation(of: path)
     Task {
       let start = ContinuousClock.now
       do {
@@ -251,6 +237,50 @@ public final class StoreFileSystem: @unchecked Sendable {
         self.replyError(req, EIO, cause: "fetch")
       }
     }
+  }
+
+  /// The one download of `path`: lookups and prefetches of a path in flight share it.
+  func materialisation(of path: StorePath) -> Task<Void, any Error> {
+    state.withLock { s -> Task<Void, any Error> in
+      if let t = s.inflight[path] { return t }
+      let materialiser = self.materialiser
+      let metrics = self.metrics
+      let t = Task<Void, any Error> {
+        metrics.inflight.increment()
+        defer { metrics.inflight.decrement() }
+        let start = ContinuousClock.now
+        try await materialiser.materialise(path)
+        metrics.fetchSeconds.recordNanoseconds(Int64((ContinuousClock.now - start).seconds * 1e9))
+        metrics.pathsFetched.increment()
+      }
+      s.inflight[path] = t
+      return t
+    }
+  }
+
+  /// Materialises `paths` now (`nixfs fetch` through a running daemon), `parallel` at a time,
+  /// sharing downloads with concurrent lookups. Returns how many were fetched.
+  public func prefetch(_ paths: [StorePath], parallel: Int) async throws -> Int {
+    let missing = paths.filter { localTree($0) == nil }
+    var queue = missing[...]
+    try await withThrowingTaskGroup(of: Void.self) { group in
+      func next() {
+        guard let p = queue.popFirst() else { return }
+        let task = materialisation(of: p)
+        group.addTask {
+          do {
+            try await task.value
+            self.finished(p)
+          } catch {
+            self.finished(p, negative: { if case MaterialiseFailure.notFound = error { true } else { false } }())
+            throw error
+          }
+        }
+      }
+      for _ in 0..<max(1, parallel) { next() }
+      while try await group.next() != nil { next() }
+    }
+    return missing.count
   }
 
   func finished(_ path: StorePath, negative: Bool = false) {

@@ -75,9 +75,23 @@ struct FetchCommand: AsyncParsableCommand {
     let logger = bootstrapLogging(level: "info", label: "nixfs.fetch")
     let roots: [StorePath]
     do { roots = try paths.map { try StorePath($0) } } catch { fail("\(error)") }
+    // A running daemon owns the store: ask it, so its lookups share the downloads.
+    let socket = (cache.stateDir as NSString).appendingPathComponent("control.sock")
+    if FileManager.default.fileExists(atPath: socket) {
+      let client = ControlClient(path: socket)
+      if (try? client.send(.ping, timeout: 5)) != nil {
+        let r: ControlResponse
+        do { r = try client.send(.fetch(storePaths: roots.map(\.path), parallel: parallel), timeout: 86_400) } catch {
+          fail("\(error)")
+        }
+        if let failure = r.failure { fail("\(failure): \(r.message ?? "")") }
+        print("\(r.closure?.count ?? 0) paths in the closure, \(r.fetched ?? 0) fetched (through the running daemon)")
+        return
+      }
+    }
     let store: ChunkStore
     do { store = try ChunkStore(.init(stateDirectory: cache.stateDir)) } catch {
-      fail("\(error) (is `nixfs mount` running on this state directory? prefetch through it by reading the paths)")
+      fail("\(error) (is another nixfs process using this state directory?)")
     }
     let client: BinaryCacheClient
     do { client = try cache.client(logger: logger) } catch { fail("\(error)") }

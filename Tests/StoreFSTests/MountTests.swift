@@ -59,6 +59,32 @@ import TestSupport
     #expect(fetched == expected)
   }
 
+  /// `nixfs fetch` on the state directory of a running daemon goes through the daemon: the
+  /// closure is downloaded once, then served without another request.
+  @Test func fetchThroughTheRunningDaemon() throws {
+    let tmp = try TemporaryDirectory("fs-fetch")
+    let server = try CacheServer(directory: fx.caches["zstd"]!)
+    let store = try mount(server, tmp)
+    let app = fx.paths["app"]!
+    let out = try run([nixfsBinary, "fetch", "--state-dir", store.stateDir] + fx.mountArguments(server) + [app.path]).trimmed
+    #expect(out.contains("through the running daemon"), "\(out)")
+    let closure = ["app", "lib", "busybox"]
+    let expected = try Set(closure.map { try "/" + fx.narInfo(fx.paths[$0]!, compression: "zstd").url })
+    #expect(Set(StoreFixture.narRequests(server)) == expected)
+    #expect(out.hasPrefix("\(closure.count) paths in the closure, \(closure.count) fetched"), "\(out)")
+    let listed = try FileManager.default.contentsOfDirectory(atPath: store.mountpoint)
+    #expect(Set(listed) == Set(closure.map { fx.paths[$0]!.baseName }))
+    // Again: everything is local, nothing is fetched.
+    let again = try run([nixfsBinary, "fetch", "--state-dir", store.stateDir] + fx.mountArguments(server) + [app.path]).trimmed
+    #expect(again.hasPrefix("3 paths in the closure, 0 fetched"), "\(again)")
+    #expect(StoreFixture.narRequests(server).count == closure.count)
+    // A path no cache has fails with a message naming it.
+    let missing = "/nix/store/00000000000000000000000000000000-missing"
+    #expect(throws: CommandError.self) {
+      try run([nixfsBinary, "fetch", "--state-dir", store.stateDir] + fx.mountArguments(server) + [missing])
+    }
+  }
+
   @Test func identicalFilesShareOneInodeAndTheirPages() throws {
     let tmp = try TemporaryDirectory("fs-inode")
     let server = try CacheServer(directory: fx.caches["zstd"]!)
