@@ -9,7 +9,8 @@ DEBS := pkg-config libfuse3-dev fuse3 libzstd-dev liblzma-dev libbz2-dev libsqli
 SWIFT ?= swift
 FUZZ_SECONDS ?= 300
 
-.PHONY: deps build release test demo fuzz bench-formats clean bench-cache bench-store generate-csi bench-csi bench-fs
+.PHONY: deps build release test demo fuzz bench-formats clean bench-cache bench-store generate-csi bench-csi bench-fs \
+        bench bench-quick bench-deps
 
 deps:
 	@missing=$$(for p in $(DEBS); do \
@@ -67,7 +68,7 @@ PLUGINS ?= /tmp/protogen/.build/release
 generate-csi:
 	protoc --plugin=protoc-gen-swift=$(PLUGINS)/protoc-gen-swift \
 	  --plugin=protoc-gen-grpc-swift-2=$(PLUGINS)/protoc-gen-grpc-swift-2 \
-	  -I ../shared/spec -I /usr/include \
+	  -I spec/csi -I /usr/include \
 	  --swift_out=Visibility=Public:Sources/CSINode/Generated \
 	  --grpc-swift-2_out=Visibility=Public,Client=true,Server=true:Sources/CSINode/Generated \
 	  csi.proto
@@ -80,3 +81,26 @@ bench-csi: release
 # 100,000 files (installs squashfuse and squashfs-tools if missing).
 bench-fs: release
 	bash bench/fs-bench.sh "$$($(SWIFT) build -c release --show-bin-path)/nixfs"
+
+# Cold-start benchmark (Documentation/benchmarks.md): eager `nix copy` against nixfs cold/prefetch/
+# warm/hot, three workloads, two simulated networks, page cache for 1-8 pods. Needs root.
+# `make bench` writes Documentation/benchmarks.md (about 15 minutes after the release build);
+# `make bench-quick` (3 runs, a smaller toolchain path; under 10 minutes after the build) writes
+# bench/coldstart/quick/benchmarks.md.
+BENCH_DEBS := python3.11 nix-bin busybox-static util-linux fuse3
+BENCH_PIP := matplotlib==3.11.2 grpcio==1.85.1 grpcio-tools==1.85.1
+bench-deps:
+	@missing=$$(for p in $(BENCH_DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@python3 -c 'import matplotlib, grpc, grpc_tools' 2>/dev/null || pip install -q $(BENCH_PIP)
+
+bench: release bench-deps
+	python3 bench/coldstart/harness.py --nixfs "$$($(SWIFT) build -c release --show-bin-path)/nixfs" \
+	  --runs 5 --out Documentation --command "make bench"
+
+bench-quick: release bench-deps
+	python3 bench/coldstart/harness.py --nixfs "$$($(SWIFT) build -c release --show-bin-path)/nixfs" \
+	  --quick --runs 3 --out bench/coldstart/quick --command "make bench-quick"

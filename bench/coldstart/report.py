@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Turns the harness's JSON into Documentation/benchmarks.md and PNG plots.
+Usage: report.py RESULTS.json [OUT_DIR]   (the harness calls write() itself)."""
+
+import json
+import os
+import statistics
+import sys
+
+MODES = ["eager", "nixfs-cold", "nixfs-prefetch", "nixfs-warm", "nixfs-hot"]
+MIB = 2**20
+
+
+def stat(values):
+    values = list(values)
+    return statistics.median(values), min(values), max(values), len(values)
+
+
+def fmt_s(values) -> str:
+    m, lo, hi, _ = stat(values)
+    return f"{m:.2f} s ({lo:.2f}–{hi:.2f})"
+
+
+def fmt_mib(b: float) -> str:
+    return f"{b / MIB:.1f} MiB"
+
+
+def summary(results):
+    """{(workload, profile, mode): {field: [values]}}"""
+    out = {}
+    for r in results["runs"]:
+        d = out.setdefault((r["workload"], r["profile"], r["mode"]), {})
+        for k in ("wall", "cpu", "rss", "wire_bytes", "requests", "nar_requests", "narinfo_requests", "nar_bytes"):
+            d.setdefault(k, []).append(r[k])
+    return out
+
+
+def perfect(results, workload, profile) -> tuple:
+    """What a perfect lazy system would pay: the bytes the program reads, compressed as well as the
+    cache compresses the closure, moved at the link's bandwidth after one round trip, plus the
+    program's own run time on a warm local disk."""
+    read = results["read"].get(workload)
+    if not read:
+        return None, None
+    p = results["config"]["profiles"][profile]
+    w = results["config"]["workloads"][workload]
+    nbytes = statistics.median(read["bytes"])
+    wire = nbytes * w["download_bytes"] / w["nar_bytes"]
+    seconds = statistics.median(read["hot_local_wall"]) + p["rtt_ms"] / 1000 + wire / (p["mbit"] * 1e6 / 8)
+    return nbytes, seconds
+
+
+def plots(results, out_dir) -> list:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("report: matplotlib missing (pip install matplotlib): no plots", file=sys.stderr)
+        return []
+    s = summary(results)
+    workloads = list(results["config"]["workloads"])
+    made = []
+    for profile in results["config"]["profiles"]:
+        fig, ax = plt.subplots(figsize=(9, 4.2))
+        width = 0.8 / (len(MODES) + 1)
+        for i, mode in enumerate(MODES):
+            meds, errs_lo, errs_hi = [], [], []
+            for w in workloads:
+                m, lo, hi, _ = stat(s[(w, profile, mode)]["wall"])
+                meds.append(m)
+                errs_lo.append(m - lo)
+                errs_hi.append(hi - m)
+            xs = [k + (i - len(MODES) / 2) * width for k in range(len(workloads))]
+            ax.bar(xs, meds, width, yerr=[errs_lo, errs_hi], capsize=2, label=mode)
+        xs = [k + (len(MODES) - len(MODES) / 2) * width for k in range(len(workloads))]
+        ax.bar(xs, [perfect(results, w, profile)[1] or 0 for w in workloads], width, label="perfect lazy",
+               color="none", edgecolor="black", hatch="//")
+        ax.set_xticks(range(len(workloads)), workloads)
+        ax.set_ylabel("seconds until the program has finished")
+        ax.set_yscale("log")
+        p = results["config"]["profiles"][profile]
+        ax.set_title(f"Cold start, {p['mbit']:g} Mbit/s, {p['rtt_ms']:g} ms per request (median, min–max)")
+        ax.legend(fontsize=8, ncol=3)
+        fig.tight_layout()
+        name = f"coldstart-{profile}.png"
+        fig.savefig(os.path.join(out_dir, "benchmarks", name), dpi=110)
+        plt.close(fig)
+        made.append(name)
+    if results["pagecache"]:
+        pw = sorted({r["workload"] for r in results["pagecache"]}, key=workloads.index)
+        fig, axes = plt.subplots(1, len(pw), figsize=(4 * len(pw), 3.6), squeeze=False)
+        for ax, w in zip(axes[0], pw):
+            for system, label in (("nixfs", "nixfs (one shared mount)"), ("copies", "one copy per pod")):
+                ns = sorted({r["n"] for r in results["pagecache"] if r["workload"] == w})
+                meds = [statistics.median(r["bytes"] / MIB for r in results["pagecache"]
+                                          if r["workload"] == w and r["system"] == system and r["n"] == n) for n in ns]
+                ax.plot(ns, meds, marker="o", label=label)
+            ax.set_title(w)
+            ax.set_xlabel("pods reading the closure")
+            ax.set_ylabel("page cache growth, MiB")
+            ax.set_xticks(ns)
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "benchmarks", "pagecache.png"), dpi=110)
+        plt.close(fig)
+        made.append("pagecache.png")
+    return made
+
+
+def markdown(results, images) -> str:
+    s = summary(results)
+    cfg = results["config"]
+    m = results["machine"]
+    workloads = list(cfg["workloads"])
+    lines = []
+    add = lines.append
+    add("# Benchmarks: cold start of a Nix closure in a pod")
+    add("")
+    add("_Generated by `bench/coldstart/harness.py` from a real run; do not edit by hand. "
+        "How to read it and what it leaves out: [benchmarks-method.md](benchmarks-method.md)._")
+    add("")
+    add(f"Reproduce: `{results['command']}` (as root, on a machine like this one). "
+        f"This run took {results.get('seconds', 0) / 60:.1f} minutes.")
+    add("")
+    add(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, Linux {m['kernel']}; "
+        f"{m['nix']}; nixfs {m['nixfs']} (commit {m['git']}, release build); {m['date']}. "
+        f"Every figure is the median of {cfg['runs']} runs with (min–max).")
+    add("")
+    add("## Workloads")
+    add("")
+    add("| workload | closure | files | NAR | compressed (zstd) | the program reads | what it runs |")
+    add("|---|---:|---:|---:|---:|---:|---|")
+    what = {"python": "CPython 3.11 importing 47 stdlib modules",
+            "toolchain": "`clang --version` from one LLVM toolchain path",
+            "wide": "touches 3 of 60 library paths (plus busybox)"}
+    for w in workloads:
+        c = cfg["workloads"][w]
+        nread, _ = perfect(results, w, next(iter(cfg["profiles"])))
+        add(f"| {w} | {c['closure_paths']} paths | {c['files']} | {fmt_mib(c['nar_bytes'])} | "
+            f"{fmt_mib(c['download_bytes'])} | {fmt_mib(nread) if nread else '–'} | {what.get(w, '')} |")
+    add("")
+    add("## Headline")
+    add("")
+    add("Wall time until the program has finished, from an empty node (eager: `nix copy` then run; nixfs-cold: "
+        "NodePublishVolume then run), and how much more than the program reads each fetched (uncompressed NAR "
+        "bytes fetched / bytes the program reads; the eager mode always fetches the whole closure).")
+    add("")
+    add("| workload | network | eager | nixfs-cold | eager / nixfs-cold | nixfs-warm | perfect lazy | "
+        "fetched / read, nixfs-cold | fetched / read, eager |")
+    add("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for profile, p in cfg["profiles"].items():
+        for w in workloads:
+            e = statistics.median(s[(w, profile, "eager")]["wall"])
+            c = statistics.median(s[(w, profile, "nixfs-cold")]["wall"])
+            warm = statistics.median(s[(w, profile, "nixfs-warm")]["wall"])
+            nread, pt = perfect(results, w, profile)
+            lazy = statistics.median(s[(w, profile, "nixfs-cold")]["nar_bytes"])
+            eager = statistics.median(s[(w, profile, "eager")]["nar_bytes"])
+            add(f"| {w} | {p['mbit']:g} Mbit/s, {p['rtt_ms']:g} ms | {e:.2f} s | {c:.2f} s | **{e / c:.2f}x** | "
+                f"{warm:.2f} s | {pt:.2f} s | {fmt_mib(lazy)} / {fmt_mib(nread)} = {lazy / nread:.1f}x | "
+                f"{eager / nread:.1f}x |"
+                if nread else f"| {w} | {profile} | {e:.2f} s | {c:.2f} s | {e / c:.2f}x | {warm:.2f} s | – | – | – |")
+    add("")
+    for profile, p in cfg["profiles"].items():
+        add(f"## {p['mbit']:g} Mbit/s, {p['rtt_ms']:g} ms per request")
+        add("")
+        img = f"coldstart-{profile}.png"
+        if img in images:
+            add(f"![cold start, {profile}](benchmarks/{img})")
+            add("")
+        add("| workload | mode | wall time | on the wire | NAR bytes fetched | requests (narinfo/NAR) | daemon CPU | daemon peak RSS |")
+        add("|---|---|---:|---:|---:|---:|---:|---:|")
+        for w in workloads:
+            for mode in MODES:
+                d = s.get((w, profile, mode))
+                if not d:
+                    continue
+                add(f"| {w} | {mode} | {fmt_s(d['wall'])} | {fmt_mib(statistics.median(d['wire_bytes']))} | "
+                    f"{fmt_mib(statistics.median(d['nar_bytes']))} | "
+                    f"{statistics.median(d['requests']):.0f} ({statistics.median(d['narinfo_requests']):.0f}/"
+                    f"{statistics.median(d['nar_requests']):.0f}) | {statistics.median(d['cpu']):.2f} s | "
+                    f"{statistics.median(d['rss']) / MIB:.0f} MiB |")
+            nread, pt = perfect(results, w, profile)
+            if nread:
+                add(f"| {w} | perfect lazy | {pt:.2f} s | – | {fmt_mib(nread)} (read) | – | – | – |")
+        add("")
+    if results["pagecache"]:
+        add("## Page cache: N pods reading the same closure on one node")
+        add("")
+        if "pagecache.png" in images:
+            add("![page cache growth](benchmarks/pagecache.png)")
+            add("")
+        add("Growth of the kernel's page cache (`Cached:` in /proc/meminfo) from a dropped cache until all N "
+            "programs have finished. nixfs: N CSI volumes of one node-level mount, state directory warm; "
+            "\"of which state dir\" is the part that is nixfs's own compressed chunks (read to serve the files). "
+            "Copies: N separate copies of the eager store, one per pod.")
+        add("")
+        add("| workload | pods | nixfs | of which state dir | one copy per pod | copies / nixfs |")
+        add("|---|---:|---:|---:|---:|---:|")
+        pw = sorted({r["workload"] for r in results["pagecache"]}, key=workloads.index)
+        for w in pw:
+            for n in sorted({r["n"] for r in results["pagecache"] if r["workload"] == w}):
+                nx = [r for r in results["pagecache"] if r["workload"] == w and r["n"] == n and r["system"] == "nixfs"]
+                cp = [r["bytes"] for r in results["pagecache"] if r["workload"] == w and r["n"] == n and r["system"] == "copies"]
+                a, alo, ahi, _ = stat(r["bytes"] / MIB for r in nx)
+                b, blo, bhi, _ = stat(x / MIB for x in cp)
+                st = statistics.median(r["state_bytes"] / MIB for r in nx)
+                add(f"| {w} | {n} | {a:.1f} MiB ({alo:.1f}–{ahi:.1f}) | {st:.1f} MiB | {b:.1f} MiB ({blo:.1f}–{bhi:.1f}) | "
+                    f"{b / a:.1f}x |")
+        add("")
+    return "\n".join(lines) + "\n"
+
+
+def write(results, out_dir) -> str:
+    os.makedirs(os.path.join(out_dir, "benchmarks"), exist_ok=True)
+    images = plots(results, out_dir)
+    path = os.path.join(out_dir, "benchmarks.md")
+    with open(path, "w") as f:
+        f.write(markdown(results, images))
+    print(f"report: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        res = json.load(f)
+    write(res, sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../Documentation"))
