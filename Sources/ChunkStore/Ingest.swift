@@ -135,7 +135,7 @@ public final class Ingest: @unchecked Sendable {
     }
     files[i].jobCount += 1
     start += len
-    try pipeline.submit(Array(chunk))
+    try pipeline.submit(chunk)
   }
 
   /// Verifies NarHash and NarSize, makes the data durable and publishes the path atomically.
@@ -214,13 +214,25 @@ final class ChunkPipeline: @unchecked Sendable {
     case pack(Codec, offset: UInt64, stored: Int)
   }
 
+  /// Chunks handed over together: their bytes back to back in one allocation, since small files
+  /// make many small chunks and both an allocation and a thread wake-up per chunk cost more than
+  /// hashing one.
+  struct Batch {
+    var bytes: [UInt8] = []
+    /// (job index, start in `bytes`, length).
+    var jobs: [(index: Int, start: Int, count: Int)] = []
+  }
+
   let store: ChunkStore
   let storePath: String
+  let level: Int32
+  let inlineLimit: Int
   let cond = NSCondition()
   // Guarded by `cond`.
-  /// Batches of (job index, chunk bytes): small files make many small chunks, and handing them
-  /// over in batches keeps thread wake-ups per byte low.
-  private var queue: [[(Int, [UInt8])]] = []
+  private var queue: [Batch] = []
+  /// Emptied batch buffers, back from the workers for the feeding thread to fill again: fresh
+  /// half-MiB allocations would come from (and go back to) the kernel, costing page faults.
+  private var spareBuffers: [[UInt8]] = []
   private var queueHead = 0
   private var inFlight = 0
   private var stopping = false
@@ -241,6 +253,8 @@ final class ChunkPipeline: @unchecked Sendable {
   init(store: ChunkStore, storePath: String) {
     self.store = store
     self.storePath = storePath
+    level = store.configuration.compressionLevel
+    inlineLimit = store.configuration.inlineLimit
     maxQueued = 4 * max(1, store.configuration.ingestThreads)
   }
 
@@ -261,44 +275,70 @@ final class ChunkPipeline: @unchecked Sendable {
   }
 
   // Owned by the feeding thread.
-  private var pending: [(Int, [UInt8])] = []
-  private var pendingBytes = 0
+  private var pending = Batch()
 
-  func submit(_ bytes: [UInt8]) throws(ChunkStoreError) {
-    pending.append((jobCount, bytes))
-    pendingBytes += bytes.count
+  func submit(_ chunk: UnsafeRawBufferPointer) throws(ChunkStoreError) {
+    if pending.jobs.isEmpty {
+      // A no-op when the buffer is a spare from the workers.
+      pending.bytes.reserveCapacity(Self.batchBytes + store.configuration.chunking.maxSize)
+    }
+    pending.jobs.append((jobCount, pending.bytes.count, chunk.count))
+    pending.bytes.append(contentsOf: chunk)
     jobCount += 1
-    if pendingBytes >= 256 << 10 || pending.count >= 64 { try flush() }
+    if pending.bytes.count >= Self.batchBytes || pending.jobs.count >= 128 { try flush() }
   }
 
+  static let batchBytes = 256 << 10
+
   private func flush() throws(ChunkStoreError) {
-    guard !pending.isEmpty else { return }
+    guard !pending.jobs.isEmpty else { return }
     if !started { startWorkers() }
     cond.lock()
     defer { cond.unlock() }
     while queue.count - queueHead >= maxQueued && firstError == nil { cond.wait() }
     if let e = firstError { throw e }
-    resultSlots.append(contentsOf: repeatElement(nil, count: pending.count))
+    resultSlots.append(contentsOf: repeatElement(nil, count: pending.jobs.count))
     queue.append(pending)
-    pending = []
-    pendingBytes = 0
+    pending = Batch()
+    if let spare = spareBuffers.popLast() { pending.bytes = spare }
     inFlight += 1
     cond.signal()
+  }
+
+  /// A worker's pack bytes not yet written: chunks are compressed straight into it and go to the
+  /// pack in one pwrite of about a MiB, instead of one small, page-unaligned write per chunk.
+  final class Staging {
+    let capacity: Int
+    let base: UnsafeMutableRawPointer
+    var used = 0
+    /// (chunk, raw size, codec, offset in the staging buffer, stored size).
+    var entries: [(id: ChunkID, size: Int, codec: Codec, at: Int, stored: Int)] = []
+    static let flushAt = 1 << 20
+
+    init(maxChunk: Int) {
+      capacity = Self.flushAt + ZSTD_compressBound(maxChunk)
+      base = .allocate(byteCount: capacity, alignment: 4096)
+    }
+    deinit { base.deallocate() }
   }
 
   private func worker() {
     guard let cctx = ZSTD_createCCtx() else { return }
     defer { ZSTD_freeCCtx(cctx) }
+    let staging = Staging(maxChunk: store.configuration.chunking.maxSize)
     while true {
       cond.lock()
       while queue.count == queueHead && !stopping { cond.wait() }
       if queue.count == queueHead {
+        let failed = firstError != nil
         cond.unlock()
+        // Finishing: what this worker staged goes to the pack before `finish` returns.
+        if !failed, let e = catching({ () throws(ChunkStoreError) in try writeStaged(staging) }) { fail(e) }
         return
       }
       let wasFull = queue.count - queueHead >= maxQueued
-      let batch = queue[queueHead]
-      queue[queueHead] = []
+      var batch = queue[queueHead]
+      queue[queueHead] = Batch()
       queueHead += 1
       if queueHead > 1024 && queueHead * 2 > queue.count {
         queue.removeFirst(queueHead)
@@ -307,9 +347,17 @@ final class ChunkPipeline: @unchecked Sendable {
       // Only the feeding thread can be waiting for room; wake it only then.
       if wasFull { cond.broadcast() }
       cond.unlock()
-      var failure: ChunkStoreError?
-      do { for (index, bytes) in batch { try process(index, bytes, cctx) } } catch { failure = error }
+      let failure: ChunkStoreError? = batch.bytes.withUnsafeBytes { all in
+        catching { () throws(ChunkStoreError) in
+          for job in batch.jobs {
+            let bytes = UnsafeRawBufferPointer(rebasing: all[job.start..<job.start + job.count])
+            try process(job.index, bytes, cctx, staging)
+          }
+        }
+      }
+      batch.bytes.removeAll(keepingCapacity: true)
       cond.lock()
+      if spareBuffers.count <= maxQueued { spareBuffers.append(batch.bytes) }
       if let failure, firstError == nil { firstError = failure }
       inFlight -= 1
       if inFlight == 0 || failure != nil { cond.broadcast() }
@@ -317,21 +365,33 @@ final class ChunkPipeline: @unchecked Sendable {
     }
   }
 
-  private func process(_ index: Int, _ bytes: [UInt8], _ cctx: OpaquePointer) throws(ChunkStoreError) {
+  private func catching(_ body: () throws(ChunkStoreError) -> Void) -> ChunkStoreError? {
+    do { try body() } catch { return error }
+    return nil
+  }
+
+  private func fail(_ e: ChunkStoreError) {
+    cond.locked {
+      if firstError == nil { firstError = e }
+      cond.broadcast()
+    }
+  }
+
+  private func process(
+    _ index: Int, _ bytes: UnsafeRawBufferPointer, _ cctx: OpaquePointer, _ staging: Staging
+  ) throws(ChunkStoreError) {
     let id = SHA256Digest.of(bytes)
     let known: Bool = cond.locked {
       resultSlots[index] = ChunkRef(id: id, size: UInt32(bytes.count))
-      if claimed.contains(id) { return true }
-      claimed.insert(id)
-      return false
+      return !claimed.insert(id).inserted
     }
     if known { return }
-    let level = store.configuration.compressionLevel
-    if bytes.count <= store.configuration.inlineLimit {
+    if bytes.count <= inlineLimit {
       // Inline chunks cost no pack space, so there is nothing to save by looking them up first:
       // the commit's INSERT OR IGNORE dedups them.
-      let compressed = bytes.withUnsafeBytes { compress($0, level: level, context: cctx) }
-      cond.locked { written[id] = (bytes.count, .inline(compressed == nil ? .raw : .zstd, compressed ?? bytes)) }
+      let compressed = compress(bytes, level: level, context: cctx)
+      let stored = (compressed == nil ? Codec.raw : .zstd, compressed ?? Array(bytes))
+      cond.locked { written[id] = (bytes.count, .inline(stored.0, stored.1)) }
       return
     }
     // Borrow before looking so GC cannot delete the chunk between our look and our commit.
@@ -351,23 +411,44 @@ final class ChunkPipeline: @unchecked Sendable {
       cond.locked { _ = existing.insert(id) }
       return
     }
-    let compressed = bytes.withUnsafeBytes { compress($0, level: level, context: cctx) }
-    let codec: Codec = compressed == nil ? .raw : .zstd
-    let data = compressed ?? bytes
+    // Compressed straight into the staging buffer; kept raw when that saves under 1/32.
+    let at = staging.used
+    let room = staging.capacity - at
+    let r = ZSTD_compressCCtx(cctx, staging.base + at, room, bytes.baseAddress, bytes.count, level)
+    let codec: Codec
+    let stored: Int
+    if ZSTD_isError(r) == 0 && r < bytes.count - bytes.count / 32 {
+      (codec, stored) = (.zstd, r)
+    } else {
+      (staging.base + at).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+      (codec, stored) = (.raw, bytes.count)
+    }
+    staging.used += stored
+    staging.entries.append((id, bytes.count, codec, at, stored))
+    if staging.used >= Staging.flushAt { try writeStaged(staging) }
+  }
+
+  /// Appends a worker's staged chunks to the pack at a range reserved for them.
+  private func writeStaged(_ staging: Staging) throws(ChunkStoreError) {
+    guard staging.used > 0 else { return }
     let lease = try leasedPack()
     let offset: UInt64 = cond.locked {
-      defer { packEnd += UInt64(data.count) }
+      defer { packEnd += UInt64(staging.used) }
       return packEnd
     }
-    if let e = data.withUnsafeBytes({ pwriteFully(lease.fd, $0, offset: offset) }) {
-      throw .io(path: store.packPath(lease.id), operation: "write chunk \(id) at \(offset)", errno: e)
+    if let e = pwriteFully(lease.fd, UnsafeRawBufferPointer(start: staging.base, count: staging.used), offset: offset) {
+      throw .io(path: store.packPath(lease.id), operation: "write \(staging.used) bytes at \(offset)", errno: e)
     }
     let flush: (UInt64, UInt64)? = cond.locked {
-      written[id] = (bytes.count, .pack(codec, offset: offset, stored: data.count))
+      for e in staging.entries {
+        written[e.id] = (e.size, .pack(e.codec, offset: offset + UInt64(e.at), stored: e.stored))
+      }
       guard packEnd - writebackStart >= 8 << 20 else { return nil }
       defer { writebackStart = packEnd }
       return (writebackStart, packEnd)
     }
+    staging.used = 0
+    staging.entries.removeAll(keepingCapacity: true)
     if let (from, to) = flush { startWriteback(lease.fd, offset: from, length: to - from) }
   }
 
@@ -384,7 +465,7 @@ final class ChunkPipeline: @unchecked Sendable {
     }
   }
 
-  /// Waits for the workers to finish every chunk and stops them.
+  /// Waits for the workers to finish every chunk and write what they staged, and stops them.
   func finish() throws(ChunkStoreError) {
     try flush()
     cond.lock()
@@ -398,9 +479,10 @@ final class ChunkPipeline: @unchecked Sendable {
 
   /// The commit: durable data first, then one index transaction.
   func publish(manifest: Manifest, fileCount: Int) throws {
-    if let lease, packEnd > lease.start, fdatasync(lease.fd) != 0 {
-      throw ChunkStoreError.io(path: store.packPath(lease.id), operation: "fdatasync", errno: errno)
-    }
+    // The pack's fdatasync runs while the index rows go in; the transaction waits for it before
+    // COMMIT, so the index still never points at bytes that are not durable.
+    let sync = lease.flatMap { packEnd > $0.start ? PendingSync(fd: $0.fd) : nil }
+    defer { _ = sync?.wait() }
     var duplicates: [(UInt64, Int)] = []
     var added: UInt64 = 0
     let info = manifest.info
@@ -417,40 +499,69 @@ final class ChunkPipeline: @unchecked Sendable {
           }
           try db.prepare("DELETE FROM paths WHERE store_path = ?").bind(info.storePath).run()
         }
-        // Which contents are new: only their chunk lists are recorded and counted.
-        // One upsert per content: a live content never has zero references, so coming back with
-        // exactly our count means the row is new.
+        // Statements are prepared once and bound by type, and rows go in in digest order (the
+        // digest indexes then grow at neighbouring leaves): this matters for paths of many small
+        // files, where the commit is most of the ingest.
+        //
+        // Which contents are new: only their chunk lists are recorded and counted. A live content
+        // never has zero references (GC deletes it with its last one), so an existing row is a
+        // complete one and only gains our references. (Plain statements: RETURNING would put
+        // every execution through a temporary table.)
         var newContents: [(ContentID, Int64)] = []
-        for (content, m) in multiplicity {
-          let up = try db.prepare(
-            """
-            INSERT INTO contents(digest, size, refs) VALUES(?, ?, ?)
-            ON CONFLICT(digest) DO UPDATE SET refs = refs + excluded.refs RETURNING id, refs
-            """
-          ).bind(content, m.size, m.count)
-          guard try up.step() else { throw ChunkStoreError.chunkMissing(chunk: content, content: content) }
-          if up.int(1) == Int64(m.count) { newContents.append((content, up.int(0))) }
-          _ = try up.step()
+        let insertContent = try db.prepare("INSERT OR IGNORE INTO contents(digest, size, refs) VALUES(?, ?, ?)")
+        let addContentRefs = try db.prepare("UPDATE contents SET refs = refs + ? WHERE digest = ?")
+        for (content, m) in multiplicity.sorted(by: { $0.key < $1.key }) {
+          insertContent.again()
+          insertContent.set(1, content)
+          insertContent.set(2, m.size)
+          insertContent.set(3, m.count)
+          try insertContent.run()
+          if db.changes == 1 {
+            newContents.append((content, db.lastInsertRowID))
+          } else {
+            addContentRefs.again()
+            addContentRefs.set(1, m.count)
+            addContentRefs.set(2, content)
+            try addContentRefs.run()
+            guard db.changes == 1 else { throw ChunkStoreError.chunkMissing(chunk: content, content: content) }
+          }
         }
         // References each chunk gains: one per position in a new content's chunk list.
         var gained: [ChunkID: Int] = [:]
+        gained.reserveCapacity(written.count)
         for (content, _) in newContents {
           for ref in manifest.chunks[content] ?? [] { gained[ref.id, default: 0] += 1 }
         }
         // Chunks this ingest wrote go in with their final count; INSERT OR IGNORE because a
         // concurrent ingest may have committed the same chunk first.
         var rowOf: [ChunkID: Int64] = [:]
-        let insertChunk = """
+        rowOf.reserveCapacity(gained.count)
+        let insertChunk = try db.prepare(
+          """
           INSERT OR IGNORE INTO chunks(digest, size, stored, codec, pack, offset, data, refs)
           VALUES(?, ?, ?, ?, ?, ?, ?, ?)
           """
-        for (id, w) in written {
-          let refs = gained[id] ?? 0
+        )
+        for (id, w) in written.sorted(by: { $0.key < $1.key }) {
+          insertChunk.again()
+          insertChunk.set(1, id)
+          insertChunk.set(2, w.size)
+          insertChunk.set(8, gained[id] ?? 0)
           switch w.stored {
           case .inline(let codec, let data):
-            try db.prepare(insertChunk).bind(id, w.size, data.count, codec.rawValue, nil, nil, data, refs).run()
+            insertChunk.set(3, data.count)
+            insertChunk.set(4, codec.rawValue)
+            insertChunk.setNull(5)
+            insertChunk.setNull(6)
+            insertChunk.set(7, blob: data)
+            try insertChunk.run()
           case .pack(let codec, let offset, let stored):
-            try db.prepare(insertChunk).bind(id, w.size, stored, codec.rawValue, lease!.id, offset, nil, refs).run()
+            insertChunk.set(3, stored)
+            insertChunk.set(4, codec.rawValue)
+            insertChunk.set(5, lease!.id)
+            insertChunk.set(6, offset)
+            insertChunk.setNull(7)
+            try insertChunk.run()
             if db.changes == 0 { duplicates.append((offset, stored)) }
           }
           if db.changes == 1 {
@@ -463,17 +574,24 @@ final class ChunkPipeline: @unchecked Sendable {
           }
         }
         // Chunks that were already there (deduplicated) gain references.
-        for (id, n) in gained {
-          let s = try db.prepare("UPDATE chunks SET refs = refs + ? WHERE digest = ? RETURNING id").bind(n, id)
-          guard try s.step() else { throw ChunkStoreError.chunkMissing(chunk: id, content: emptyContent) }
-          rowOf[id] = s.int(0)
-          _ = try s.step()
+        let addRefs = try db.prepare("UPDATE chunks SET refs = refs + ? WHERE digest = ? RETURNING id")
+        for (id, n) in gained.sorted(by: { $0.key < $1.key }) {
+          addRefs.again()
+          addRefs.set(1, n)
+          addRefs.set(2, id)
+          guard try addRefs.step() else { throw ChunkStoreError.chunkMissing(chunk: id, content: emptyContent) }
+          rowOf[id] = addRefs.int(0)
+          _ = try addRefs.step()
         }
+        let insertList = try db.prepare("INSERT INTO content_chunks(content, offset, chunk) VALUES(?, ?, ?)")
         for (content, contentRow) in newContents {
           var offset: UInt64 = 0
           for ref in manifest.chunks[content] ?? [] {
-            try db.prepare("INSERT INTO content_chunks(content, offset, chunk) VALUES(?, ?, ?)")
-              .bind(contentRow, offset, rowOf[ref.id]!).run()
+            insertList.again()
+            insertList.set(1, contentRow)
+            insertList.set(2, offset)
+            insertList.set(3, rowOf[ref.id]!)
+            try insertList.run()
             offset += UInt64(ref.size)
           }
         }
@@ -489,6 +607,9 @@ final class ChunkPipeline: @unchecked Sendable {
         ).run()
         if let lease {
           try db.prepare("UPDATE packs SET committed = max(committed, ?) WHERE id = ?").bind(packEnd, lease.id).run()
+          if let e = sync?.wait(), e != 0 {
+            throw ChunkStoreError.io(path: store.packPath(lease.id), operation: "fdatasync", errno: e)
+          }
         }
       }
     }
@@ -505,7 +626,7 @@ final class ChunkPipeline: @unchecked Sendable {
 
   /// Abort: stop the workers, cut the pack back, forget borrows.
   func discard() {
-    pending = []
+    pending = Batch()
     cond.lock()
     stopping = true
     firstError = firstError ?? .ingestFinished(storePath: storePath)
@@ -522,6 +643,30 @@ final class ChunkPipeline: @unchecked Sendable {
       store.returnPack(lease, end: lease.start)
       self.lease = nil
     }
+  }
+}
+
+/// An fdatasync running on another thread.
+final class PendingSync: @unchecked Sendable {
+  private let done = DispatchSemaphore(value: 0)
+  // Written before `done` is signalled, read after it is waited for.
+  private var error: Int32 = 0
+  private var waited = false
+
+  init(fd: Int32) {
+    DispatchQueue.global(qos: .userInitiated).async { [self] in
+      if fdatasync(fd) != 0 { error = errno }
+      done.signal()
+    }
+  }
+
+  /// Waits (once; later calls return at once) and returns the errno, 0 on success. One thread only.
+  func wait() -> Int32 {
+    if !waited {
+      done.wait()
+      waited = true
+    }
+    return error
   }
 }
 

@@ -113,6 +113,31 @@ final class Statement {
     return self
   }
 
+  // Typed binds for hot loops: the variadic `bind` boxes every value in an existential and casts
+  // it back, which costs more than SQLite's own work for a small row.
+  /// Resets for another execution, keeping the bindings.
+  @discardableResult
+  func again() -> Statement {
+    sqlite3_reset(handle)
+    return self
+  }
+  func set(_ idx: Int32, _ v: Int64) { sqlite3_bind_int64(handle, idx, v) }
+  func set(_ idx: Int32, _ v: Int) { sqlite3_bind_int64(handle, idx, Int64(v)) }
+  func set(_ idx: Int32, _ v: UInt64) { sqlite3_bind_int64(handle, idx, Int64(bitPattern: v)) }
+  func setNull(_ idx: Int32) { sqlite3_bind_null(handle, idx) }
+  func set(_ idx: Int32, _ d: SHA256Digest) {
+    withUnsafeBytes(of: (d.w0.bigEndian, d.w1.bigEndian, d.w2.bigEndian, d.w3.bigEndian)) { b in
+      _ = sqlite3_bind_blob(handle, idx, b.baseAddress, 32, nixfs_sqlite_transient())
+    }
+  }
+  func set(_ idx: Int32, blob x: [UInt8]) {
+    x.withUnsafeBytes { b in
+      // A non-null pointer even when empty: a null one would bind NULL, not an empty blob.
+      let p = b.baseAddress ?? UnsafeRawPointer(bitPattern: 1)
+      _ = sqlite3_bind_blob(handle, idx, p, Int32(b.count), nixfs_sqlite_transient())
+    }
+  }
+
   /// Steps once: true when a row is available.
   func step() throws(ChunkStoreError) -> Bool {
     let rc = sqlite3_step(handle)
@@ -150,3 +175,71 @@ extension UInt64: SQLValue {}
 extension String: SQLValue {}
 extension Array: SQLValue where Element == UInt8 {}
 extension SHA256Digest: SQLValue {}
+
+/// Checkpoints the WAL on its own thread and connection. SQLite's automatic checkpoint runs
+/// inside the COMMIT that crosses the threshold: that commit waits while the whole WAL is copied
+/// into the database and synced (tens of MB after a path of many small inline files). Here the
+/// copy overlaps whatever comes next instead; PASSIVE never blocks readers or the writer.
+final class Checkpointer: @unchecked Sendable {
+  private let db: Database
+  private let cond = NSCondition()
+  // Guarded by `cond`.
+  private var requested = false
+  private var stopping = false
+  private var running = true
+  /// WAL pages after a commit that trigger a checkpoint (SQLite's own default).
+  static let threshold: Int32 = 1000
+
+  init(path: String) throws(ChunkStoreError) {
+    db = try Database(path: path)
+    let t = Thread { [self] in loop() }
+    t.name = "nixfs-checkpoint"
+    t.start()
+  }
+
+  /// Takes over from the automatic checkpoint of `writer`, which must be detached before this
+  /// object goes away.
+  func attach(to writer: Database) {
+    sqlite3_wal_hook(
+      writer.handle,
+      { context, _, _, pages in
+        if pages >= Checkpointer.threshold, let context {
+          Unmanaged<Checkpointer>.fromOpaque(context).takeUnretainedValue().request()
+        }
+        return SQLITE_OK
+      }, Unmanaged.passUnretained(self).toOpaque())
+  }
+
+  func detach(from writer: Database) { sqlite3_wal_hook(writer.handle, nil, nil) }
+
+  func request() {
+    cond.locked {
+      requested = true
+      cond.signal()
+    }
+  }
+
+  /// Stops the thread after any checkpoint in progress.
+  func stop() {
+    cond.lock()
+    stopping = true
+    cond.broadcast()
+    while running { cond.wait() }
+    cond.unlock()
+  }
+
+  private func loop() {
+    cond.lock()
+    while true {
+      while !requested && !stopping { cond.wait() }
+      if stopping { break }
+      requested = false
+      cond.unlock()
+      _ = sqlite3_wal_checkpoint_v2(db.handle, nil, SQLITE_CHECKPOINT_PASSIVE, nil, nil)
+      cond.lock()
+    }
+    running = false
+    cond.broadcast()
+    cond.unlock()
+  }
+}

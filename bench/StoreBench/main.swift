@@ -65,6 +65,13 @@ func freshStore(_ name: String, level: Int32 = 3) -> ChunkStore {
 
 nonisolated(unsafe) var commitSeconds = 0.0
 
+/// User plus system CPU time of the whole process (all threads), to see how busy both cores are.
+func cpuSeconds() -> Double {
+  var u = rusage()
+  getrusage(RUSAGE_SELF.rawValue, &u)
+  return Double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + Double(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6
+}
+
 /// Feeds 1 MiB pieces, as a download would; returns seconds from the first byte to the commit.
 func ingest(_ store: ChunkStore, _ f: Fixture) -> Double {
   let t0 = Date()
@@ -91,21 +98,32 @@ say("NARs: \(fixtures.count) paths, \(mib(narBytes))")
 
 // 1. Ingest throughput (fresh store each run; includes fdatasync and the index commit).
 var stats = StoreStats()
-for level: Int32 in [3, 1] {
-  for run in 1...2 {
+// STORE_BENCH_LEVELS=1 and STORE_BENCH_RUNS=1 narrow the ingest loop (for profiling).
+let env = ProcessInfo.processInfo.environment
+let levels = (env["STORE_BENCH_LEVELS"] ?? "3,1").split(separator: ",").compactMap { Int32($0) }
+let runs = Int(env["STORE_BENCH_RUNS"] ?? "") ?? 2
+// With `perf record -D -1 --control fifo:PATH`, STORE_BENCH_PERF_CTL=PATH profiles only the ingests.
+let perfControl = env["STORE_BENCH_PERF_CTL"].flatMap { FileHandle(forWritingAtPath: $0) }
+perfControl?.write(Data("enable\n".utf8))
+for level in levels {
+  for run in 1...runs {
     let store = freshStore("ingest-\(level)", level: level)
     var seconds = 0.0
     commitSeconds = 0
+    let cpu0 = cpuSeconds()
     for f in fixtures { seconds += ingest(store, f) }
+    let cpu = cpuSeconds() - cpu0
     stats = try! store.stats()
     say(
       String(
-        format: "ingest zstd-%d run %d: %.0f MB/s of NAR (%.2f s, of which commits %.2f s), stored %@ (compression %.2fx, dedup %.2fx)",
-        level, run, Double(narBytes) / seconds / 1e6, seconds, commitSeconds, mib(stats.storedBytes), stats.compressionRatio,
-        stats.dedupRatio))
+        format: "ingest zstd-%d run %d: %.0f MB/s of NAR (%.2f s, of which commits %.2f s; CPU %.2f s), "
+          + "stored %@ (compression %.2fx, dedup %.2fx)",
+        level, run, Double(narBytes) / seconds / 1e6, seconds, commitSeconds, cpu, mib(stats.storedBytes),
+        stats.compressionRatio, stats.dedupRatio))
   }
 }
 
+perfControl?.write(Data("disable\n".utf8))
 if onlyIngest { exit(0) }
 
 // 2. Cold random reads, on the level-3 store.
