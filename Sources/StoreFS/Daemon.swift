@@ -71,12 +71,10 @@ public final class Daemon: Sendable {
       let roots: [StorePath]
       do { roots = try texts.map { try StorePath($0) } } catch { return .failed(.invalidArgument, "\(error)") }
       let closure: [StorePath]
-      do {
+      do throws(CacheError) {
         closure = try await cache.closure(of: roots).keys.sorted()
-      } catch let e as CacheError {
-        return .failed(Self.failure(e), "\(e)")
       } catch {
-        return .failed(.internalError, "\(error)")
+        return .failed(Self.failure(error), "\(error)")
       }
       do {
         let fetched = try await filesystem.prefetch(closure, parallel: parallel)
@@ -92,9 +90,9 @@ public final class Daemon: Sendable {
       do {
         closure = try await self.closure(of: path)
       } catch let e as CacheError {
-        return .failed(Self.failure(e), "\(path): \(e)")
+        return .failed(Self.failure(e), Self.naming(path, e))
       } catch {
-        return .failed(.internalError, "\(path): \(error)")
+        return .failed(.internalError, Self.naming(path, error))
       }
       do {
         try store.pin(closure, holder: volumeID)
@@ -107,6 +105,12 @@ public final class Daemon: Sendable {
       return ControlResponse(
         viewPath: "\(mountpoint)/\(StoreFileSystem.viewsDirName)/\(name)", closure: closure.map(\.path))
     }
+  }
+
+  /// The error's text, prefixed with the path unless it already names it (most cache errors do).
+  static func naming(_ path: StorePath, _ error: any Error) -> String {
+    let text = "\(error)"
+    return text.contains(path.baseName) ? text : "\(path): \(text)"
   }
 
   static func failure(_ e: CacheError) -> ControlFailure {

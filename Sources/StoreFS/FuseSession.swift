@@ -37,8 +37,8 @@ final class FuseSession: @unchecked Sendable {
       throw MountError(mountpoint: mountpoint, reason: "fuse_session_new failed (bad options \(options))")
     }
     session = created
+    // No destroy here: deinit runs for a throwing init once every property is set, and destroys.
     guard fuse_session_mount(session, mountpoint) == 0 else {
-      fuse_session_destroy(session)
       throw MountError(mountpoint: mountpoint, reason: "fuse_session_mount failed: is /dev/fuse available, and are you root?")
     }
     mounted = true

@@ -85,13 +85,20 @@ struct FetchCommand: AsyncParsableCommand {
           fail("\(error)")
         }
         if let failure = r.failure { fail("\(failure): \(r.message ?? "")") }
-        print("\(r.closure?.count ?? 0) paths in the closure, \(r.fetched ?? 0) fetched (through the running daemon)")
+        print(
+          "\(r.closure?.count ?? 0) paths in the closure, \(r.fetched ?? 0) fetched (through the running daemon, "
+            + "with its caches and keys)")
         return
       }
     }
     let store: ChunkStore
     do { store = try ChunkStore(.init(stateDirectory: cache.stateDir)) } catch {
-      fail("\(error) (is another nixfs process using this state directory?)")
+      let daemon = FileManager.default.fileExists(atPath: socket)
+      fail(
+        "\(error)"
+          + (daemon
+            ? " (a nixfs mount daemon seems to own it but did not answer on \(socket))"
+            : " (is another nixfs process using this state directory?)"))
     }
     let client: BinaryCacheClient
     do { client = try cache.client(logger: logger) } catch { fail("\(error)") }

@@ -225,10 +225,12 @@ class Harness:
         t0 = time.monotonic()
         if before:
             before()
+        t1 = time.monotonic()
         node.csi.publish(volume, wl["app"], target)
+        published = time.monotonic()
         Pod(target, "/nix", wl["app"]).wait(wl["expect"])
         wall = time.monotonic() - t0
-        sample = {"wall": wall, "cpu": node.cpu() - cpu0, "rss": node.rss()}
+        sample = {"wall": wall, "publish": published - t1, "cpu": node.cpu() - cpu0, "rss": node.rss()}
         node.csi.unpublish(volume, target)
         return sample
 

@@ -30,8 +30,9 @@ def summary(results):
     out = {}
     for r in results["runs"]:
         d = out.setdefault((r["workload"], r["profile"], r["mode"]), {})
-        for k in ("wall", "cpu", "rss", "wire_bytes", "requests", "nar_requests", "narinfo_requests", "nar_bytes"):
-            d.setdefault(k, []).append(r[k])
+        for k in ("wall", "publish", "cpu", "rss", "wire_bytes", "requests", "nar_requests", "narinfo_requests", "nar_bytes"):
+            if k in r:
+                d.setdefault(k, []).append(r[k])
     return out
 
 
@@ -170,21 +171,22 @@ def markdown(results, images) -> str:
         if img in images:
             add(f"![cold start, {profile}](benchmarks/{img})")
             add("")
-        add("| workload | mode | wall time | on the wire | NAR bytes fetched | requests (narinfo/NAR) | daemon CPU | daemon peak RSS |")
-        add("|---|---|---:|---:|---:|---:|---:|---:|")
+        add("| workload | mode | wall time | of which NodePublishVolume | on the wire | NAR bytes fetched | requests (narinfo/NAR) | daemon CPU | daemon peak RSS |")
+        add("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for w in workloads:
             for mode in MODES:
                 d = s.get((w, profile, mode))
                 if not d:
                     continue
-                add(f"| {w} | {mode} | {fmt_s(d['wall'])} | {fmt_mib(statistics.median(d['wire_bytes']))} | "
+                pub = f"{statistics.median(d['publish']):.3f} s" if d.get("publish") else "–"
+                add(f"| {w} | {mode} | {fmt_s(d['wall'])} | {pub} | {fmt_mib(statistics.median(d['wire_bytes']))} | "
                     f"{fmt_mib(statistics.median(d['nar_bytes']))} | "
                     f"{statistics.median(d['requests']):.0f} ({statistics.median(d['narinfo_requests']):.0f}/"
                     f"{statistics.median(d['nar_requests']):.0f}) | {statistics.median(d['cpu']):.2f} s | "
                     f"{statistics.median(d['rss']) / MIB:.0f} MiB |")
             nread, pt = perfect(results, w, profile)
             if nread:
-                add(f"| {w} | perfect lazy | {pt:.2f} s | – | {fmt_mib(nread)} (read) | – | – | – |")
+                add(f"| {w} | perfect lazy | {pt:.2f} s | – | – | {fmt_mib(nread)} (read) | – | – | – |")
         add("")
     if results["pagecache"]:
         add("## Page cache: N pods reading the same closure on one node")
