@@ -90,6 +90,7 @@ public final class ChunkStore: @unchecked Sendable {
   private var touches: [String: Int64] = [:]
   /// Running total of chunks' stored bytes (writer only); nil until first computed.
   var storedTotal: UInt64?
+  var evictionCount: UInt64 = 0
 
   let chunkCache: ChunkCache
   private let layoutCache = NSLock()
@@ -355,11 +356,23 @@ public final class ChunkStore: @unchecked Sendable {
   public func ingest(_ narInfo: NarInfo) throws(ChunkStoreError) -> Ingest { try ingest(PathInfo(narInfo)) }
 
   /// Called by `Ingest.commit` after a successful commit.
-  func didCommit() {
+  func didCommit(_ path: String) {
     if let budget = configuration.maxStoredBytes {
+      // The path just fetched is about to be read: never its own victim, even over budget.
+      stateLock.locked { memoryPins[path, default: 0] += 1 }
+      defer {
+        stateLock.locked {
+          let n = (memoryPins[path] ?? 1) - 1
+          memoryPins[path] = n <= 0 ? nil : n
+        }
+      }
       do { _ = try collectGarbage(maxStoredBytes: budget) } catch { logger.error("online GC failed: \(error)") }
     }
   }
+
+  /// How many paths GC has evicted since this store was opened: callers that cache trees check it
+  /// to notice that a path they hold may be gone.
+  public var evictions: UInt64 { stateLock.locked { evictionCount } }
 
   // MARK: Queries for the filesystem
 

@@ -166,7 +166,7 @@ public final class Ingest: @unchecked Sendable {
       try pipeline.publish(manifest: manifest, fileCount: files.count)
       finished = true
       store.endIngesting(info.storePath)
-      store.didCommit()
+      store.didCommit(info.storePath)
       return manifest
     } catch {
       abortQuietly()

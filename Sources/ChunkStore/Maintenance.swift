@@ -192,6 +192,7 @@ extension ChunkStore {
         }
       }
       guard done else { return nil }
+      stateLock.locked { evictionCount += 1 }
       adjustStored(removing: freed)
       invalidate(contents: deadContents)
       for (pack, offset, len) in freedRanges { punchHole(try packFD(pack), offset: offset, length: len) }

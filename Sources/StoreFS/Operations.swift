@@ -291,7 +291,26 @@ extension StoreFileSystem {
     }
     fi.pointee.fh = handle
     nixfs_fuse_fi_set_cache(fi, 1, 0)
+    // GC may have evicted the path while the kernel still holds its entries (long timeouts):
+    // fetch it again before the open succeeds, so reads find their chunks.
+    if store.evictions > 0, localTree(path) == nil {
+      let copy = UnsafeMutablePointer<fuse_file_info>.allocate(capacity: 1)
+      copy.initialize(to: fi.pointee)  // libfuse's fi lives on its stack: keep a copy for the reply
+      let box = OpenReply(copy)
+      logger.info("re-fetching an evicted path on open", metadata: ["path": "\(path)"])
+      withTree(path, req) { _ in
+        _ = fuse_reply_open(req.raw, box.fi)
+        box.fi.deallocate()
+      }
+      return
+    }
     _ = fuse_reply_open(req.raw, fi)
+  }
+
+  /// A copied `fuse_file_info` carried to an asynchronous open reply.
+  final class OpenReply: @unchecked Sendable {
+    let fi: UnsafeMutablePointer<fuse_file_info>
+    init(_ fi: UnsafeMutablePointer<fuse_file_info>) { self.fi = fi }
   }
 
   func release(handle: UInt64) {

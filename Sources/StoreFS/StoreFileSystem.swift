@@ -77,6 +77,7 @@ public final class StoreFileSystem: @unchecked Sendable {
     var files: [UInt64: FileInfo] = [:]
     var lookups: [UInt64: UInt64] = [:]  // nlookup by inode (files and nodes)
     var negative: [StorePath: Date] = [:]
+    var evictionsSeen: UInt64 = 0
     var inflight: [StorePath: Task<Void, any Error>] = [:]
     var views: [String: RegisteredView] = [:]
     var viewNumbers: [UInt32: String] = [:]
@@ -150,7 +151,14 @@ public final class StoreFileSystem: @unchecked Sendable {
   func count(_ op: String) { metrics.request(op) }
 
   func cachedTree(_ path: StorePath) -> Manifest? {
-    state.withLock { s in
+    let evictions = store.evictions
+    return state.withLock { s in
+      // GC evicted something since the trees were cached: forget them, the index is the truth.
+      if evictions != s.evictionsSeen {
+        s.evictionsSeen = evictions
+        s.trees.removeAll()
+        s.treeNodes = 0
+      }
       guard var entry = s.trees[path] else { return nil }
       s.clock += 1
       entry.used = s.clock

@@ -85,6 +85,23 @@ import TestSupport
     }
   }
 
+  /// With a disk budget smaller than one path, each fetch evicts the others; a path read again
+  /// after its eviction (the kernel still has its entries) is fetched again, not EIO.
+  @Test func evictedPathsAreFetchedAgainOnOpen() throws {
+    let tmp = try TemporaryDirectory("fs-evict")
+    let server = try CacheServer(directory: fx.caches["zstd"]!)
+    let store = try mount(server, tmp, extra: ["--max-size", "1K"])
+    let a = store.path("\(fx.paths["twin-a"]!.baseName)/share/twin-a.txt")
+    let b = store.path("\(fx.paths["unrelated"]!.baseName)/data")
+    let narA = try "/" + fx.narInfo(fx.paths["twin-a"]!).url
+    #expect(try String(contentsOfFile: a, encoding: .utf8) == "twin-a\n")
+    #expect(try Data(contentsOf: URL(fileURLWithPath: b)).count == 100_000)  // evicts twin-a
+    #expect(StoreFixture.narRequests(server).filter { $0 == narA }.count == 1)
+    #expect(try String(contentsOfFile: a, encoding: .utf8) == "twin-a\n")
+    #expect(StoreFixture.narRequests(server).filter { $0 == narA }.count == 2)
+    #expect(!store.daemon.stderr.contains("is not in the store"))
+  }
+
   @Test func identicalFilesShareOneInodeAndTheirPages() throws {
     let tmp = try TemporaryDirectory("fs-inode")
     let server = try CacheServer(directory: fx.caches["zstd"]!)
