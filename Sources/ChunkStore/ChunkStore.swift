@@ -553,6 +553,9 @@ public final class ChunkStore: @unchecked Sendable {
       guard let b = preadFully(fd, count: loc.stored, offset: loc.offset), b.count == loc.stored else {
         throw .chunkCorrupt(chunk: loc.id, pack: pack, offset: loc.offset, reason: "short read")
       }
+      // The reader's page cache (FUSE, keep_cache) and the chunk cache hold these bytes now; the
+      // compressed pack pages would be a second copy in the page cache. Readahead beyond stays.
+      _ = posix_fadvise(fd, off_t(loc.offset), off_t(loc.stored), POSIX_FADV_DONTNEED)
       stored = b
     } else {
       do {
