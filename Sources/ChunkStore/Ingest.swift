@@ -619,9 +619,6 @@ final class ChunkPipeline: @unchecked Sendable {
     existing = []
     if let lease {
       for (offset, len) in duplicates { punchHole(lease.fd, offset: offset, length: UInt64(len)) }
-      // Durable, so clean: don't let a path's compressed bytes linger in the page cache beside
-      // the decompressed pages its readers bring in.
-      _ = posix_fadvise(lease.fd, off_t(lease.start), off_t(packEnd - lease.start), POSIX_FADV_DONTNEED)
       store.returnPack(lease, end: packEnd)
       self.lease = nil
     }
