@@ -22,7 +22,7 @@ struct CacheOptions: ParsableArguments {
   @Option(name: .customLong("netrc-file"), help: "netrc file with credentials for the caches.")
   var netrcFile: String?
 
-  @Option(name: .customLong("nix-conf"), help: "Read substituters, trusted-public-keys, require-sigs, netrc-file, connect-timeout and the narinfo cache TTLs from this nix.conf.")
+  @Option(name: .customLong("nix-conf"), help: "Read the cache settings from this nix.conf (substituters, trusted-public-keys, require-sigs, netrc-file, timeouts, narinfo cache TTLs, ...; see Documentation/configuration.md). Flags win.")
   var nixConf: String?
 
   @Option(name: .customLong("connect-timeout"), help: "Seconds to establish a connection (default 10).")
@@ -37,7 +37,7 @@ struct CacheOptions: ParsableArguments {
   @Option(name: .customLong("narinfo-cache-negative-ttl"), help: "Seconds a missing narinfo is remembered (default 3600).")
   var negativeTTL: Double?
 
-  @Option(name: .customLong("state-dir"), help: "Where the narinfo cache is kept.")
+  @Option(name: .customLong("state-dir"), help: "The node's state: chunk store, narinfo cache, control socket (path-info keeps only its narinfo cache there).")
   var stateDir = "/var/lib/nixfs"
 
   func configuration() throws -> CacheConfiguration {

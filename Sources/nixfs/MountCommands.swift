@@ -13,7 +13,7 @@ struct MountCommand: ParsableCommand {
     commandName: "mount",
     abstract: "Mount a read-only /nix/store that fetches store paths from binary caches on first access.",
     discussion: """
-      Runs in the foreground until SIGTERM/SIGINT or `fusermount3 -u MOUNTPOINT`, and unmounts \
+      Runs in the foreground until SIGTERM/SIGINT/SIGHUP or `fusermount3 -u MOUNTPOINT`, and unmounts \
       cleanly. MOUNTPOINT may be /nix/store itself. One daemon per state directory.
       """)
 
