@@ -67,23 +67,26 @@ public final class Substitution: Materialiser, Sendable {
   public func fetchClosure(of roots: [StorePath], parallel: Int = 4) async throws -> (paths: Int, fetched: Int, narBytes: UInt64) {
     let closure = try await cache.closure(of: roots)
     let missing = closure.keys.filter { !store.isComplete($0) }.sorted()
-    var fetched = 0
-    var bytes: UInt64 = 0
-    try await withThrowingTaskGroup(of: UInt64.self) { group in
-      var queue = missing[...]
-      for _ in 0..<min(parallel, queue.count) {
-        let p = queue.removeFirst()
-        group.addTask { try await self.materialise(p); return closure[p]?.info.narSize ?? 0 }
-      }
-      while let n = try await group.next() {
-        fetched += 1
-        bytes += n
-        if let p = queue.popFirst() {
-          group.addTask { try await self.materialise(p); return closure[p]?.info.narSize ?? 0 }
-        }
-      }
-    }
+    try await inParallel(missing, limit: parallel) { p in try await self.materialise(p) }
+    let fetched = missing.count
+    let bytes = missing.reduce(UInt64(0)) { $0 + (closure[$1]?.info.narSize ?? 0) }
     return (closure.count, fetched, bytes)
+  }
+}
+
+/// Runs `body` for every item, at most `limit` at a time; the first error cancels the rest.
+func inParallel<T: Sendable>(
+  _ items: [T], limit: Int, _ body: @escaping @Sendable (T) async throws -> Void
+) async throws {
+  var queue = items[...]
+  try await withThrowingTaskGroup(of: Void.self) { group in
+    for _ in 0..<max(1, limit) {
+      guard let item = queue.popFirst() else { break }
+      group.addTask { try await body(item) }
+    }
+    while try await group.next() != nil {
+      if let item = queue.popFirst() { group.addTask { try await body(item) } }
+    }
   }
 }
 

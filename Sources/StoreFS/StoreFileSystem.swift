@@ -270,23 +270,14 @@ public final class StoreFileSystem: @unchecked Sendable {
   /// sharing downloads with concurrent lookups. Returns how many were fetched.
   public func prefetch(_ paths: [StorePath], parallel: Int) async throws -> Int {
     let missing = paths.filter { localTree($0) == nil }
-    var queue = missing[...]
-    try await withThrowingTaskGroup(of: Void.self) { group in
-      func next() {
-        guard let p = queue.popFirst() else { return }
-        let task = materialisation(of: p)
-        group.addTask {
-          do {
-            try await task.value
-            self.finished(p)
-          } catch {
-            self.finished(p, negative: { if case MaterialiseFailure.notFound = error { true } else { false } }())
-            throw error
-          }
-        }
+    try await inParallel(missing, limit: parallel) { p in
+      do {
+        try await self.materialisation(of: p).value
+        self.finished(p)
+      } catch {
+        self.finished(p, negative: { if case MaterialiseFailure.notFound = error { true } else { false } }())
+        throw error
       }
-      for _ in 0..<max(1, parallel) { next() }
-      while try await group.next() != nil { next() }
     }
     return missing.count
   }

@@ -78,6 +78,12 @@ import TestSupport
     let again = try run([nixfsBinary, "fetch", "--state-dir", store.stateDir] + fx.mountArguments(server) + [app.path]).trimmed
     #expect(again.hasPrefix("3 paths in the closure, 0 fetched"), "\(again)")
     #expect(StoreFixture.narRequests(server).count == closure.count)
+    // Without a daemon on its state directory, fetch opens the store itself.
+    let direct = try run(
+      [nixfsBinary, "fetch", "--state-dir", tmp.sub("direct-state")] + fx.mountArguments(server) + [app.path]
+    ).trimmed
+    #expect(direct.hasPrefix("3 paths in the closure, 3 fetched ("), "\(direct)")
+    #expect(StoreFixture.narRequests(server).count == 2 * closure.count)
     // A path no cache has fails with a message naming it.
     let missing = "/nix/store/00000000000000000000000000000000-missing"
     #expect(throws: CommandError.self) {
