@@ -22,7 +22,7 @@ trap 'exit 130' INT TERM
 { read -r root; read -r key; } < <(python3 "$here/csi/make-closure.py" "$work/cache" "$N")
 spec=${CSI_SPEC:-$(cd "$here/.." && pwd)/spec/csi}
 python3 -m grpc_tools.protoc -I "$spec" --python_out="$work" --grpc_python_out="$work" csi.proto
-coproc SERVER { exec python3 "$here/csi/latency-server.py" "$work/cache" "$(awk "BEGIN {print $LATENCY_MS / 1000}")"; }
+coproc SERVER { exec python3 "$here/coldstart/netsim.py" "$work/cache" "$LATENCY_MS"; }
 pids+=("$SERVER_PID")
 read -r _ port <&"${SERVER[0]}"
 

@@ -2,6 +2,7 @@ internal import CZstd
 import Foundation
 import Logging
 import NixFormats
+import Synchronization
 
 #if canImport(Glibc)
   import Glibc
@@ -90,7 +91,8 @@ public final class ChunkStore: @unchecked Sendable {
   private var touches: [String: Int64] = [:]
   /// Running total of chunks' stored bytes (writer only); nil until first computed.
   var storedTotal: UInt64?
-  var evictionCount: UInt64 = 0
+  /// Read on every tree lookup of the filesystem: an atomic, not the state lock.
+  let evictionCount = Atomic<UInt64>(0)
 
   let chunkCache: ChunkCache
   private let layoutCache = NSLock()
@@ -372,7 +374,7 @@ public final class ChunkStore: @unchecked Sendable {
 
   /// How many paths GC has evicted since this store was opened: callers that cache trees check it
   /// to notice that a path they hold may be gone.
-  public var evictions: UInt64 { stateLock.locked { evictionCount } }
+  public var evictions: UInt64 { evictionCount.load(ordering: .acquiring) }
 
   // MARK: Queries for the filesystem
 

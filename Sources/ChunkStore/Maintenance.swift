@@ -192,7 +192,7 @@ extension ChunkStore {
         }
       }
       guard done else { return nil }
-      stateLock.locked { evictionCount += 1 }
+      evictionCount.add(1, ordering: .releasing)
       adjustStored(removing: freed)
       invalidate(contents: deadContents)
       for (pack, offset, len) in freedRanges { punchHole(try packFD(pack), offset: offset, length: len) }

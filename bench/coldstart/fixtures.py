@@ -36,6 +36,12 @@ def nix(args, **kw):
     return subprocess.run(args, env=env, check=True, capture_output=True, text=True, **kw).stdout.strip()
 
 
+def narinfo_fields(path: str) -> dict:
+    """A narinfo file's `Key: value` lines."""
+    with open(path) as f:
+        return dict(line.split(": ", 1) for line in f.read().splitlines() if ": " in line)
+
+
 def _python_tree(dest: str) -> None:
     """bin/python3.11 and lib/python3.11 (Python finds its prefix from the landmark lib/python3.11/os.py)."""
     src_bin = shutil.which("python3.11", path="/usr/bin")
@@ -164,8 +170,7 @@ def build(work: str, quick: bool, log=print) -> dict:
         closure = nix(["nix-store", "--store", store, "-qR", app]).split("\n")
         nar_bytes = download = 0
         for p in closure:
-            info = open(os.path.join(cache, os.path.basename(p)[:32] + ".narinfo")).read()
-            fields = dict(line.split(": ", 1) for line in info.splitlines() if ": " in line)
+            fields = narinfo_fields(os.path.join(cache, os.path.basename(p)[:32] + ".narinfo"))
             nar_bytes += int(fields["NarSize"])
             download += int(fields.get("FileSize", fields["NarSize"]))
         files = int(subprocess.run(

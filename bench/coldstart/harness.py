@@ -198,7 +198,7 @@ class Harness:
         cache = self.fx["cache"]
         for name in os.listdir(cache):
             if name.endswith(".narinfo"):
-                fields = dict(line.split(": ", 1) for line in open(os.path.join(cache, name)).read().splitlines() if ": " in line)
+                fields = fixtures.narinfo_fields(os.path.join(cache, name))
                 self.nar_sizes["/" + fields["URL"]] = int(fields["NarSize"])
         self.stubs = os.path.join(self.work, "stubs")
         os.makedirs(self.stubs, exist_ok=True)
@@ -283,13 +283,14 @@ class Harness:
         self.node = Node(self, state)
         drop_caches()
 
-        def fetch():
-            subprocess.run([self.nixfs, "fetch", "--state-dir", state, "--substituter", self.cache.url,
-                            "--trusted-public-key", self.fx["public_key"], wl["app"]], check=True,
-                           capture_output=True)
-        self.record(name, profile, "nixfs-prefetch", run, self.nixfs_pod(wl, before=fetch))
+        self.record(name, profile, "nixfs-prefetch", run, self.nixfs_pod(wl, before=lambda: self.prefetch(state, wl)))
         self.node.stop()
         self.node = None
+
+    def prefetch(self, state: str, wl: dict) -> None:
+        """`nixfs fetch` of the workload's closure (through the running daemon on `state`)."""
+        subprocess.run([self.nixfs, "fetch", "--state-dir", state, "--substituter", self.cache.url,
+                        "--trusted-public-key", self.fx["public_key"], wl["app"]], check=True, capture_output=True)
 
     # -- what a perfect lazy system would move: what the program reads --
     def bytes_read(self, name: str, wl: dict) -> None:
@@ -318,8 +319,7 @@ class Harness:
             copies.append(d)
         state = self.fresh("state")
         self.node = Node(self, state)
-        subprocess.run([self.nixfs, "fetch", "--state-dir", state, "--substituter", self.cache.url,
-                        "--trusted-public-key", self.fx["public_key"], wl["app"]], check=True, capture_output=True)
+        self.prefetch(state, wl)
         for run in range(1, self.args.runs + 1):
             for n in counts:
                 # nixfs: N pods, N volumes, one node; the daemon restarted, so that its own memory

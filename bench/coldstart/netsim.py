@@ -147,3 +147,15 @@ class Cache:
             server.close()
 
         asyncio.run(main())
+
+
+if __name__ == "__main__":
+    # Standalone: netsim.py ROOT RTT_MS [MBIT]  (prints "PORT n", serves until killed)
+    import sys
+    import time
+    root, rtt = sys.argv[1], float(sys.argv[2])
+    mbit = float(sys.argv[3]) if len(sys.argv) > 3 else 1e6  # effectively unlimited
+    cache = Cache(root, Profile("cli", rtt_ms=rtt, mbit=mbit)).start()
+    print("PORT", cache.port, flush=True)
+    while True:
+        time.sleep(3600)
