@@ -32,9 +32,21 @@ public final class Ingest: @unchecked Sendable {
     var jobCount = 0
     var hasher: NixHasher? = nil
     var content: ContentID? = nil
+    /// A small file packed into a shared chunk: which group, and where in it.
+    var packed: (group: Int, skip: Int)? = nil
   }
   var files: [FileState] = []
   var inFile = false
+
+  /// Small files go back to back into the current group, which becomes one chunk at about
+  /// `groupBytes` (fewer index rows and worker jobs, better compression than one chunk each).
+  let smallFileLimit: Int
+  static let groupBytes = 64 << 10
+  var group: [UInt8] = []
+  /// Job index of each submitted group.
+  var groupJobs: [Int] = []
+  /// Small contents already packed by this ingest: a repeat is not packed twice.
+  var packedContents: [ContentID: (group: Int, skip: Int)] = [:]
 
   /// The current file's bytes not yet cut into chunks: [start, end) of a 2*max buffer.
   let buffer: UnsafeMutableRawBufferPointer
@@ -50,6 +62,7 @@ public final class Ingest: @unchecked Sendable {
     }
     reader = NARReader(totalSize: info.narSize)
     cdc = store.configuration.chunking
+    smallFileLimit = store.configuration.smallFileLimit
     buffer = .allocate(byteCount: 2 * cdc.maxSize, alignment: 16)
     pipeline = ChunkPipeline(store: store, storePath: info.storePath)
   }
@@ -92,11 +105,16 @@ public final class Ingest: @unchecked Sendable {
       tree.file(name, index: files.count, size: size, executable: executable)
       var f = FileState(size: size, firstJob: pipeline.jobCount)
       if size == 0 { f.content = emptyContent }
+      if size > 0 && size <= UInt64(smallFileLimit) { f.packed = (groupJobs.count, group.count) }
       files.append(f)
       start = 0
       end = 0
       inFile = true
     case .data(let bytes):
+      if files[files.count - 1].packed != nil {
+        group.append(contentsOf: bytes)
+        return
+      }
       var offset = 0
       while offset < bytes.count {
         if buffer.count - end < cdc.maxSize {
@@ -113,8 +131,21 @@ public final class Ingest: @unchecked Sendable {
         while end - start >= cdc.maxSize { try emit(final: false) }
       }
     case .endFile:
-      while end > start { try emit(final: true) }
       let i = files.count - 1
+      if case let (g, skip)? = files[i].packed {
+        let content = group.withUnsafeBytes { SHA256Digest.of(UnsafeRawBufferPointer(rebasing: $0[skip...])) }
+        files[i].content = content
+        if let earlier = packedContents[content] {
+          group.removeLast(group.count - skip)
+          files[i].packed = earlier
+        } else {
+          packedContents[content] = (g, skip)
+        }
+        if group.count >= Self.groupBytes { try submitGroup() }
+        inFile = false
+        return
+      }
+      while end > start { try emit(final: true) }
       if let h = files[i].hasher { files[i].content = SHA256Digest(bytes: h.finalize().digest) }
       inFile = false
     }
@@ -138,6 +169,14 @@ public final class Ingest: @unchecked Sendable {
     try pipeline.submit(chunk)
   }
 
+  /// Hands the current small-file group to the workers as one chunk.
+  func submitGroup() throws {
+    guard !group.isEmpty else { return }
+    groupJobs.append(pipeline.jobCount)
+    try group.withUnsafeBytes { try pipeline.submit($0) }
+    group.removeAll(keepingCapacity: true)
+  }
+
   /// Verifies NarHash and NarSize, makes the data durable and publishes the path atomically.
   @discardableResult
   public func commit() throws(ChunkStoreError) -> Manifest {
@@ -151,6 +190,7 @@ public final class Ingest: @unchecked Sendable {
       if actual != expectedHash {
         throw ChunkStoreError.narHashMismatch(storePath: info.storePath, expected: expectedHash.nix32, actual: actual.nix32)
       }
+      try submitGroup()
       try pipeline.finish()
       let results = pipeline.results
       for i in files.indices where files[i].content == nil {
@@ -159,10 +199,16 @@ public final class Ingest: @unchecked Sendable {
       }
       let nodes = tree.nodes { files[$0].content! }
       var chunks: [ContentID: [ChunkRef]] = [:]
+      var slices: [ContentID: UInt32] = [:]
       for f in files {
-        chunks[f.content!] = (f.firstJob..<f.firstJob + f.jobCount).map { results[$0]! }
+        if case let (g, skip)? = f.packed {
+          chunks[f.content!] = [results[groupJobs[g]]!]
+          slices[f.content!] = UInt32(skip)
+        } else {
+          chunks[f.content!] = (f.firstJob..<f.firstJob + f.jobCount).map { results[$0]! }
+        }
       }
-      let manifest = Manifest(info: info, nodes: nodes, chunks: chunks)
+      let manifest = Manifest(info: info, nodes: nodes, chunks: chunks, slices: slices)
       try pipeline.publish(manifest: manifest, fileCount: files.count)
       finished = true
       store.endIngesting(info.storePath)
@@ -188,6 +234,9 @@ public final class Ingest: @unchecked Sendable {
     narHasher = NixHasher()
     tree = TreeBuilder()
     files = []
+    group = []
+    groupJobs = []
+    packedContents = [:]
     start = 0
     end = 0
     inFile = false
@@ -508,13 +557,14 @@ final class ChunkPipeline: @unchecked Sendable {
         // complete one and only gains our references. (Plain statements: RETURNING would put
         // every execution through a temporary table.)
         var newContents: [(ContentID, Int64)] = []
-        let insertContent = try db.prepare("INSERT OR IGNORE INTO contents(digest, size, refs) VALUES(?, ?, ?)")
+        let insertContent = try db.prepare("INSERT OR IGNORE INTO contents(digest, size, refs, skip) VALUES(?, ?, ?, ?)")
         let addContentRefs = try db.prepare("UPDATE contents SET refs = refs + ? WHERE digest = ?")
         for (content, m) in multiplicity.sorted(by: { $0.key < $1.key }) {
           insertContent.again()
           insertContent.set(1, content)
           insertContent.set(2, m.size)
           insertContent.set(3, m.count)
+          insertContent.set(4, Int(manifest.slices[content] ?? 0))
           try insertContent.run()
           if db.changes == 1 {
             newContents.append((content, db.lastInsertRowID))
@@ -543,10 +593,15 @@ final class ChunkPipeline: @unchecked Sendable {
           """
         )
         for (id, w) in written.sorted(by: { $0.key < $1.key }) {
+          guard let refs = gained[id] else {
+            // Nothing new uses it: a small-file group whose files were all in the store already.
+            if case .pack(_, let offset, let stored) = w.stored { duplicates.append((offset, stored)) }
+            continue
+          }
           insertChunk.again()
           insertChunk.set(1, id)
           insertChunk.set(2, w.size)
-          insertChunk.set(8, gained[id] ?? 0)
+          insertChunk.set(8, refs)
           switch w.stored {
           case .inline(let codec, let data):
             insertChunk.set(3, data.count)

@@ -283,6 +283,17 @@ extension ChunkStore {
     var chunkRefs: [Int64: Int64] = [:]
     let cr = try db.prepare("SELECT chunk, COUNT(*) FROM content_chunks GROUP BY chunk")
     while try cr.step() { chunkRefs[cr.int(0)] = cr.int(1) }
+    // Packed small files, by the shared chunk holding them: their bytes are checked against their
+    // digest with the chunk's (the chunk digest alone does not prove where each one starts).
+    var packedIn: [Int64: [(content: Int64, digest: SHA256Digest?, skip: Int, size: Int)]] = [:]
+    let pk = try db.prepare(
+      """
+      SELECT c.id, c.digest, c.skip, c.size, cc.chunk FROM contents c JOIN content_chunks cc ON cc.content = c.id
+      JOIN chunks ch ON ch.id = cc.chunk WHERE c.skip > 0 OR c.size < ch.size
+      """)
+    while try pk.step() {
+      packedIn[pk.int(4), default: []].append((pk.int(0), pk.digest(1), Int(pk.int(2)), Int(pk.int(3))))
+    }
     // Every chunk: location, bytes, digest, refs.
     let c = try db.prepare("SELECT id, digest, size, stored, codec, pack, offset, data, refs FROM chunks")
     var chunkSize: [Int64: Int64] = [:]
@@ -325,6 +336,13 @@ extension ChunkStore {
         scan.badChunkRows.insert(row)
         continue
       }
+      for f in packedIn[row] ?? [] {
+        guard let d = f.digest, f.skip + f.size <= raw.count, raw.withUnsafeBytes({ SHA256Digest.of(UnsafeRawBufferPointer(rebasing: $0[f.skip..<f.skip + f.size])) }) == d else {
+          problem("content row \(f.content): its \(f.size) bytes at \(f.skip) of chunk \(digest) do not match its digest")
+          scan.badContentRows.insert(f.content)
+          continue
+        }
+      }
     }
     for (row, _) in chunkRefs where chunkSize[row] == nil {
       problem("content_chunks references missing chunk row \(row)")
@@ -352,10 +370,10 @@ extension ChunkStore {
     // Every content: refs, and chunk list covering exactly its size with good chunks.
     var badContents: Set<SHA256Digest> = []
     var seenContents: Set<SHA256Digest> = []
-    let ct = try db.prepare("SELECT id, digest, size, refs FROM contents")
-    var contentsList: [(Int64, SHA256Digest?, Int64, Int64)] = []
-    while try ct.step() { contentsList.append((ct.int(0), ct.digest(1), ct.int(2), ct.int(3))) }
-    for (row, digest, size, refs) in contentsList {
+    let ct = try db.prepare("SELECT id, digest, size, refs, skip FROM contents")
+    var contentsList: [(Int64, SHA256Digest?, Int64, Int64, Int64)] = []
+    while try ct.step() { contentsList.append((ct.int(0), ct.digest(1), ct.int(2), ct.int(3), ct.int(4))) }
+    for (row, digest, size, refs, skip) in contentsList {
       scan.contentsChecked += 1
       guard let digest else {
         problem("content row \(row): malformed digest")
@@ -367,15 +385,19 @@ extension ChunkStore {
       }
       let l = try db.prepare("SELECT offset, chunk FROM content_chunks WHERE content = ? ORDER BY offset").bind(row)
       var expect: Int64 = 0
-      var bad = false
+      var count = 0
+      let reported = scan.badContentRows.contains(row)
+      var bad = reported
       while try l.step() {
         let chunk = l.int(1)
         if l.int(0) != expect || chunkSize[chunk] == nil || scan.badChunkRows.contains(chunk) { bad = true }
         expect = l.int(0) + (chunkSize[chunk] ?? 0)
+        count += 1
       }
-      if expect != size { bad = true }
+      // The chunks hold exactly the content, or (a packed small file) one chunk holds it.
+      if skip < 0 || (skip + size != expect && !(count == 1 && skip + size <= expect)) { bad = true }
       if bad {
-        problem("content \(digest): chunk list is broken or uses bad chunks")
+        if !reported { problem("content \(digest): chunk list is broken or uses bad chunks") }
         scan.badContentRows.insert(row)
         badContents.insert(digest)
       }

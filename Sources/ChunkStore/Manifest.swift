@@ -34,7 +34,7 @@ public struct PathInfo: Codable, Sendable, Hashable {
 }
 
 /// One chunk of a file: its name and uncompressed length. A file's chunks, in order, concatenate
-/// to its bytes.
+/// to its bytes (for a packed small file: to bytes that hold its bytes, see `Manifest.slices`).
 public struct ChunkRef: Codable, Sendable, Hashable {
   public var id: ChunkID
   public var size: UInt32
@@ -69,13 +69,17 @@ public struct Manifest: Codable, Sendable, Hashable {
   public var nodes: [Node]
   /// Chunk lists of the distinct contents of this path. Empty when loaded with `tree(of:)`.
   public var chunks: [ContentID: [ChunkRef]]
+  /// Small files packed with others into a shared chunk: the content is `size` bytes of its
+  /// chunk list's concatenation starting at this offset. Absent for every other content.
+  public var slices: [ContentID: UInt32]
 
   public static let root = 0
 
-  public init(info: PathInfo, nodes: [Node], chunks: [ContentID: [ChunkRef]]) {
+  public init(info: PathInfo, nodes: [Node], chunks: [ContentID: [ChunkRef]], slices: [ContentID: UInt32] = [:]) {
     self.info = info
     self.nodes = nodes
     self.chunks = chunks
+    self.slices = slices
   }
 
   /// Children of directory `node` (empty for other kinds).

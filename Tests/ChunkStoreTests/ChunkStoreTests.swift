@@ -1,4 +1,4 @@
-import ChunkStore
+@testable import ChunkStore
 import Foundation
 import NixFormats
 import TestSupport
@@ -117,9 +117,20 @@ import Testing
     #expect(back == full)
     #expect(back.info.narHash == f.hash.nix32)
     #expect(full.chunks[big]?.reduce(0) { $0 + UInt64($1.size) } == bigSize)
+    // Small files are packed into shared chunks: one chunk each, holding them at their slice.
+    #expect(full.slices[toolContent] != nil)
+    #expect(full.slices[big] == nil)
     // Rebuilding the NAR from the decoded manifest + chunk reads gives the same bytes.
     var writer = NARWriter()
-    try back.replay({ try writer.write($0) }) { content, _, emit in
+    try back.replay({ try writer.write($0) }) { content, size, emit in
+      if let skip = back.slices[content] {
+        let refs = back.chunks[content] ?? []
+        #expect(refs.count == 1 && UInt64(skip) + size <= UInt64(refs.first?.size ?? 0))
+        let bytes = try store.read(content: content, offset: 0, count: Int(size))
+        #expect(SHA256Digest.of(bytes) == content)
+        try bytes.withUnsafeBytes { try emit($0) }
+        return
+      }
       var off: UInt64 = 0
       for ref in back.chunks[content] ?? [] {
         let bytes = try store.read(content: content, offset: off, count: Int(ref.size))
@@ -273,6 +284,65 @@ import Testing
     #expect(ratio < 1.25, "two versions cost \(ratio)x one")
     #expect(try dump(store, v1.storePath) == v1.nar)
     #expect(try dump(store, v2.storePath) == v2.nar)
+  }
+}
+
+@Suite struct PackedSmallFileTests {
+  /// 300 small files (up to the 4 KiB limit) in one path: packed into a few shared chunks, each
+  /// file still its own content; a second path with the same files plus one new one stores only
+  /// the group holding the new one, and keeps reading the first path's groups after it is gone.
+  @Test func smallFilesArePackedSharedAndCheckedByFsck() throws {
+    let dir = try TemporaryDirectory("packed")
+    var smallBytes = 0
+    for i in 0..<300 {
+      let size = 1 + (i * 977) % 4096
+      smallBytes += size
+      try Tree.file(dir.sub("a/d\(i % 7)/f\(i)"), Tree.bytes(size, seed: UInt64(400 + i)))
+      try Tree.file(dir.sub("b/d\(i % 7)/f\(i)"), Tree.bytes(size, seed: UInt64(400 + i)))
+    }
+    // Repeats inside one path are packed once.
+    try Tree.file(dir.sub("a/again"), Tree.bytes(1 + 977 % 4096, seed: 401))
+    try Tree.file(dir.sub("b/new"), Tree.bytes(3000, seed: 999))
+    let a = try NARFixture(tree: dir.sub("a"), name: "small-a")
+    let b = try NARFixture(tree: dir.sub("b"), name: "small-b")
+    let store = try openStore(dir.sub("state"))
+    let ma = try ingest(store, a)
+    let one = try store.stats()
+    #expect(one.contents == 300)
+    #expect(one.chunks < 300 / 10, "\(one.chunks) chunks for 300 small files")
+    #expect(ma.slices.count == 300)
+    #expect(one.chunkBytes < UInt64(smallBytes) + 4096, "a repeated file is packed once")
+    let again = try #require(ma.lookup(path: "again"))
+    let first = try #require(ma.lookup(path: "d1/f1"))
+    #expect(ma.nodes[again].kind == ma.nodes[first].kind)
+
+    let mb = try ingest(store, b)
+    let two = try store.stats()
+    // Only the group holding the new file is new (about 64 KiB); the rest were all known.
+    #expect(two.chunkBytes - one.chunkBytes < 70 << 10, "second path added \(two.chunkBytes - one.chunkBytes) bytes")
+    #expect(two.contents == 301)
+    #expect(try store.fsck(repair: false).isConsistent)
+    // The second path reads its known files from the first path's groups, also once it is gone.
+    try store.remove(a.storePath)
+    #expect(try dump(store, b.storePath) == b.nar)
+    let f7 = try #require(mb.lookup(path: "d0/f7"))
+    guard case .regular(let c7, let size7, _) = mb.nodes[f7].kind else {
+      Issue.record("d0/f7")
+      return
+    }
+    #expect(try store.read(content: c7, offset: 10, count: 100) == Array(Tree.bytes(Int(size7), seed: 407)[10..<110]))
+    #expect(try store.fsck(repair: false).isConsistent)
+
+    // A packed file's slice pointing at the wrong bytes is caught, and repair marks its path
+    // incomplete (to be fetched again).
+    try store.withWriter { db in try db.exec("UPDATE contents SET skip = skip + 1 WHERE skip > 0") }
+    store.dropLayouts()
+    let report = try store.fsck(repair: false)
+    #expect(!report.isConsistent)
+    #expect(report.problems.contains { $0.contains("do not match its digest") }, "\(report.problems.prefix(3))")
+    let repaired = try store.fsck(repair: true)
+    #expect(repaired.isConsistent, "\(repaired.problems.prefix(3))")
+    #expect(store.incompletePaths() == [b.storePath.path])
   }
 }
 
