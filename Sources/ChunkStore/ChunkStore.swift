@@ -18,7 +18,7 @@ import Synchronization
 ///   when that does not pay), located by (pack, offset, stored size) in the index.
 ///
 /// Small files: files of at most `smallFileLimit` (default 4 KiB) are packed together, in ingest
-/// order, into shared chunks of about 64 KiB per store path; each keeps its own content row (so
+/// order, into shared chunks of about 16 KiB per store path; each keeps its own content row (so
 /// identical files still share one content and one inode) that names its bytes as a slice
 /// (`skip`, `size`) of the shared chunk. This keeps the index at three rows per small file instead
 /// of five, and the bytes out of the index's WAL. Other files smaller than the FastCDC minimum are
