@@ -187,7 +187,21 @@ public final class ChunkStore: @unchecked Sendable {
     let hasSkip = try columns.step()
     columns.again()
     if !hasSkip { try db.exec("ALTER TABLE contents ADD COLUMN skip INTEGER NOT NULL DEFAULT 0") }
+    // Version 2: every multi-chunk content is named by its chunk list (`ofChunkList`), so fsck
+    // can check those names. Earlier stores named them by the SHA-256 of their bytes; they keep
+    // working, and are marked version 2 once they hold no content (e.g. emptied by GC).
+    let version = try db.prepare("PRAGMA user_version")
+    let current = try version.step() ? version.int(0) : 0
+    version.again()
+    if current < Self.listNamedVersion {
+      let any = try db.prepare("SELECT 1 FROM contents LIMIT 1")
+      let hasContents = try any.step()
+      any.again()
+      if !hasContents { try db.exec("PRAGMA user_version = \(Self.listNamedVersion)") }
+    }
   }
+
+  static let listNamedVersion: Int64 = 2
 
   enum PathState: Int64 {
     case complete = 1

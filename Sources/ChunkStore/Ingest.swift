@@ -8,9 +8,9 @@ import NixFormats
 
 /// Ingests one store path from its uncompressed NAR, fed in pieces of any size.
 ///
-/// `feed` parses the NAR, hashes it (NarHash), cuts each file with FastCDC and hashes multi-chunk
-/// files whole; worker threads hash, dedup, compress and append each chunk to a pack leased by
-/// this ingest alone. Nothing is visible until `commit`: it checks NarHash and NarSize, makes the
+/// `feed` parses the NAR, hashes it (NarHash), cuts each file with FastCDC and packs small files
+/// together; worker threads hash, dedup, compress and append each chunk to a pack leased by this
+/// ingest alone. Nothing is visible until `commit`: it checks NarHash and NarSize, makes the
 /// pack bytes durable (fdatasync), then records chunks, contents and the path in one SQLite
 /// transaction. `abort` (or dropping the object, or a crash) leaves only pack bytes past the
 /// committed length, which are cut off.
@@ -30,7 +30,6 @@ public final class Ingest: @unchecked Sendable {
     var size: UInt64
     var firstJob: Int
     var jobCount = 0
-    var hasher: NixHasher? = nil
     var content: ContentID? = nil
     /// A small file packed into a shared chunk: which group, and where in it.
     var packed: (group: Int, skip: Int)? = nil
@@ -130,7 +129,7 @@ public final class Ingest: @unchecked Sendable {
         (buffer.baseAddress! + end).copyMemory(from: bytes.baseAddress! + offset, byteCount: n)
         end += n
         offset += n
-        while end - start >= cdc.maxSize { try emit(final: false) }
+        while end - start >= cdc.maxSize { try emit() }
       }
     case .endFile:
       let i = files.count - 1
@@ -147,26 +146,17 @@ public final class Ingest: @unchecked Sendable {
         inFile = false
         return
       }
-      while end > start { try emit(final: true) }
-      if let h = files[i].hasher { files[i].content = SHA256Digest(bytes: h.finalize().digest) }
+      while end > start { try emit() }
       inFile = false
     }
   }
 
   /// Cuts the next chunk off the buffer and hands it to the workers.
-  func emit(final: Bool) throws {
+  func emit() throws {
     let available = UnsafeRawBufferPointer(start: buffer.baseAddress! + start, count: end - start)
     let len = cdc.cut(available)
     let chunk = UnsafeRawBufferPointer(rebasing: available[0..<len])
-    let i = files.count - 1
-    // A file that is one chunk is named by that chunk's digest (the same SHA-256 of the same
-    // bytes); only multi-chunk files need a second, whole-file hash.
-    let single = files[i].jobCount == 0 && final && len == end - start
-    if !single {
-      if files[i].hasher == nil { files[i].hasher = NixHasher() }
-      files[i].hasher!.update(chunk)
-    }
-    files[i].jobCount += 1
+    files[files.count - 1].jobCount += 1
     start += len
     try pipeline.submit(chunk)
   }
@@ -196,8 +186,10 @@ public final class Ingest: @unchecked Sendable {
       try pipeline.finish()
       let results = pipeline.results
       for i in files.indices where files[i].content == nil {
-        guard let first = results[files[i].firstJob] else { throw ChunkStoreError.chunkMissing(chunk: emptyContent, content: emptyContent) }
-        files[i].content = first.id
+        let list = results[files[i].firstJob..<files[i].firstJob + files[i].jobCount]
+        guard list.allSatisfy({ $0 != nil }) else { throw ChunkStoreError.chunkMissing(chunk: emptyContent, content: emptyContent) }
+        // One chunk: the file's SHA-256 is that chunk's name.
+        files[i].content = list.count == 1 ? list.first!!.id : .ofChunkList(list.lazy.map { $0! })
       }
       let nodes = tree.nodes { files[$0].content! }
       var chunks: [ContentID: [ChunkRef]] = [:]

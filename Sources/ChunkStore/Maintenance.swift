@@ -297,10 +297,12 @@ extension ChunkStore {
     // Every chunk: location, bytes, digest, refs.
     let c = try db.prepare("SELECT id, digest, size, stored, codec, pack, offset, data, refs FROM chunks")
     var chunkSize: [Int64: Int64] = [:]
+    var chunkDigest: [Int64: ChunkID] = [:]
     while try c.step() {
       scan.chunksChecked += 1
       let row = c.int(0)
       chunkSize[row] = c.int(2)
+      if let d = c.digest(1) { chunkDigest[row] = d }
       guard let digest = c.digest(1) else {
         problem("chunk row \(row): malformed digest")
         scan.badChunkRows.insert(row)
@@ -370,6 +372,9 @@ extension ChunkStore {
     // Every content: refs, and chunk list covering exactly its size with good chunks.
     var badContents: Set<SHA256Digest> = []
     var seenContents: Set<SHA256Digest> = []
+    let versionRow = try db.prepare("PRAGMA user_version")
+    let listNamed = try versionRow.step() && versionRow.int(0) >= ChunkStore.listNamedVersion
+    versionRow.again()
     let ct = try db.prepare("SELECT id, digest, size, refs, skip FROM contents")
     var contentsList: [(Int64, SHA256Digest?, Int64, Int64, Int64)] = []
     while try ct.step() { contentsList.append((ct.int(0), ct.digest(1), ct.int(2), ct.int(3), ct.int(4))) }
@@ -386,6 +391,7 @@ extension ChunkStore {
       let l = try db.prepare("SELECT offset, chunk FROM content_chunks WHERE content = ? ORDER BY offset").bind(row)
       var expect: Int64 = 0
       var count = 0
+      var list: [ChunkRef] = []
       let reported = scan.badContentRows.contains(row)
       var bad = reported
       while try l.step() {
@@ -393,11 +399,18 @@ extension ChunkStore {
         if l.int(0) != expect || chunkSize[chunk] == nil || scan.badChunkRows.contains(chunk) { bad = true }
         expect = l.int(0) + (chunkSize[chunk] ?? 0)
         count += 1
+        if let d = chunkDigest[chunk], let n = chunkSize[chunk] { list.append(ChunkRef(id: d, size: UInt32(n))) }
       }
+      // A multi-chunk content is named by its chunk list: a row pointing at other chunks shows.
+      let misnamed = listNamed && count > 1 && !bad && ContentID.ofChunkList(list) != digest
       // The chunks hold exactly the content, or (a packed small file) one chunk holds it.
       if skip < 0 || (skip + size != expect && !(count == 1 && skip + size <= expect)) { bad = true }
-      if bad {
-        if !reported { problem("content \(digest): chunk list is broken or uses bad chunks") }
+      if misnamed {
+        problem("content \(digest): its chunk list does not hash to its name")
+      } else if bad && !reported {
+        problem("content \(digest): chunk list is broken or uses bad chunks")
+      }
+      if bad || misnamed {
         scan.badContentRows.insert(row)
         badContents.insert(digest)
       }

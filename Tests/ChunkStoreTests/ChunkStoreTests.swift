@@ -367,6 +367,53 @@ extension PackedSmallFileTests {
   }
 }
 
+@Suite struct ContentNameTests {
+  /// A file of several chunks is named by its chunk list (a receiver checks the name from the
+  /// manifest alone), one of a single chunk by its SHA-256; fsck catches a chunk list whose rows
+  /// were reordered even though every offset and size still adds up.
+  @Test func multiChunkContentsAreNamedByTheirChunkList() throws {
+    let dir = try TemporaryDirectory("names")
+    let bigBytes = Tree.bytes(2 << 20, seed: 91)
+    try Tree.file(dir.sub("t/big"), bigBytes)
+    try Tree.file(dir.sub("t/one"), Tree.bytes(10_000, seed: 92))
+    let f = try NARFixture(tree: dir.sub("t"), name: "names")
+    let store = try openStore(dir.sub("state"))
+    let m = try ingest(store, f)
+    let full = try #require(try store.manifest(of: f.storePath))
+    guard case .regular(let big, _, _) = m.nodes[try #require(m.lookup(path: "big"))].kind,
+      case .regular(let one, _, _) = m.nodes[try #require(m.lookup(path: "one"))].kind
+    else {
+      Issue.record("kinds")
+      return
+    }
+    let list = try #require(full.chunks[big])
+    #expect(list.count > 3)
+    #expect(ContentID.ofChunkList(list) == big)
+    #expect(big != SHA256Digest.of(bigBytes))
+    #expect(one == SHA256Digest.of(Tree.bytes(10_000, seed: 92)))
+    #expect(try store.fsck(repair: false).isConsistent)
+
+    // Swap the first two chunks of big, with offsets rewritten so the list still covers its size.
+    try store.withWriter { db in
+      let c = try db.prepare("SELECT id FROM contents WHERE digest = ?").bind(big)
+      _ = try c.step()
+      let row = c.int(0)
+      c.again()
+      let rows = try db.prepare("SELECT chunk FROM content_chunks WHERE content = ? ORDER BY offset LIMIT 2").bind(row)
+      var chunks: [Int64] = []
+      while try rows.step() { chunks.append(rows.int(0)) }
+      try db.exec("DELETE FROM content_chunks WHERE content = \(row) AND offset < \(list[0].size + list[1].size)")
+      try db.exec("INSERT INTO content_chunks VALUES(\(row), 0, \(chunks[1])), (\(row), \(list[1].size), \(chunks[0]))")
+    }
+    store.dropLayouts()
+    let report = try store.fsck(repair: false)
+    #expect(report.problems.contains { $0.contains("does not hash to its name") }, "\(report.problems)")
+    let repaired = try store.fsck(repair: true)
+    #expect(repaired.isConsistent, "\(repaired.problems)")
+    #expect(store.incompletePaths() == [f.storePath.path])
+  }
+}
+
 @Suite struct GCAndFsckTests {
   @Test func gcEvictsLeastRecentlyUsedUnpinnedPathsAndKeepsSharedChunks() throws {
     let dir = try TemporaryDirectory("gc")
