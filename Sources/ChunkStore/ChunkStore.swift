@@ -99,6 +99,8 @@ public final class ChunkStore: @unchecked Sendable {
   var storedTotal: UInt64?
   /// Read on every tree lookup of the filesystem: an atomic, not the state lock.
   let evictionCount = Atomic<UInt64>(0)
+  /// False only for a read-only open of an index no writer of this version has migrated yet.
+  let hasSkipColumn: Bool
 
   let chunkCache: ChunkCache
   private let layoutCache = NSLock()
@@ -116,6 +118,8 @@ public final class ChunkStore: @unchecked Sendable {
       guard FileManager.default.fileExists(atPath: indexPath) else {
         throw .io(path: indexPath, operation: "open", errno: ENOENT)
       }
+      let facts = try Self.schemaFacts(try Database(path: indexPath, readOnly: true), indexPath)
+      hasSkipColumn = facts.hasSkip
       writer = nil
       checkpointer = nil
       return
@@ -133,6 +137,7 @@ public final class ChunkStore: @unchecked Sendable {
     }
     lockFD = fd
     let db = try Database(path: indexPath)
+    hasSkipColumn = true
     writer = db
     try db.exec("PRAGMA journal_mode=WAL")
     // FULL: a commit is durable when COMMIT returns, which is what makes a path visible.
@@ -181,18 +186,38 @@ public final class ChunkStore: @unchecked Sendable {
     """
 
   /// Brings an index made by an earlier version up to this schema.
-  func migrate(_ db: Database) throws(ChunkStoreError) {
-    // `contents.skip` came with packed small files; older contents are all whole chunk lists.
-    let columns = try db.prepare("SELECT 1 FROM pragma_table_info('contents') WHERE name = 'skip'")
-    let hasSkip = try columns.step()
-    columns.again()
-    if !hasSkip { try db.exec("ALTER TABLE contents ADD COLUMN skip INTEGER NOT NULL DEFAULT 0") }
-    // Version 2: every multi-chunk content is named by its chunk list (`ofChunkList`), so fsck
-    // can check those names. Earlier stores named them by the SHA-256 of their bytes; they keep
-    // working, and are marked version 2 once they hold no content (e.g. emptied by GC).
+  /// Schema versions (SQLite `user_version`): 0 before packed small files; 1 migrated from 0
+  /// (`contents.skip` added; multi-chunk contents stored before keep SHA-256 names); 2 every
+  /// multi-chunk content is named by its chunk list (`ofChunkList`), so fsck can check those names.
+  static let listNamedVersion: Int64 = 2
+
+  /// The index's schema version and whether `contents.skip` exists; refuses a newer schema.
+  static func schemaFacts(_ db: Database, _ path: String) throws(ChunkStoreError) -> (version: Int64, hasSkip: Bool) {
     let version = try db.prepare("PRAGMA user_version")
     let current = try version.step() ? version.int(0) : 0
     version.again()
+    if current > listNamedVersion {
+      throw .index(
+        path: path, operation: "open",
+        message: "schema version \(current) is newer than this nixfs understands (\(listNamedVersion)): use the newer nixfs")
+    }
+    let columns = try db.prepare("SELECT 1 FROM pragma_table_info('contents') WHERE name = 'skip'")
+    let hasSkip = try columns.step()
+    columns.again()
+    return (current, hasSkip)
+  }
+
+  /// Brings an index made by an earlier version up to this schema. (A nixfs from before packed
+  /// small files must not open the result: it would ignore `skip` and read the wrong bytes.)
+  func migrate(_ db: Database) throws(ChunkStoreError) {
+    let facts = try Self.schemaFacts(db, indexPath)
+    var current = facts.version
+    if !facts.hasSkip {
+      try db.exec("ALTER TABLE contents ADD COLUMN skip INTEGER NOT NULL DEFAULT 0")
+      current = max(current, 1)
+      try db.exec("PRAGMA user_version = \(current)")
+    }
+    // A store that holds no content yet (new, or emptied by GC) can promise list names from now on.
     if current < Self.listNamedVersion {
       let any = try db.prepare("SELECT 1 FROM contents LIMIT 1")
       let hasContents = try any.step()
@@ -200,8 +225,6 @@ public final class ChunkStore: @unchecked Sendable {
       if !hasContents { try db.exec("PRAGMA user_version = \(Self.listNamedVersion)") }
     }
   }
-
-  static let listNamedVersion: Int64 = 2
 
   enum PathState: Int64 {
     case complete = 1
@@ -551,7 +574,10 @@ public final class ChunkStore: @unchecked Sendable {
     let l: ContentLayout
     do {
       l = try withReader { db -> ContentLayout in
-        let c = try db.prepare("SELECT id, size, skip FROM contents WHERE digest = ?").bind(content)
+        let c = try db.prepare(
+          hasSkipColumn
+            ? "SELECT id, size, skip FROM contents WHERE digest = ?" : "SELECT id, size, 0 FROM contents WHERE digest = ?"
+        ).bind(content)
         guard try c.step() else { throw ChunkStoreError.contentNotFound(content) }
         let contentRow = c.int(0)
         let size = UInt64(c.int(1))

@@ -368,7 +368,10 @@ final class ChunkPipeline: @unchecked Sendable {
   private func worker() {
     guard let cctx = ZSTD_createCCtx() else { return }
     defer { ZSTD_freeCCtx(cctx) }
-    let staging = Staging(maxChunk: store.configuration.chunking.maxSize)
+    // A small-file group may be larger than the FastCDC maximum (with a small maximum or a large
+    // small-file limit): room for whichever is bigger, raw or compressed.
+    let largest = max(store.configuration.chunking.maxSize, Ingest.groupBytes + store.configuration.smallFileLimit)
+    let staging = Staging(maxChunk: largest)
     while true {
       cond.lock()
       while queue.count == queueHead && !stopping { cond.wait() }

@@ -82,6 +82,15 @@ public struct Manifest: Codable, Sendable, Hashable {
     self.slices = slices
   }
 
+  /// `slices` may be absent: manifests written before small files were packed have none.
+  public init(from decoder: any Decoder) throws {
+    let c = try decoder.container(keyedBy: CodingKeys.self)
+    info = try c.decode(PathInfo.self, forKey: .info)
+    nodes = try c.decode([Node].self, forKey: .nodes)
+    chunks = try c.decode([ContentID: [ChunkRef]].self, forKey: .chunks)
+    slices = try c.decodeIfPresent([ContentID: UInt32].self, forKey: .slices) ?? [:]
+  }
+
   /// Children of directory `node` (empty for other kinds).
   public func children(of node: Int) -> Range<Int> {
     guard case .directory(let first, let count) = nodes[node].kind else { return 0..<0 }
