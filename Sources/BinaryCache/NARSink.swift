@@ -11,6 +11,22 @@ import NixFormats
 public protocol NARSink: AnyObject, Sendable {
   func write(_ bytes: UnsafeRawBufferPointer) throws
   func reset() throws
+  /// True for a sink that SHA-256-hashes every byte it is given anyway (the chunk store does, to
+  /// check NarHash again at commit): the download then compares `writtenNARHash()` with NarHash
+  /// instead of hashing the same bytes a second time. False by default.
+  var computesNARHash: Bool { get }
+  /// The SHA-256 of all bytes written since the last reset (only asked when `computesNARHash`).
+  func writtenNARHash() -> NixHash?
+}
+
+extension NARSink {
+  public var computesNARHash: Bool { false }
+  public func writtenNARHash() -> NixHash? { nil }
+}
+
+/// A sink that promised its NAR hash did not report one.
+struct MissingSinkHash: Error, CustomStringConvertible {
+  var description: String { "the sink computes the NAR hash but reported none" }
 }
 
 /// Collects a NAR in memory (tests, small paths).
@@ -75,6 +91,10 @@ final class NARDownload: @unchecked Sendable {
   let sink: any NARSink
   private var fileHasher = NixHasher()
   private var narHasher = NixHasher()
+  /// Decompressed bytes handed to the sink since the last restart.
+  private var delivered: UInt64 = 0
+  /// The sink hashes what it gets: do not hash it here too.
+  private let sinkHashes: Bool
   private var decompressor: any Decompressor
   private var reader: NARReader
   /// Whether FileHash needs its own hasher: uncompressed, it is the NarHash over the same bytes.
@@ -97,16 +117,18 @@ final class NARDownload: @unchecked Sendable {
     self.decompressor = d
     self.reader = NARReader(totalSize: info.narSize)
     self.hashFile = info.fileHash != nil && !(info.compression == .none && info.fileHash == info.narHash)
+    self.sinkHashes = sink.computesNARHash
   }
 
   /// Back to byte 0: fresh state, and the sink forgets what it got.
   func restart() throws(CacheError) {
-    let ours = received > 0 || narHasher.byteCount > 0
+    let ours = received > 0 || delivered > 0
     guard ours || pendingReset else { return }
     if ours { restarts += 1 }
     pendingReset = false
     fileHasher = NixHasher()
     narHasher = NixHasher()
+    delivered = 0
     decompressor = Decompressors.make(info.compression)!
     reader = NARReader(totalSize: info.narSize)
     received = 0
@@ -155,11 +177,10 @@ final class NARDownload: @unchecked Sendable {
   }
 
   private func deliver(_ piece: UnsafeRawBufferPointer) throws {
-    if narHasher.byteCount + UInt64(piece.count) > info.narSize {
-      throw CacheError.sizeMismatch(
-        url: url, field: "NarSize", expected: info.narSize, actual: narHasher.byteCount + UInt64(piece.count))
+    if delivered + UInt64(piece.count) > info.narSize {
+      throw CacheError.sizeMismatch(url: url, field: "NarSize", expected: info.narSize, actual: delivered + UInt64(piece.count))
     }
-    narHasher.update(piece)
+    if !sinkHashes { narHasher.update(piece) }
     do {
       try reader.feed(piece) { _ in }
     } catch let e as NARError {
@@ -168,10 +189,11 @@ final class NARDownload: @unchecked Sendable {
     do { try sink.write(piece) } catch {
       throw CacheError.sink(url: url, error: error)
     }
+    delivered += UInt64(piece.count)
   }
 
   /// Whether the sink has been given bytes of this download.
-  var touchedSink: Bool { narHasher.byteCount > 0 }
+  var touchedSink: Bool { delivered > 0 }
 
   /// All bytes are in: verify sizes and hashes. Throws `CacheError`.
   func finish() throws {
@@ -190,10 +212,12 @@ final class NARDownload: @unchecked Sendable {
         if actual != expected { throw CacheError.hashMismatch(url: url, field: "FileHash", expected: expected, actual: actual) }
       }
     }
-    if narHasher.byteCount != info.narSize {
-      throw CacheError.sizeMismatch(url: url, field: "NarSize", expected: info.narSize, actual: narHasher.byteCount)
+    if delivered != info.narSize {
+      throw CacheError.sizeMismatch(url: url, field: "NarSize", expected: info.narSize, actual: delivered)
     }
-    let actual = narHasher.finalize()
+    guard let actual = sinkHashes ? sink.writtenNARHash() : narHasher.finalize() else {
+      throw CacheError.sink(url: url, error: MissingSinkHash())
+    }
     if actual != info.narHash {
       throw CacheError.hashMismatch(url: url, field: "NarHash", expected: info.narHash, actual: actual)
     }

@@ -75,6 +75,12 @@ public final class Ingest: @unchecked Sendable {
 
   public var bytesFed: UInt64 { narHasher.byteCount }
 
+  /// Every byte fed is SHA-256-hashed here (for NarHash), so a download feeding this ingest can
+  /// use `writtenNARHash()` rather than hash the same bytes again (`NARSink`).
+  public var computesNARHash: Bool { true }
+  /// The SHA-256 of the bytes fed since the start or the last `reset()`.
+  public func writtenNARHash() -> NixHash? { narHasher.finalize() }
+
   /// Takes the next piece of the NAR.
   public func feed(_ bytes: UnsafeRawBufferPointer) throws(ChunkStoreError) {
     guard !finished else { throw .ingestFinished(storePath: info.storePath) }

@@ -243,6 +243,61 @@ import TestSupport
   }
 }
 
+/// Collects a NAR and hashes it itself, like the chunk store's ingest; `lie` reports a wrong hash.
+final class HashingBuffer: NARSink, @unchecked Sendable {
+  private(set) var bytes: [UInt8] = []
+  private var hasher = NixHasher()
+  private(set) var resets = 0
+  let lie: Bool
+  init(lie: Bool = false) { self.lie = lie }
+  func write(_ piece: UnsafeRawBufferPointer) throws {
+    bytes.append(contentsOf: piece)
+    hasher.update(piece)
+  }
+  func reset() throws {
+    bytes = []
+    hasher = NixHasher()
+    resets += 1
+  }
+  var computesNARHash: Bool { true }
+  func writtenNARHash() -> NixHash? { lie ? NixHash.sha256([0]) : hasher.finalize() }
+}
+
+extension DownloadTests {
+  /// A sink that hashes the NAR itself is asked for the hash instead of the download hashing the
+  /// same bytes again: its hash is what gets compared (a lying sink is caught by NarHash), and a
+  /// corrupt NAR still fails over to the next substituter.
+  @Test func aSinkThatHashesIsAskedForTheNarHash() async throws {
+    let f = try CacheFixture(compression: "zstd")
+    let good = try TestServer(serving: f.cache)
+    defer { good.stop() }
+    let client = try makeClient([good.url], keys: [f.publicKey])
+    let found = try await client.narInfo(for: f.big)
+    let honest = HashingBuffer()
+    try await client.fetchNAR(found, into: honest)
+    #expect(honest.bytes == (try f.nar(f.big)))
+    let liar = HashingBuffer(lie: true)
+    let error = await cacheError { try await client.fetchNAR(found, into: liar) }
+    guard case .hashMismatch(_, "NarHash", _, let actual)? = error else {
+      Issue.record("expected a NarHash mismatch, got \(String(describing: error))")
+      return
+    }
+    #expect(actual == NixHash.sha256([0]))
+
+    let nar = try f.narPath(f.big)
+    var config = TestServer.Config()
+    config.faults[nar] = [.init(corrupt: 1_500_000)]
+    let bad = try TestServer(serving: f.cache, config: config)
+    defer { bad.stop() }
+    let both = try makeClient([bad.url, good.url], keys: [f.publicKey])
+    let sink = HashingBuffer()
+    let used = try await both.fetchNAR(for: f.big, into: sink)
+    #expect(used.substituter.url == good.url)
+    #expect(sink.bytes == (try f.nar(f.big)))
+    #expect(sink.resets == 1)
+  }
+}
+
 @Suite struct NarInfoLookupTests {
   @Test func truncatedNarInfoIsRefused() async throws {
     let f = try CacheFixture(compression: "zstd")
