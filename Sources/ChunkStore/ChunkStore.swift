@@ -185,7 +185,6 @@ public final class ChunkStore: @unchecked Sendable {
       PRIMARY KEY(store_path, holder)) WITHOUT ROWID;
     """
 
-  /// Brings an index made by an earlier version up to this schema.
   /// Schema versions (SQLite `user_version`): 0 before packed small files; 1 migrated from 0
   /// (`contents.skip` added; multi-chunk contents stored before keep SHA-256 names); 2 every
   /// multi-chunk content is named by its chunk list (`ofChunkList`), so fsck can check those names.
@@ -415,13 +414,8 @@ public final class ChunkStore: @unchecked Sendable {
   func didCommit(_ path: String) {
     if let budget = configuration.maxStoredBytes {
       // The path just fetched is about to be read: never its own victim, even over budget.
-      stateLock.locked { memoryPins[path, default: 0] += 1 }
-      defer {
-        stateLock.locked {
-          let n = (memoryPins[path] ?? 1) - 1
-          memoryPins[path] = n <= 0 ? nil : n
-        }
-      }
+      pin(path)
+      defer { unpin(path) }
       do { _ = try collectGarbage(maxStoredBytes: budget) } catch { logger.error("online GC failed: \(error)") }
     }
   }
@@ -501,11 +495,13 @@ public final class ChunkStore: @unchecked Sendable {
   // MARK: Pins and LRU
 
   /// Pins a path for as long as this process runs (e.g. while files of it are open). Counted.
-  public func pin(_ path: StorePath) { stateLock.locked { memoryPins[path.path, default: 0] += 1 } }
-  public func unpin(_ path: StorePath) {
+  public func pin(_ path: StorePath) { pin(path.path) }
+  public func unpin(_ path: StorePath) { unpin(path.path) }
+  func pin(_ path: String) { stateLock.locked { memoryPins[path, default: 0] += 1 } }
+  func unpin(_ path: String) {
     stateLock.locked {
-      let n = (memoryPins[path.path] ?? 1) - 1
-      memoryPins[path.path] = n <= 0 ? nil : n
+      let n = (memoryPins[path] ?? 1) - 1
+      memoryPins[path] = n <= 0 ? nil : n
     }
   }
 

@@ -149,10 +149,9 @@ public final class Ingest: @unchecked Sendable {
           packedContents[content] = (g, skip)
         }
         if group.count >= Self.groupBytes { try submitGroup() }
-        inFile = false
-        return
+      } else {
+        while end > start { try emit() }
       }
-      while end > start { try emit() }
       inFile = false
     }
   }
@@ -191,23 +190,19 @@ public final class Ingest: @unchecked Sendable {
       try submitGroup()
       try pipeline.finish()
       let results = pipeline.results
-      for i in files.indices where files[i].content == nil {
-        let list = results[files[i].firstJob..<files[i].firstJob + files[i].jobCount]
-        guard list.allSatisfy({ $0 != nil }) else { throw ChunkStoreError.chunkMissing(chunk: emptyContent, content: emptyContent) }
-        // One chunk: the file's SHA-256 is that chunk's name.
-        files[i].content = list.count == 1 ? list.first!!.id : .ofChunkList(list.lazy.map { $0! })
-      }
-      let nodes = tree.nodes { files[$0].content! }
       var chunks: [ContentID: [ChunkRef]] = [:]
       var slices: [ContentID: UInt32] = [:]
-      for f in files {
-        if case let (g, skip)? = f.packed {
-          chunks[f.content!] = [results[groupJobs[g]]!]
-          slices[f.content!] = UInt32(skip)
-        } else {
-          chunks[f.content!] = (f.firstJob..<f.firstJob + f.jobCount).map { results[$0]! }
-        }
+      for i in files.indices {
+        let jobs = files[i].packed.map { [groupJobs[$0.group]] } ?? Array(files[i].firstJob..<files[i].firstJob + files[i].jobCount)
+        let list = jobs.compactMap { results[$0] }
+        guard list.count == jobs.count else { throw ChunkStoreError.chunkMissing(chunk: emptyContent, content: emptyContent) }
+        // Empty and packed files are named already; one chunk: the file's SHA-256 is its name.
+        let content = files[i].content ?? (list.count == 1 ? list[0].id : .ofChunkList(list))
+        files[i].content = content
+        chunks[content] = list
+        if let p = files[i].packed { slices[content] = UInt32(p.skip) }
       }
+      let nodes = tree.nodes { files[$0].content! }
       let manifest = Manifest(info: info, nodes: nodes, chunks: chunks, slices: slices)
       try pipeline.publish(manifest: manifest, fileCount: files.count)
       finished = true

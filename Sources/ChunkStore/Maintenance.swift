@@ -302,12 +302,12 @@ extension ChunkStore {
       scan.chunksChecked += 1
       let row = c.int(0)
       chunkSize[row] = c.int(2)
-      if let d = c.digest(1) { chunkDigest[row] = d }
       guard let digest = c.digest(1) else {
         problem("chunk row \(row): malformed digest")
         scan.badChunkRows.insert(row)
         continue
       }
+      chunkDigest[row] = digest
       let refs = c.int(8)
       if refs != (chunkRefs[row] ?? 0) {
         problem("chunk \(digest): reference count \(refs), but \(chunkRefs[row] ?? 0) content references")
@@ -339,10 +339,11 @@ extension ChunkStore {
         continue
       }
       for f in packedIn[row] ?? [] {
-        guard let d = f.digest, f.skip + f.size <= raw.count, raw.withUnsafeBytes({ SHA256Digest.of(UnsafeRawBufferPointer(rebasing: $0[f.skip..<f.skip + f.size])) }) == d else {
+        let fits = f.skip + f.size <= raw.count
+        let got = fits ? raw.withUnsafeBytes { SHA256Digest.of(UnsafeRawBufferPointer(rebasing: $0[f.skip..<f.skip + f.size])) } : nil
+        if got == nil || got != f.digest {
           problem("content row \(f.content): its \(f.size) bytes at \(f.skip) of chunk \(digest) do not match its digest")
           scan.badContentRows.insert(f.content)
-          continue
         }
       }
     }

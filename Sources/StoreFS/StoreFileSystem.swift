@@ -225,7 +225,6 @@ public final class StoreFileSystem: @unchecked Sendable {
       let start = ContinuousClock.now
       do {
         try await task.value
-        self.finished(path)
         guard let t = self.localTree(path) else {
           self.logger.error("materialised path is not in the store", metadata: ["path": "\(path)"])
           self.replyError(req, EIO, cause: "index")
@@ -235,29 +234,35 @@ public final class StoreFileSystem: @unchecked Sendable {
           "materialised", metadata: ["path": "\(path)", "seconds": "\((ContinuousClock.now - start).seconds)"])
         body(t)
       } catch MaterialiseFailure.notFound(let why) {
-        self.finished(path, negative: true)
         self.logger.info("not in any cache", metadata: ["path": "\(path)", "reason": "\(why)"])
         self.metrics.error("not_found")
         self.replyNegative(req)
       } catch {
-        self.finished(path)
         self.logger.error("cannot materialise", metadata: ["path": "\(path)", "error": "\(error)"])
         self.replyError(req, EIO, cause: "fetch")
       }
     }
   }
 
-  /// The one download of `path`: lookups and prefetches of a path in flight share it.
+  /// The one download of `path`: lookups and prefetches of a path in flight share it. When it
+  /// ends it leaves the in-flight table (a path no cache has is remembered as missing for a while).
   func materialisation(of path: StorePath) -> Task<Void, any Error> {
     state.withLock { s -> Task<Void, any Error> in
       if let t = s.inflight[path] { return t }
       let materialiser = self.materialiser
       let metrics = self.metrics
+      // Its end takes the state lock, held here until the task is in the table.
       let t = Task<Void, any Error> {
         metrics.inflight.increment()
         defer { metrics.inflight.decrement() }
         let start = ContinuousClock.now
-        try await materialiser.materialise(path)
+        do {
+          try await materialiser.materialise(path)
+        } catch {
+          self.finished(path, negative: { if case MaterialiseFailure.notFound = error { true } else { false } }())
+          throw error
+        }
+        self.finished(path)
         metrics.fetchSeconds.recordNanoseconds(Int64((ContinuousClock.now - start).seconds * 1e9))
         metrics.pathsFetched.increment()
       }
@@ -270,15 +275,7 @@ public final class StoreFileSystem: @unchecked Sendable {
   /// sharing downloads with concurrent lookups. Returns how many were fetched.
   public func prefetch(_ paths: [StorePath], parallel: Int) async throws -> Int {
     let missing = paths.filter { localTree($0) == nil }
-    try await inParallel(missing, limit: parallel) { p in
-      do {
-        try await self.materialisation(of: p).value
-        self.finished(p)
-      } catch {
-        self.finished(p, negative: { if case MaterialiseFailure.notFound = error { true } else { false } }())
-        throw error
-      }
-    }
+    try await inParallel(missing, limit: parallel) { p in try await self.materialisation(of: p).value }
     return missing.count
   }
 
