@@ -13,7 +13,7 @@ final class TestServer: @unchecked Sendable {
     var status: Int? = nil
     /// Send this many body bytes, then cut the connection.
     var cut: Int? = nil
-    /// Send this many body bytes, then go silent.
+    /// Send this many body bytes, then go silent (for 300 s, then close).
     var stall: Int? = nil
     /// Flip the byte at this offset of the file.
     var corrupt: Int? = nil
@@ -33,6 +33,7 @@ final class TestServer: @unchecked Sendable {
   let dir: String
   private let process: Process
   private let logFile: String
+  private let eventFile: String
   private let configFile: String
   private let tmp: TemporaryDirectory
 
@@ -44,12 +45,13 @@ final class TestServer: @unchecked Sendable {
     let script = tmp.sub("server.py")
     try Self.script.write(toFile: script, atomically: true, encoding: .utf8)
     logFile = tmp.sub("requests.log")
+    eventFile = tmp.sub("events.log")
     configFile = tmp.sub("config.json")
     _ = FileManager.default.createFile(atPath: logFile, contents: nil)
     process = Process()
     try Self.write(config, to: configFile)
     process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = ["python3", script, dir, configFile, logFile]
+    process.arguments = ["python3", script, dir, configFile, logFile, eventFile]
     let out = Pipe()
     process.standardOutput = out
     process.standardError = FileHandle.standardError
@@ -86,6 +88,40 @@ final class TestServer: @unchecked Sendable {
 
   func requests(for path: String) -> [String] { requests.filter { $0.split(separator: " ")[1] == path } }
 
+  /// What the server saw of a stalled response to `path`, read from its own log. Tests judge
+  /// timeouts and cancellation by these: the server's clock is not slowed when the test process's
+  /// threads are busy with other tests.
+  struct Stall {
+    /// When it went silent (seconds since 1970).
+    var began: Double
+    /// When the client hung up, if it has.
+    var hungUp: Double?
+  }
+
+  func stall(of path: String) -> Stall? {
+    var found: Stall? = nil
+    let lines = ((try? String(contentsOfFile: eventFile, encoding: .utf8)) ?? "").split(separator: "\n")
+    for line in lines {
+      let f = line.split(separator: " ")
+      guard f.count == 3, f[1] == path, let t = Double(f[2]) else { continue }
+      if f[0] == "STALL" { found = Stall(began: t) }
+      if f[0] == "HANGUP" { found?.hungUp = t }
+    }
+    return found
+  }
+
+  /// Waits (up to `seconds`) until `ready` holds for the stall of `path`, and returns that stall.
+  func waitForStall(of path: String, seconds: Double = 60, until ready: (Stall) -> Bool = { _ in true }) async -> Stall? {
+    let deadline = Date().addingTimeInterval(seconds)
+    while true {
+      // Read after taking the time: a test suspended past the deadline still sees what happened.
+      let late = Date() > deadline
+      if let s = stall(of: path), ready(s) { return s }
+      if late { return nil }
+      try? await Task.sleep(nanoseconds: 20_000_000)
+    }
+  }
+
   func stop() {
     if process.isRunning {
       // SIGKILL: the test process may run with SIGTERM blocked, and children inherit the mask.
@@ -97,14 +133,18 @@ final class TestServer: @unchecked Sendable {
   deinit { stop() }
 
   static let script = #"""
-    import http.server, json, os, signal, socket, sys, threading, time
+    import http.server, json, os, select, signal, socket, sys, threading, time
 
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
-    root, config_file, log_file = sys.argv[1], sys.argv[2], sys.argv[3]
+    root, config_file, log_file, event_file = sys.argv[1:5]
     parent = os.getppid()
     counts = {}
     lock = threading.Lock()
+
+    def event(kind, path):
+        with lock, open(event_file, "a") as f:
+            f.write("%s %s %.3f\n" % (kind, path, time.time()))
 
     def watchdog():
         # Never outlive the test process.
@@ -183,7 +223,21 @@ final class TestServer: @unchecked Sendable {
             if rule.get("stall") is not None:
                 self.wfile.write(body[: rule["stall"]])
                 self.wfile.flush()
-                time.sleep(3600)
+                event("STALL", self.path)
+                began = time.monotonic()
+                while time.monotonic() - began < 300:
+                    readable, _, _ = select.select([self.connection], [], [], 0.1)
+                    if not readable:
+                        continue
+                    try:
+                        gone = not self.connection.recv(1, socket.MSG_PEEK)
+                    except OSError:
+                        gone = True
+                    if gone:
+                        event("HANGUP", self.path)
+                        break
+                    time.sleep(0.1)
+                self.close_connection = True
                 return
             self.wfile.write(body)
 
