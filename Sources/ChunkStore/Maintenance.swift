@@ -402,8 +402,12 @@ extension ChunkStore {
         count += 1
         if let d = chunkDigest[chunk], let n = chunkSize[chunk] { list.append(ChunkRef(id: d, size: UInt32(n))) }
       }
-      // A multi-chunk content is named by its chunk list: a row pointing at other chunks shows.
-      let misnamed = listNamed && count > 1 && !bad && ContentID.ofChunkList(list) != digest
+      // A content is named by its bytes (one chunk: that chunk's digest) or by its chunk list
+      // (several): a row pointing at other chunks shows. Packed files are checked with their chunk.
+      let misnamed =
+        !bad
+        && (count == 1 && skip == 0 && size == expect
+          ? list.first?.id != digest : listNamed && count > 1 && ContentID.ofChunkList(list) != digest)
       // The chunks hold exactly the content, or (a packed small file) one chunk holds it.
       if skip < 0 || (skip + size != expect && !(count == 1 && skip + size <= expect)) { bad = true }
       if misnamed {

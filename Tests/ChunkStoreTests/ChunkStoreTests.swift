@@ -425,13 +425,14 @@ extension PackedSmallFileTests {
 
 @Suite struct ContentNameTests {
   /// A file of several chunks is named by its chunk list (a receiver checks the name from the
-  /// manifest alone), one of a single chunk by its SHA-256; fsck catches a chunk list whose rows
-  /// were reordered even though every offset and size still adds up.
+  /// manifest alone), one of a single chunk by its SHA-256; fsck catches rows that point at other
+  /// chunks (reordered, or another file's chunk) even though every offset and size still adds up.
   @Test func multiChunkContentsAreNamedByTheirChunkList() throws {
     let dir = try TemporaryDirectory("names")
     let bigBytes = Tree.bytes(2 << 20, seed: 91)
     try Tree.file(dir.sub("t/big"), bigBytes)
     try Tree.file(dir.sub("t/one"), Tree.bytes(10_000, seed: 92))
+    try Tree.file(dir.sub("t/two"), Tree.bytes(10_000, seed: 93))
     let f = try NARFixture(tree: dir.sub("t"), name: "names")
     let store = try openStore(dir.sub("state"))
     let m = try ingest(store, f)
@@ -449,21 +450,28 @@ extension PackedSmallFileTests {
     #expect(one == SHA256Digest.of(Tree.bytes(10_000, seed: 92)))
     #expect(try store.fsck(repair: false).isConsistent)
 
-    // Swap the first two chunks of big, with offsets rewritten so the list still covers its size.
+    // Swap the first two chunks of big, with offsets rewritten so the list still covers its size;
+    // and point one at two's chunk, of the same size.
     try store.withWriter { db in
-      let c = try db.prepare("SELECT id FROM contents WHERE digest = ?").bind(big)
-      _ = try c.step()
-      let row = c.int(0)
-      c.again()
-      let rows = try db.prepare("SELECT chunk FROM content_chunks WHERE content = ? ORDER BY offset LIMIT 2").bind(row)
+      func row(_ id: ContentID) throws -> Int64 {
+        let c = try db.prepare("SELECT id FROM contents WHERE digest = ?").bind(id)
+        try #require(try c.step(), "no content \(id)")
+        return c.int(0)
+      }
+      let bigRow = try row(big)
+      let rows = try db.prepare("SELECT chunk FROM content_chunks WHERE content = ? ORDER BY offset LIMIT 2").bind(bigRow)
       var chunks: [Int64] = []
       while try rows.step() { chunks.append(rows.int(0)) }
-      try db.exec("DELETE FROM content_chunks WHERE content = \(row) AND offset < \(list[0].size + list[1].size)")
-      try db.exec("INSERT INTO content_chunks VALUES(\(row), 0, \(chunks[1])), (\(row), \(list[1].size), \(chunks[0]))")
+      try db.exec("DELETE FROM content_chunks WHERE content = \(bigRow) AND offset < \(list[0].size + list[1].size)")
+      try db.exec("INSERT INTO content_chunks VALUES(\(bigRow), 0, \(chunks[1])), (\(bigRow), \(list[1].size), \(chunks[0]))")
+      let two = try row(SHA256Digest.of(Tree.bytes(10_000, seed: 93)))
+      try db.exec("UPDATE content_chunks SET chunk = (SELECT chunk FROM content_chunks WHERE content = \(two)) WHERE content = \(try row(one))")
     }
     store.dropLayouts()
     let report = try store.fsck(repair: false)
-    #expect(report.problems.contains { $0.contains("does not hash to its name") }, "\(report.problems)")
+    for id in [big, one] {
+      #expect(report.problems.contains { $0.contains("\(id): its chunk list does not hash to its name") }, "\(report.problems)")
+    }
     let repaired = try store.fsck(repair: true)
     #expect(repaired.isConsistent, "\(repaired.problems)")
     #expect(store.incompletePaths() == [f.storePath.path])

@@ -73,9 +73,14 @@ public enum Tree {
     try FileManager.default.createSymbolicLink(atPath: path, withDestinationPath: target)
   }
 
-  /// Deterministic pseudo-random bytes (xorshift), so fixtures are reproducible.
+  /// Deterministic pseudo-random bytes (xorshift), so fixtures are reproducible. Every seed gives
+  /// other bytes: the seed is mixed (a bijection) rather than forced odd, which made 2k and 2k+1
+  /// the same stream.
   public static func bytes(_ count: Int, seed: UInt64) -> [UInt8] {
-    var state = seed | 1
+    var z = seed &+ 0x9E37_79B9_7F4A_7C15
+    z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+    z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+    var state = max(z ^ (z >> 31), 1)
     var out = [UInt8](repeating: 0, count: count)
     out.withUnsafeMutableBytes { buf in
       var i = 0
