@@ -212,7 +212,10 @@ import TestSupport
       store.stop()
     }
     let stalling = try CacheServer(directory: fx.caches["zstd"]!, stall: "^/nar/")
-    let store = try mount(stalling, tmp, extra: ["--stall-timeout", "2", "--connect-timeout", "2"])
+    // Two attempts, not five: the failure comes in seconds, far inside the bound below.
+    let conf = tmp.sub("nix.conf")
+    try "download-attempts = 2\n".write(toFile: conf, atomically: true, encoding: .utf8)
+    let store = try mount(stalling, tmp, extra: ["--stall-timeout", "2", "--connect-timeout", "2", "--nix-conf", conf])
     let start = Date()
     let content = FileManager.default.contents(atPath: store.path("\(kinds.baseName)/hello.txt"))
     #expect(content == Data("hello, world\n".utf8))
