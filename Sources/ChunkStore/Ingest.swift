@@ -200,11 +200,14 @@ public final class Ingest: @unchecked Sendable {
         let content = files[i].content ?? (list.count == 1 ? list[0].id : .ofChunkList(list))
         files[i].content = content
         chunks[content] = list
-        if let p = files[i].packed { slices[content] = UInt32(p.skip) }
+        // As `manifest(of:)` says it: a slice only where the file is not its chunk's whole bytes.
+        if let p = files[i].packed, p.skip > 0 || UInt64(list[0].size) != files[i].size {
+          slices[content] = UInt32(p.skip)
+        }
       }
       let nodes = tree.nodes { files[$0].content! }
-      let manifest = Manifest(info: info, nodes: nodes, chunks: chunks, slices: slices)
-      try pipeline.publish(manifest: manifest, fileCount: files.count)
+      let manifest = try pipeline.publish(
+        manifest: Manifest(info: info, nodes: nodes, chunks: chunks, slices: slices), fileCount: files.count)
       finished = true
       store.endIngesting(info.storePath)
       store.didCommit(info.storePath)
@@ -525,7 +528,10 @@ final class ChunkPipeline: @unchecked Sendable {
   }
 
   /// The commit: durable data first, then one index transaction.
-  func publish(manifest: Manifest, fileCount: Int) throws {
+  /// Returns the manifest as stored: a small file the store already held keeps the shared chunk
+  /// it was packed in first, not the one this ingest packed it in.
+  func publish(manifest: Manifest, fileCount: Int) throws -> Manifest {
+    var stored = manifest
     // The pack's fdatasync runs while the index rows go in; the transaction waits for it before
     // COMMIT, so the index still never points at bytes that are not durable.
     let sync = lease.flatMap { packEnd > $0.start ? PendingSync(fd: $0.fd) : nil }
@@ -555,6 +561,7 @@ final class ChunkPipeline: @unchecked Sendable {
         // complete one and only gains our references. (Plain statements: RETURNING would put
         // every execution through a temporary table.)
         var newContents: [(ContentID, Int64)] = []
+        var knownSingles: [ContentID] = []
         let insertContent = try db.prepare("INSERT OR IGNORE INTO contents(digest, size, refs, skip) VALUES(?, ?, ?, ?)")
         let addContentRefs = try db.prepare("UPDATE contents SET refs = refs + ? WHERE digest = ?")
         for (content, m) in multiplicity.sorted(by: { $0.key < $1.key }) {
@@ -572,6 +579,9 @@ final class ChunkPipeline: @unchecked Sendable {
             addContentRefs.set(2, content)
             try addContentRefs.run()
             guard db.changes == 1 else { throw ChunkStoreError.chunkMissing(chunk: content, content: content) }
+            // A same-named file of several chunks has the same list; one chunk may have been
+            // stored (or packed) otherwise.
+            if manifest.chunks[content]?.count == 1 { knownSingles.append(content) }
           }
         }
         // References each chunk gains: one per position in a new content's chunk list.
@@ -648,6 +658,29 @@ final class ChunkPipeline: @unchecked Sendable {
             offset += UInt64(ref.size)
           }
         }
+        if !knownSingles.isEmpty {
+          let q = try db.prepare(
+            """
+            SELECT ch.digest, ch.size, c.skip, c.size FROM contents c JOIN content_chunks cc ON cc.content = c.id
+            JOIN chunks ch ON ch.id = cc.chunk WHERE c.digest = ? ORDER BY cc.offset
+            """)
+          for content in knownSingles {
+            q.again()
+            q.set(1, content)
+            var list: [ChunkRef] = []
+            var skip: Int64 = 0
+            var size: Int64 = 0
+            while try q.step() {
+              guard let id = q.digest(0) else { throw ChunkStoreError.chunkMissing(chunk: content, content: content) }
+              list.append(ChunkRef(id: id, size: UInt32(q.int(1))))
+              skip = q.int(2)
+              size = q.int(3)
+            }
+            stored.chunks[content] = list
+            let total = list.reduce(0) { $0 + Int64($1.size) }
+            stored.slices[content] = skip > 0 || total != size ? UInt32(skip) : nil
+          }
+        }
         let t = now()
         try db.prepare(
           """
@@ -675,6 +708,7 @@ final class ChunkPipeline: @unchecked Sendable {
       store.returnPack(lease, end: packEnd)
       self.lease = nil
     }
+    return stored
   }
 
   /// Abort: stop the workers, cut the pack back, forget borrows.

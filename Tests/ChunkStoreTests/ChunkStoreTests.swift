@@ -322,6 +322,9 @@ import Testing
     #expect(two.chunkBytes - one.chunkBytes < 24 << 10, "second path added \(two.chunkBytes - one.chunkBytes) bytes")
     #expect(two.contents == 301)
     #expect(try store.fsck(repair: false).isConsistent)
+    // What ingest returns is the manifest as stored: known files in the first path's groups.
+    #expect(try mb == store.manifest(of: b.storePath))
+    #expect(try ma == store.manifest(of: a.storePath))
     // The second path reads its known files from the first path's groups, also once it is gone.
     try store.remove(a.storePath)
     #expect(try dump(store, b.storePath) == b.nar)
