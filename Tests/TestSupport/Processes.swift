@@ -1,5 +1,11 @@
 import Foundation
 
+// Timing in tests: Swift Testing runs every test, synchronous ones included, on Swift's
+// cooperative pool, which has one thread per core (two here). The synchronous tests hold a thread
+// while they wait on processes and mounts, so an async test can sit unscheduled for a minute or
+// more between two of its own lines. Never bound a duration measured on the test process's clock
+// across an `await`: judge by what happened, or by another process's clock (TestServer's stall log).
+
 /// A command that failed, with what it printed: test failures should say why.
 public struct CommandError: Error, CustomStringConvertible {
   public let argv: [String]
