@@ -29,9 +29,14 @@ build: deps
 release: deps
 	$(SWIFT) build -c release --product nixfs
 
+# A failing run repeats its failures last: CI shows only the tail of the log.
 test: deps
 	$(SWIFT) build --build-tests
-	$(SWIFT) test --skip-build
+	@log=$$(mktemp); set -o pipefail; $(SWIFT) test --skip-build 2>&1 | tee $$log; status=$$?; \
+	if [ $$status -ne 0 ]; then \
+	  echo "== make test failed (exit $$status); the failures again:"; \
+	  grep -E '✘|↳|error:|[Ff]atal|[Cc]rash|signal' $$log | tail -60; \
+	fi; rm -f $$log; exit $$status
 
 demo: release
 	bash scripts/demo.sh "$$($(SWIFT) build -c release --show-bin-path)/nixfs"
