@@ -662,7 +662,7 @@ final class ChunkPipeline: @unchecked Sendable {
           let q = try db.prepare(
             """
             SELECT ch.digest, ch.size, c.skip, c.size FROM contents c JOIN content_chunks cc ON cc.content = c.id
-            JOIN chunks ch ON ch.id = cc.chunk WHERE c.digest = ? ORDER BY cc.offset
+            LEFT JOIN chunks ch ON ch.id = cc.chunk WHERE c.digest = ? ORDER BY cc.offset
             """)
           for content in knownSingles {
             q.again()
@@ -676,8 +676,9 @@ final class ChunkPipeline: @unchecked Sendable {
               skip = q.int(2)
               size = q.int(3)
             }
-            stored.chunks[content] = list
             let total = list.reduce(0) { $0 + Int64($1.size) }
+            guard !list.isEmpty, total >= skip + size else { throw ChunkStoreError.chunkMissing(chunk: content, content: content) }
+            stored.chunks[content] = list
             stored.slices[content] = skip > 0 || total != size ? UInt32(skip) : nil
           }
         }

@@ -411,7 +411,7 @@ extension ChunkStore {
       // The chunks hold exactly the content, or (a packed small file) one chunk holds it.
       if skip < 0 || (skip + size != expect && !(count == 1 && skip + size <= expect)) { bad = true }
       if misnamed {
-        problem("content \(digest): its chunk list does not hash to its name")
+        problem("content \(digest): \(count == 1 ? "its chunk's digest is not its name" : "its chunk list does not hash to its name")")
       } else if bad && !reported {
         problem("content \(digest): chunk list is broken or uses bad chunks")
       }

@@ -98,28 +98,35 @@ final class TestServer: @unchecked Sendable {
     var hungUp: Double?
   }
 
+  /// The latest stall of `path`, with the hang-up of that same connection (events carry the
+  /// client's port, so a retry's connection is not confused with an earlier one).
   func stall(of path: String) -> Stall? {
-    var found: Stall? = nil
-    let lines = ((try? String(contentsOfFile: eventFile, encoding: .utf8)) ?? "").split(separator: "\n")
-    for line in lines {
+    var found: (port: Substring, stall: Stall)? = nil
+    var text = (try? String(contentsOfFile: eventFile, encoding: .utf8)) ?? ""
+    // A line still being written is not read.
+    if let end = text.lastIndex(of: "\n") { text = String(text[...end]) } else { text = "" }
+    for line in text.split(separator: "\n") {
       let f = line.split(separator: " ")
-      guard f.count == 3, f[1] == path, let t = Double(f[2]) else { continue }
-      if f[0] == "STALL" { found = Stall(began: t) }
-      if f[0] == "HANGUP" { found?.hungUp = t }
+      guard f.count == 4, f[1] == path, let t = Double(f[3]) else { continue }
+      if f[0] == "STALL" { found = (f[2], Stall(began: t)) }
+      if f[0] == "HANGUP", found?.port == f[2] { found?.stall.hungUp = t }
     }
-    return found
+    return found?.stall
   }
 
-  /// Waits (up to `seconds`) until `ready` holds for the stall of `path`, and returns that stall.
-  func waitForStall(of path: String, seconds: Double = 60, until ready: (Stall) -> Bool = { _ in true }) async -> Stall? {
+  /// Waits until `ready` holds for the stall of `path`, and returns that stall. The wait runs
+  /// nearly as long as the server's own 300 s stall: it only ends early when something is broken,
+  /// and this test's clock may stand still for a minute while other tests hold its threads.
+  func waitForStall(of path: String, seconds: Double = 290, until ready: (Stall) -> Bool = { _ in true }) async -> Stall? {
     let deadline = Date().addingTimeInterval(seconds)
-    while true {
+    while !Task.isCancelled {
       // Read after taking the time: a test suspended past the deadline still sees what happened.
       let late = Date() > deadline
       if let s = stall(of: path), ready(s) { return s }
       if late { return nil }
       try? await Task.sleep(nanoseconds: 20_000_000)
     }
+    return nil
   }
 
   func stop() {
@@ -142,9 +149,9 @@ final class TestServer: @unchecked Sendable {
     counts = {}
     lock = threading.Lock()
 
-    def event(kind, path):
+    def event(kind, path, port):
         with lock, open(event_file, "a") as f:
-            f.write("%s %s %.3f\n" % (kind, path, time.time()))
+            f.write("%s %s %d %.3f\n" % (kind, path, port, time.time()))
 
     def watchdog():
         # Never outlive the test process.
@@ -223,7 +230,7 @@ final class TestServer: @unchecked Sendable {
             if rule.get("stall") is not None:
                 self.wfile.write(body[: rule["stall"]])
                 self.wfile.flush()
-                event("STALL", self.path)
+                event("STALL", self.path, self.client_address[1])
                 began = time.monotonic()
                 while time.monotonic() - began < 300:
                     readable, _, _ = select.select([self.connection], [], [], 0.1)
@@ -234,7 +241,7 @@ final class TestServer: @unchecked Sendable {
                     except OSError:
                         gone = True
                     if gone:
-                        event("HANGUP", self.path)
+                        event("HANGUP", self.path, self.client_address[1])
                         break
                     time.sleep(0.1)
                 self.close_connection = True
