@@ -484,10 +484,8 @@ public final class ChunkStore: @unchecked Sendable {
     guard var m = try tree(of: path) else { return nil }
     for (content, _) in m.contents {
       let layout = try self.layout(content)
-      m.chunks[content] = layout.chunks.map { ChunkRef(id: $0.id, size: UInt32($0.size)) }
-      if layout.skip > 0 || layout.chunks.reduce(0, { $0 + UInt64($1.size) }) != layout.size {
-        m.slices[content] = UInt32(layout.skip)
-      }
+      m.chunks[content] = layout.refs
+      m.slices[content] = layout.slice
     }
     return m
   }
@@ -563,6 +561,10 @@ public final class ChunkStore: @unchecked Sendable {
     /// Start offset of each chunk in that concatenation, ascending.
     let starts: [UInt64]
     let chunks: [ChunkLocation]
+
+    /// As a manifest lists it.
+    var refs: [ChunkRef] { chunks.map { ChunkRef(id: $0.id, size: UInt32($0.size)) } }
+    var slice: UInt32? { Manifest.slice(skip: skip, size: size, of: chunks.reduce(0) { $0 + UInt64($1.size) }) }
   }
 
   func layout(_ content: ContentID) throws(ChunkStoreError) -> ContentLayout {

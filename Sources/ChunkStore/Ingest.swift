@@ -200,9 +200,8 @@ public final class Ingest: @unchecked Sendable {
         let content = files[i].content ?? (list.count == 1 ? list[0].id : .ofChunkList(list))
         files[i].content = content
         chunks[content] = list
-        // As `manifest(of:)` says it: a slice only where the file is not its chunk's whole bytes.
-        if let p = files[i].packed, p.skip > 0 || UInt64(list[0].size) != files[i].size {
-          slices[content] = UInt32(p.skip)
+        if let p = files[i].packed {
+          slices[content] = Manifest.slice(skip: UInt64(p.skip), size: files[i].size, of: UInt64(list[0].size))
         }
       }
       let nodes = tree.nodes { files[$0].content! }
@@ -658,29 +657,12 @@ final class ChunkPipeline: @unchecked Sendable {
             offset += UInt64(ref.size)
           }
         }
-        if !knownSingles.isEmpty {
-          let q = try db.prepare(
-            """
-            SELECT ch.digest, ch.size, c.skip, c.size FROM contents c JOIN content_chunks cc ON cc.content = c.id
-            LEFT JOIN chunks ch ON ch.id = cc.chunk WHERE c.digest = ? ORDER BY cc.offset
-            """)
-          for content in knownSingles {
-            q.again()
-            q.set(1, content)
-            var list: [ChunkRef] = []
-            var skip: Int64 = 0
-            var size: Int64 = 0
-            while try q.step() {
-              guard let id = q.digest(0) else { throw ChunkStoreError.chunkMissing(chunk: content, content: content) }
-              list.append(ChunkRef(id: id, size: UInt32(q.int(1))))
-              skip = q.int(2)
-              size = q.int(3)
-            }
-            let total = list.reduce(0) { $0 + Int64($1.size) }
-            guard !list.isEmpty, total >= skip + size else { throw ChunkStoreError.chunkMissing(chunk: content, content: content) }
-            stored.chunks[content] = list
-            stored.slices[content] = skip > 0 || total != size ? UInt32(skip) : nil
-          }
+        // Their layouts as stored: the rows were there before this transaction, and no other
+        // writer can remove them while it runs.
+        for content in knownSingles {
+          let layout = try store.layout(content)
+          stored.chunks[content] = layout.refs
+          stored.slices[content] = layout.slice
         }
         let t = now()
         try db.prepare(

@@ -373,9 +373,7 @@ extension ChunkStore {
     // Every content: refs, and chunk list covering exactly its size with good chunks.
     var badContents: Set<SHA256Digest> = []
     var seenContents: Set<SHA256Digest> = []
-    let versionRow = try db.prepare("PRAGMA user_version")
-    let listNamed = try versionRow.step() && versionRow.int(0) >= ChunkStore.listNamedVersion
-    versionRow.again()
+    let listNamed = try Self.schemaFacts(db, indexPath).version >= Self.listNamedVersion
     let ct = try db.prepare("SELECT id, digest, size, refs, skip FROM contents")
     var contentsList: [(Int64, SHA256Digest?, Int64, Int64, Int64)] = []
     while try ct.step() { contentsList.append((ct.int(0), ct.digest(1), ct.int(2), ct.int(3), ct.int(4))) }

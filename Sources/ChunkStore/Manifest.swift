@@ -82,6 +82,12 @@ public struct Manifest: Codable, Sendable, Hashable {
     self.slices = slices
   }
 
+  /// The slice entry of a content that is `size` bytes at `skip` of its chunks' `total` bytes:
+  /// none where the content is all of them.
+  static func slice(skip: UInt64, size: UInt64, of total: UInt64) -> UInt32? {
+    skip > 0 || size != total ? UInt32(skip) : nil
+  }
+
   /// `slices` may be absent: manifests written before small files were packed have none.
   public init(from decoder: any Decoder) throws {
     let c = try decoder.container(keyedBy: CodingKeys.self)

@@ -433,13 +433,7 @@ extension PackedSmallFileTests {
     }
     let store = try openStore(dir.sub("state"))
     // Migrated, and marked as holding contents from before (their names are not checked).
-    let version = try store.withWriter { db -> Int64 in
-      let s = try db.prepare("PRAGMA user_version")
-      _ = try s.step()
-      defer { s.again() }
-      return s.int(0)
-    }
-    #expect(version == 1)
+    #expect(try store.withWriter { db in try ChunkStore.schemaFacts(db, store.indexPath).version } == 1)
     #expect(try dump(store, old.storePath) == old.nar)
     try ingest(store, new)
     #expect(try dump(store, new.storePath) == new.nar)
