@@ -55,7 +55,8 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-export NIX_CONFIG=$'experimental-features = nix-command\nsandbox = false\nsubstituters ='
+# The project's Nix settings (scripts/nix/nix.conf) and none of the machine's.
+export NIX_CONF_DIR="$repo/scripts/nix" NIX_USER_CONF_FILES= NIX_CONFIG= NIX_REMOTE=
 work=$(mktemp -d /tmp/nixfs-fsbench.XXXXXX)
 mnt=$work/mnt sq=$work/sq fix=$work/fixtures
 mkdir -p "$mnt" "$sq" "$fix" "$OUT"

@@ -5,7 +5,9 @@
 set -euo pipefail
 nixfs=${1:?usage: demo.sh PATH-TO-nixfs}
 repo=$(cd "$(dirname "$0")/.." && pwd)
-export NIX_CONFIG=$'experimental-features = nix-command\nsandbox = false\nsubstituters ='
+# The project's Nix settings (scripts/nix/nix.conf) and none of the machine's: no build users, no
+# sandbox, no substituters, whatever /etc/nix, ~/.config/nix or the caller's NIX_CONFIG say.
+export NIX_CONF_DIR="$repo/scripts/nix" NIX_USER_CONF_FILES= NIX_CONFIG= NIX_REMOTE=
 work=$(mktemp -d /tmp/nixfs-demo.XXXXXX)
 daemon= server=
 cleanup() {
@@ -18,9 +20,20 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# Runs a Nix command quietly; when it fails, shows what Nix said (its error: lines, or the tail).
+quiet() {
+  local err="$work/stderr" status=0
+  "$@" 2>"$err" || status=$?
+  if [ "$status" -ne 0 ]; then
+    echo "demo: '$*' failed (exit $status):" >&2
+    { grep -A20 '^error:' "$err" || tail -20 "$err"; } | sed 's/^/   /' >&2
+    exit "$status"
+  fi
+}
+
 echo "== 1. An example closure, built by real Nix with a busybox builder, signed"
 mkdir -p "$work/busybox/bin" && cp /bin/busybox "$work/busybox/bin/"
-bb=$(nix-store --store "$work/root" --add "$work/busybox")
+bb=$(quiet nix-store --store "$work/root" --add "$work/busybox")
 cat > "$work/example.nix" <<NIX
 let bb = builtins.storePath "$bb"; sh = "\${bb}/bin/busybox"; in rec {
   # A large path the program references but never reads: a lazy store never fetches it.
@@ -32,11 +45,11 @@ let bb = builtins.storePath "$bb"; sh = "\${bb}/bin/busybox"; in rec {
     args = ["sh" "-c" "\${sh} mkdir -p \$out/bin; printf '#!\${sh} sh\n# manual: \${manual}\n\${sh} cat \${greeting}/share/greeting\n' > \$out/bin/hello; \${sh} chmod +x \$out/bin/hello"]; };
 }
 NIX
-hello=$(nix-build --store "$work/root" --no-out-link "$work/example.nix" -A hello 2>/dev/null)
-closure=$(nix-store --store "$work/root" -qR "$hello")
-nix-store --generate-binary-cache-key demo-key-1 "$work/sk" "$work/pk"
-nix store sign --store "$work/root" --key-file "$work/sk" $closure
-nix copy --store "$work/root" --to "file://$work/cache?compression=zstd" $closure 2>/dev/null
+hello=$(quiet nix-build --store "$work/root" --no-out-link "$work/example.nix" -A hello)
+closure=$(quiet nix-store --store "$work/root" -qR "$hello")
+quiet nix-store --generate-binary-cache-key demo-key-1 "$work/sk" "$work/pk"
+quiet nix store sign --store "$work/root" --key-file "$work/sk" $closure
+quiet nix copy --store "$work/root" --to "file://$work/cache?compression=zstd" $closure
 echo "$closure" | sed 's/^/   /'
 
 echo "== 2. Serve the cache on 127.0.0.1 and mount nixfs (empty state directory)"

@@ -5,7 +5,9 @@ bin=$1
 seconds=${2:-300}
 corpus=fuzz-corpus
 mkdir -p "$corpus/nar" "$corpus/narinfo"
-export NIX_CONFIG=$'experimental-features = nix-command\nsandbox = false'
+repo=$(cd "$(dirname "$0")/.." && pwd)
+# The project's Nix settings (scripts/nix/nix.conf) and none of the machine's.
+export NIX_CONF_DIR="$repo/scripts/nix" NIX_USER_CONF_FILES= NIX_CONFIG= NIX_REMOTE=
 tmp=$(mktemp -d)
 trap 'chmod -R u+w "$tmp"; rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/t/sub"

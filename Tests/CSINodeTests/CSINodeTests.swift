@@ -17,9 +17,10 @@ final class Node: @unchecked Sendable {
   let store: MountedStore
   var csi: BackgroundProcess?
   let socket: String
-  let fx = StoreFixture.shared
+  let fx: StoreFixture
 
   init(cache: String? = nil) throws {
+    fx = try StoreFixture.shared()
     tmp = try TemporaryDirectory("csi")
     server = try CacheServer(directory: cache ?? fx.caches["zstd"]!)
     store = try MountedStore(mountpoint: tmp.sub("mnt"), stateDir: tmp.sub("state"), arguments: fx.mountArguments(server))
@@ -95,7 +96,8 @@ func code(_ body: () async throws -> Void) async -> RPCError.Code? {
 }
 
 @Suite(.serialized) struct CSINodeTests {
-  let fx = StoreFixture.shared
+  let fx: StoreFixture
+  init() throws { fx = try StoreFixture.shared() }
 
   @Test func identityAndNodeInfo() async throws {
     let node = try Node()

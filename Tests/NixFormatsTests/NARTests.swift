@@ -29,33 +29,45 @@ func roundTrip(_ nar: [UInt8], pieceSize: Int) throws -> (bytes: [UInt8], events
 }
 
 @Suite struct NARTests {
-  static let fixture: (tmp: TemporaryDirectory, tree: String, nar: [UInt8]) = {
-    let tmp = try! TemporaryDirectory("nar")
+  struct Fixture: Sendable {
+    let tmp: TemporaryDirectory
+    let tree: String
+    let nar: [UInt8]
+  }
+  static let once = OnceFixture {
+    let tmp = try TemporaryDirectory("nar")
     let tree = tmp.sub("tree")
-    try! Tree.everyKind(at: tree)
-    return (tmp, tree, try! NixFixture.dump(tree))
-  }()
+    try Tree.everyKind(at: tree)
+    return Fixture(tmp: tmp, tree: tree, nar: try NixFixture.dump(tree))
+  }
 
   /// A small archive of every node kind, for exhaustive truncation.
-  static let small: [UInt8] = {
-    let tmp = try! TemporaryDirectory("nar-small")
+  static let onceSmall = OnceFixture {
+    let tmp = try TemporaryDirectory("nar-small")
     let tree = tmp.sub("t")
-    try! Tree.file("\(tree)/a", "abc")
-    try! Tree.file("\(tree)/b/x", "12345678", executable: true)
-    try! Tree.symlink("\(tree)/c", to: "b")
-    try! Tree.directory("\(tree)/d")
-    try! Tree.file("\(tree)/e", [])
-    return try! NixFixture.dump(tree)
-  }()
+    try Tree.file("\(tree)/a", "abc")
+    try Tree.file("\(tree)/b/x", "12345678", executable: true)
+    try Tree.symlink("\(tree)/c", to: "b")
+    try Tree.directory("\(tree)/d")
+    try Tree.file("\(tree)/e", [])
+    return try NixFixture.dump(tree)
+  }
+
+  let fixture: Fixture
+  let small: [UInt8]
+  init() throws {
+    fixture = try Self.once.get()
+    small = try Self.onceSmall.get()
+  }
 
   @Test(arguments: [1, 3, 8, 13, 4096, 1 << 20, Int.max])
   func readerThenWriterReproducesNixDump(pieceSize: Int) throws {
-    let nar = Self.fixture.nar
+    let nar = fixture.nar
     let size = pieceSize == Int.max ? nar.count : pieceSize
     if size < 8 && nar.count > 1 << 20 {
       // Byte-at-a-time over 24 MiB is slow in debug builds; the small tree covers it exhaustively.
-      let (bytes, _, maxData) = try roundTrip(Self.small, pieceSize: size)
-      #expect(bytes == Self.small)
+      let (bytes, _, maxData) = try roundTrip(small, pieceSize: size)
+      #expect(bytes == small)
       #expect(maxData <= size)
       return
     }
@@ -72,7 +84,7 @@ func roundTrip(_ nar: [UInt8], pieceSize: Int) throws -> (bytes: [UInt8], events
     var dirs: Set<String> = []
     var stack: [String] = []
     var dataBytes: UInt64 = 0
-    try NARReader.parse(Self.fixture.nar) { event in
+    try NARReader.parse(fixture.nar) { event in
       func full(_ n: [UInt8]) -> String {
         (stack + (n.isEmpty ? [] : [String(decoding: n, as: UTF8.self)])).joined(separator: "/")
       }
@@ -100,7 +112,7 @@ func roundTrip(_ nar: [UInt8], pieceSize: Int) throws -> (bytes: [UInt8], events
     #expect(files[String(repeating: "n", count: 255)] != nil)
     #expect(dataBytes == files.values.reduce(0) { $0 + $1.0 })
     // contentOffset points at the file's bytes inside the NAR.
-    let nar = Self.fixture.nar
+    let nar = fixture.nar
     let (_, _, off) = files["hello.txt"]!
     #expect(Array(nar[Int(off)..<Int(off) + 13]) == Array("hello, world\n".utf8))
   }
@@ -131,7 +143,7 @@ func roundTrip(_ nar: [UInt8], pieceSize: Int) throws -> (bytes: [UInt8], events
   }
 
   @Test func truncationAtEveryByteIsRejected() throws {
-    let nar = Self.small
+    let nar = small
     for cut in 0..<nar.count {
       let prefix = Array(nar[0..<cut])
       // Streaming: the reader cannot know the end, so finish() reports the truncation.

@@ -10,7 +10,8 @@ import TestSupport
 /// Real FUSE mounts of real caches. Serialized: each test mounts its own daemon and some measure
 /// page-cache residency, which parallel tests would disturb.
 @Suite(.serialized) struct MountTests {
-  let fx = StoreFixture.shared
+  let fx: StoreFixture
+  init() throws { fx = try StoreFixture.shared() }
 
   func mount(_ server: CacheServer, _ tmp: TemporaryDirectory, extra: [String] = []) throws -> MountedStore {
     try MountedStore(mountpoint: tmp.sub("mnt"), stateDir: tmp.sub("state"), arguments: fx.mountArguments(server, extra: extra))

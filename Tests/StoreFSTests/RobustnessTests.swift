@@ -8,7 +8,8 @@ import TestSupport
 #endif
 
 @Suite(.serialized) struct RobustnessTests {
-  let fx = StoreFixture.shared
+  let fx: StoreFixture
+  init() throws { fx = try StoreFixture.shared() }
 
   /// kill -9 in the middle of a fetch, restart on the same state dir: fsck is clean, the
   /// interrupted path comes out byte-identical, complete paths are served offline.

@@ -4,8 +4,12 @@ import Foundation
 public struct NixFixture: Sendable {
   public let dir: String
   public let store: String
+  /// The project's own Nix settings (scripts/nix/nix.conf) and nothing of the machine's: no
+  /// /etc/nix/nix.conf, no user config, no inherited NIX_CONFIG, no daemon.
   public static let environment = [
-    "NIX_CONFIG": "experimental-features = nix-command\nsandbox = false\nsubstituters =\n",
+    "NIX_CONF_DIR": "\(repositoryRoot)/scripts/nix",
+    "NIX_USER_CONF_FILES": "",
+    "NIX_CONFIG": "",
     "NIX_REMOTE": "",
   ]
 

@@ -11,7 +11,14 @@ public struct CommandError: Error, CustomStringConvertible {
   public let argv: [String]
   public let status: Int32
   public let stderr: String
-  public var description: String { "\(argv.joined(separator: " ")) exited \(status): \(stderr)" }
+  /// The command and its `error:` lines (Nix's own reasons), or the tail of stderr when it printed
+  /// none.
+  public var description: String {
+    let lines = stderr.split(separator: "\n", omittingEmptySubsequences: true)
+    var errors = lines.drop(while: { !$0.hasPrefix("error:") })
+    if errors.isEmpty { errors = lines.suffix(20) }
+    return "\(argv.joined(separator: " ")) exited \(status): \(errors.prefix(40).joined(separator: "\n"))"
+  }
   public init(argv: [String], status: Int32, stderr: String) {
     self.argv = argv
     self.status = status

@@ -13,7 +13,9 @@ public final class StoreFixture: @unchecked Sendable {
   public let trees: [StorePath: String]
   public let caches: [String: String]
 
-  public static let shared: StoreFixture = try! StoreFixture()
+  private static let once = OnceFixture { try StoreFixture() }
+  /// The process's fixture; throws (failing the asking test) when it could not be built.
+  public static func shared() throws -> StoreFixture { try once.get() }
 
   init() throws {
     tmp = try TemporaryDirectory("fsfix")

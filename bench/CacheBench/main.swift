@@ -29,7 +29,12 @@ func sh(_ argv: [String], stdout path: String? = nil) throws -> Int32 {
   p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
   p.arguments = argv
   var env = ProcessInfo.processInfo.environment
-  env["NIX_CONFIG"] = "experimental-features = nix-command\nsandbox = false\nsubstituters =\n"
+  // The project's Nix settings (scripts/nix/nix.conf) and none of the machine's.
+  let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent().path
+  env["NIX_CONF_DIR"] = "\(repo)/scripts/nix"
+  env["NIX_USER_CONF_FILES"] = ""
+  env["NIX_CONFIG"] = ""
   env["NIX_REMOTE"] = ""
   p.environment = env
   if let path {

@@ -15,8 +15,12 @@ import os
 import shutil
 import subprocess
 
+# The project's Nix settings (scripts/nix/nix.conf) and none of the machine's: no build users, no
+# sandbox, no substituters, whatever /etc/nix, ~/.config/nix or the caller's NIX_CONFIG say.
 NIX_ENV = {
-    "NIX_CONFIG": "experimental-features = nix-command\nsandbox = false\nsubstituters =\n",
+    "NIX_CONF_DIR": os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts", "nix"),
+    "NIX_USER_CONF_FILES": "",
+    "NIX_CONFIG": "",
     "NIX_REMOTE": "",
 }
 
@@ -32,8 +36,14 @@ WIDE_PATHS = 60
 
 
 def nix(args, **kw):
+    """Runs a Nix command; a failure stops the harness with what Nix said (its error: lines)."""
     env = dict(os.environ, **NIX_ENV)
-    return subprocess.run(args, env=env, check=True, capture_output=True, text=True, **kw).stdout.strip()
+    p = subprocess.run(args, env=env, capture_output=True, text=True, **kw)
+    if p.returncode != 0:
+        lines = p.stderr.splitlines()
+        errors = next((lines[i:] for i, line in enumerate(lines) if line.startswith("error:")), lines[-20:])
+        raise SystemExit(f"fixtures: {' '.join(args[:2])} exited {p.returncode}:\n" + "\n".join(errors[:40]))
+    return p.stdout.strip()
 
 
 def narinfo_fields(path: str) -> dict:
