@@ -62,8 +62,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if head:
             return self.record(status, 0)
         if args.stall and re.search(args.stall, self.path):
-            self.wfile.write(data[start:start + min(100, len(data) - start)])
+            stalled = data[start:start + min(100, len(data) - start)]
+            self.wfile.write(stalled)
             self.wfile.flush()
+            self.record(status, len(stalled))  # logged when it goes silent: tests wait for this
+
             time.sleep(args.max_seconds)
             return
         sent, body, piece = 0, data[start:], 65536

@@ -33,6 +33,7 @@ public final class BinaryCacheClient: Sendable {
   let trusted: TrustedKeys
   let narinfoCache: NarInfoCache
   let logger: Logger
+  let urlPolicy: URLPolicy
   /// Resolved substituters by configuration position, with when to ask again (nil: never).
   /// A cache that could not be reached is skipped for `unreachableRetrySeconds`, so a dead cache
   /// does not cost every lookup of a closure a round of connection retries.
@@ -62,12 +63,14 @@ public final class BinaryCacheClient: Sendable {
     self.configuration = config
     self.trusted = try config.trustedKeys()
     self.logger = logger
+    self.urlPolicy = URLPolicy(extraHosts: config.narURLHosts)
     self.narinfoCache = try NarInfoCache(
       stateDirectory: config.stateDirectory, positiveTTL: config.narinfoCachePositiveTTL,
       negativeTTL: config.narinfoCacheNegativeTTL)
     self.transport = Transport(
       settings: TransportSettings(
         userAgent: Self.userAgent, connectTimeout: config.connectTimeout, stallTimeout: config.stallTimeout,
+        lowSpeedLimit: config.lowSpeedLimit,
         netrcFile: config.netrcFile, caFile: config.caFile, maxConnections: config.maxConnections))
     if !config.requireSignatures {
       logger.warning(
@@ -314,14 +317,19 @@ public final class BinaryCacheClient: Sendable {
     return buffer.bytes
   }
 
-  public func narURL(_ info: NarInfo, from substituter: Substituter) -> String {
-    info.url.contains("://") ? info.url : "\(substituter.url)/\(info.url)"
+  /// Where the NAR of `info` is fetched from, by the rules of `URLPolicy`.
+  public func narURL(_ info: NarInfo, from substituter: Substituter) throws(CacheError) -> String {
+    try urlPolicy.narURL(info.url, substituter: substituter.url)
   }
 
   private func download(
     _ info: NarInfo, from substituter: Substituter, into sink: any NARSink, sinkHasData: Bool
   ) async throws(CacheError) {
-    let url = narURL(info, from: substituter)
+    let url: String
+    do { url = try narURL(info, from: substituter) } catch {
+      logger.error("NAR URL refused", metadata: ["path": "\(info.storePath)", "error": "\(error)"])
+      throw error
+    }
     let state = try NARDownload(info: info, url: url, sink: sink, sinkHasData: sinkHasData)
     // Only HTTP can resume; a file:// read that failed simply starts again.
     let resumable = url.hasPrefix("http://") || url.hasPrefix("https://")
@@ -329,7 +337,9 @@ public final class BinaryCacheClient: Sendable {
     do {
       try await withRetries(url) { () async throws(CacheError) in
         let offset = resumable ? state.received : 0
-        if offset > 0 { logger.info("resuming NAR download", metadata: ["url": "\(url)", "offset": "\(offset)"]) }
+        if offset > 0 {
+          logger.info("resuming NAR download", metadata: ["url": "\(LogText.bounded(url))", "offset": "\(offset)"])
+        }
         let head = try await transport.get(
           url, from: offset,
           onStart: { head in try state.start(head, requested: offset) },
@@ -388,7 +398,9 @@ public final class BinaryCacheClient: Sendable {
         let delay = configuration.retryBaseDelay * Double(1 << min(attempt - 1, 10)) * Double.random(in: 0.5...1.5)
         logger.warning(
           "transfer failed; retrying",
-          metadata: ["url": "\(url)", "attempt": "\(attempt)", "delay": "\(delay)", "error": "\(error)"])
+          metadata: [
+            "url": "\(LogText.bounded(url))", "attempt": "\(attempt)", "delay": "\(delay)", "error": "\(error)",
+          ])
         do { try await Task.sleep(nanoseconds: UInt64(delay * 1e9)) } catch { throw .cancelled(url: url) }
         attempt += 1
       }

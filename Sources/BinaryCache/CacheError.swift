@@ -27,6 +27,9 @@ public enum CacheError: Error, Sendable, CustomStringConvertible {
   case badRange(url: String, requestedOffset: UInt64, contentRange: String)
   /// The NAR sink refused the bytes; the download was abandoned.
   case sink(url: String, error: any Error)
+  /// A URL a narinfo (or a redirect) named that this client will not open: another protocol, another
+  /// host, a path escaping the cache, or too long. Never retried.
+  case refusedURL(url: String, reason: String)
   case invalidConfiguration(String)
   case cancelled(url: String)
   /// Every substituter that might have had the path failed; one entry per substituter.
@@ -39,39 +42,41 @@ public enum CacheError: Error, Sendable, CustomStringConvertible {
         ? "\(path): no substituters are configured (use --substituter or substituters in nix.conf)"
         : "\(path) is not in any substituter (asked \(subs.joined(separator: ", ")))"
     case .httpStatus(let url, let status, let attempts):
-      return "\(url): HTTP \(status)\(Self.tries(attempts))"
+      return "\(Self.q(url)): HTTP \(status)\(Self.tries(attempts))"
     case .network(let url, let code, let message, let attempts):
-      return "\(url): \(message) (curl error \(code))\(Self.tries(attempts))"
+      return "\(Self.q(url)): \(Self.q(message)) (curl error \(code))\(Self.tries(attempts))"
     case .stalled(let url, let seconds, let attempts):
-      return "\(url): no data received for \(Self.seconds(seconds)) (stall timeout)\(Self.tries(attempts))"
+      return "\(Self.q(url)): no data received for \(Self.seconds(seconds)) (stall timeout)\(Self.tries(attempts))"
     case .hashMismatch(let url, let field, let expected, let actual):
-      return "\(url): \(field) mismatch: expected \(expected), got \(actual); the download was discarded"
+      return "\(Self.q(url)): \(field) mismatch: expected \(expected), got \(actual); the download was discarded"
     case .sizeMismatch(let url, let field, let expected, let actual):
-      return "\(url): \(field) mismatch: expected \(expected) bytes, got \(actual); the download was discarded"
+      return "\(Self.q(url)): \(field) mismatch: expected \(expected) bytes, got \(actual); the download was discarded"
     case .decompression(let url, let compression, let reason):
-      return "\(url): corrupt \(compression) stream: \(reason)"
+      return "\(Self.q(url)): corrupt \(compression) stream: \(reason)"
     case .unsupportedCompression(let url, let compression):
-      return "\(url): unsupported compression '\(compression)' (supported: xz, zstd, bzip2, none)"
+      return "\(Self.q(url)): unsupported compression '\(Self.q(compression))' (supported: xz, zstd, bzip2, none)"
     case .invalidNAR(let url, let error):
-      return "\(url): \(error)"
+      return "\(Self.q(url)): \(error)"
     case .malformedNarInfo(let error):
       return "\(error)"
     case .wrongStorePath(let url, let expected, let actual):
-      return "\(url): narinfo is for \(actual), not \(expected)"
+      return "\(Self.q(url)): narinfo is for \(actual), not \(expected)"
     case .untrusted(let url, let error):
-      return "\(url): \(error) (add the key with --trusted-public-key, or --no-require-sigs for a private cache)"
+      return "\(Self.q(url)): \(error) (add the key with --trusted-public-key, or --no-require-sigs for a private cache)"
     case .storeDirMismatch(let sub, let expected, let actual):
-      return "\(sub): the cache is for store \(actual), but this node's store is \(expected); substituter disabled"
+      return "\(Self.q(sub)): the cache is for store \(actual), but this node's store is \(expected); substituter disabled"
     case .malformedCacheInfo(let error):
       return "\(error)"
     case .badRange(let url, let offset, let range):
-      return "\(url): asked for bytes from \(offset), server sent Content-Range '\(range)'"
+      return "\(Self.q(url)): asked for bytes from \(offset), server sent Content-Range '\(Self.q(range))'"
     case .sink(let url, let error):
-      return "\(url): the NAR consumer failed: \(error)"
+      return "\(Self.q(url)): the NAR consumer failed: \(error)"
+    case .refusedURL(let url, let reason):
+      return "\(Self.q(url)): refused: \(reason)"
     case .invalidConfiguration(let why):
       return "invalid cache configuration: \(why)"
     case .cancelled(let url):
-      return "\(url): cancelled"
+      return "\(Self.q(url)): cancelled"
     case .allSubstitutersFailed(let path, let failures):
       return "\(path): every substituter failed: " + failures.map(\.description).joined(separator: "; ")
     }
@@ -96,6 +101,9 @@ public enum CacheError: Error, Sendable, CustomStringConvertible {
     default: return self
     }
   }
+
+  /// A value from outside (a URL, a server's message) as it may appear in one line.
+  static func q(_ text: String) -> String { LogText.bounded(text) }
 
   static func tries(_ n: Int) -> String { n > 1 ? " after \(n) attempts" : "" }
   static func seconds(_ s: Double) -> String {

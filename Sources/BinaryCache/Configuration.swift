@@ -12,9 +12,16 @@ public struct CacheConfiguration: Sendable {
   public var netrcFile: String? = nil
   /// Seconds to establish a connection.
   public var connectTimeout: Double = 10
-  /// Seconds without a single byte before a transfer is abandoned (Nix's `stalled-download-timeout`).
-  /// There is deliberately no total timeout: a big NAR on a slow link must still finish.
+  /// A transfer is abandoned (and retried) when fewer than `lowSpeedLimit × stallTimeout` bytes
+  /// arrived in the last `stallTimeout` seconds (Nix's `stalled-download-timeout`): silence and a
+  /// trickle both end it. There is deliberately no total timeout: a big NAR on a slow but moving
+  /// link must still finish, and what it may send is bounded (`NARDownload.compressedLimit`).
   public var stallTimeout: Double = 30
+  /// Bytes per second below which a transfer counts as stalled (see `stallTimeout`).
+  public var lowSpeedLimit: Double = 1024
+  /// Hosts (`host` or `host:port`) besides each substituter's own that absolute NAR URLs in its
+  /// narinfos may point at. Empty: a narinfo can send the client only below its substituter.
+  public var narURLHosts: [String] = []
   public var narinfoCachePositiveTTL: Double = 30 * 24 * 3600
   public var narinfoCacheNegativeTTL: Double = 3600
   /// Where the narinfo cache database lives; nil keeps lookups in memory only.

@@ -162,10 +162,24 @@ final class NARDownload: @unchecked Sendable {
     return UInt64(spec[..<dash])
   }
 
+  /// The most compressed bytes a NAR of `narSize` may take: no codec we accept comes near
+  /// doubling incompressible data, so anything past this is padding (endless zstd skippable frames,
+  /// xz stream padding) from a cache that means to keep us downloading. FileSize, when given, is
+  /// unsigned too, so it bounds a download only below this.
+  static func compressedLimit(narSize: UInt64, compression: NarInfo.Compression) -> UInt64 {
+    if compression == .none { return narSize }
+    let (doubled, overflow) = narSize.multipliedReportingOverflow(by: 2)
+    return overflow ? UInt64.max : doubled &+ (1 << 20)
+  }
+
   func consume(_ bytes: UnsafeRawBufferPointer) throws {
     let total = received + UInt64(bytes.count)
     if let size = info.fileSize, total > size {
       throw CacheError.sizeMismatch(url: url, field: "FileSize", expected: size, actual: total)
+    }
+    let limit = Self.compressedLimit(narSize: info.narSize, compression: info.compression)
+    if total > limit {
+      throw CacheError.sizeMismatch(url: url, field: "compressed size limit (2 × NarSize + 1 MiB)", expected: limit, actual: total)
     }
     if hashFile { fileHasher.update(bytes) }
     do {

@@ -26,12 +26,23 @@ final class NarInfoCache: @unchecked Sendable {
       return
     }
     do {
-      try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+      // Owner-only, like the rest of the state directory (the chunk store tightens it too).
+      try FileManager.default.createDirectory(
+        atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
     } catch {
       throw .invalidConfiguration("cannot create state directory \(dir): \(error.localizedDescription)")
     }
     let file = (dir as NSString).appendingPathComponent("narinfo-cache.sqlite")
     path = file
+    // Created owner-only (SQLite's -wal and -shm then take the same mode); an older cache made
+    // 0644 is tightened.
+    let fd = open(file, O_CREAT | O_RDWR | O_CLOEXEC, 0o600)
+    guard fd >= 0, fchmod(fd, 0o600) == 0 else {
+      let reason = String(cString: strerror(errno))
+      if fd >= 0 { close(fd) }
+      throw .invalidConfiguration("cannot create narinfo cache \(file): \(reason)")
+    }
+    close(fd)
     var handle: OpaquePointer? = nil
     let flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX
     guard sqlite3_open_v2(file, &handle, flags, nil) == SQLITE_OK, let handle else {

@@ -15,6 +15,7 @@ struct TransportSettings: Sendable {
   var userAgent: String
   var connectTimeout: Double
   var stallTimeout: Double
+  var lowSpeedLimit: Double
   var netrcFile: String?
   var caFile: String?
   var maxConnections: Int
@@ -33,7 +34,9 @@ final class Transport: @unchecked Sendable {
 
   let settings: TransportSettings
   private let condition = NSCondition()
-  private var queue: [Job] = []
+  /// Pending jobs from `queueHead` on. A taken slot is cleared at once: a finished job must not
+  /// keep its transfer's closures (and the buffers and sinks they hold) alive until compaction.
+  private var queue: [Job?] = []
   private var queueHead = 0
   private var workers = 0
   private var idleWorkers = 0
@@ -109,7 +112,8 @@ final class Transport: @unchecked Sendable {
           return
         }
       }
-      let job = queue[queueHead]
+      let job = queue[queueHead]!
+      queue[queueHead] = nil
       queueHead += 1
       if queueHead > 64 && queueHead * 2 > queue.count {
         queue.removeFirst(queueHead)
@@ -135,6 +139,11 @@ private final class TransferContext: @unchecked Sendable {
   var headers: [String: String] = [:]
   var callbackError: (any Error)? = nil
   var isFile: Bool
+  /// The stall clock: when the transfer last made `stallBytes` of progress, and how far it was.
+  var progressAt = DispatchTime.now()
+  var progressBytes: Int64 = 0
+  var stalled = false
+  var stallBytes: Int64 { Int64(max(1, settings.lowSpeedLimit * settings.stallTimeout)) }
 
   init(
     url: String, settings: TransportSettings, onStart: @escaping @Sendable (ResponseHead) throws -> Void,
@@ -158,6 +167,24 @@ private final class TransferContext: @unchecked Sendable {
     lock.lock()
     defer { lock.unlock() }
     return cancelledFlag
+  }
+
+  /// Called by libcurl at least once a second: true aborts the transfer. A transfer stalls when
+  /// it made less than `stallBytes` of progress in the last `stallTimeout` seconds (our own clock:
+  /// libcurl's LOW_SPEED check averages over a window and fired seconds late).
+  func checkProgress(received: Int64) -> Bool {
+    if isCancelled { return true }
+    let now = DispatchTime.now()
+    if received - progressBytes >= stallBytes {
+      progressBytes = received
+      progressAt = now
+      return false
+    }
+    if Double(now.uptimeNanoseconds - progressAt.uptimeNanoseconds) / 1e9 >= settings.stallTimeout {
+      stalled = true
+      return true
+    }
+    return false
   }
 
   func currentStatus() -> Int {
@@ -200,6 +227,9 @@ private final class TransferContext: @unchecked Sendable {
 
   func perform(easy: UnsafeMutableRawPointer, errorBuffer: UnsafeMutablePointer<CChar>, offset: UInt64) -> Result<ResponseHead, CacheError> {
     if isCancelled { return .failure(.cancelled(url: url)) }
+    progressAt = DispatchTime.now()
+    progressBytes = 0
+    stalled = false
     self.easy = easy
     defer { self.easy = nil }
     curl_easy_reset(easy)
@@ -213,9 +243,10 @@ private final class TransferContext: @unchecked Sendable {
     _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_MAXREDIRS, 10)
     _ = nixfs_curl_easy_setopt_str(easy, CURLOPT_USERAGENT, settings.userAgent)
     _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_CONNECTTIMEOUT_MS, max(1, Int(settings.connectTimeout * 1000)))
-    // The stall timeout: abort when fewer than 1 byte/s arrive for that many seconds.
-    _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_LOW_SPEED_LIMIT, 1)
-    _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_LOW_SPEED_TIME, max(1, Int(settings.stallTimeout.rounded(.up))))
+    // Only the protocols of the substituter: a narinfo URL or a redirect cannot make the daemon
+    // read local files or speak gopher/dict/... to an arbitrary port (URLPolicy checks the rest).
+    _ = nixfs_curl_easy_setopt_str(easy, CURLOPT_PROTOCOLS_STR, isFile ? "file" : "http,https")
+    _ = nixfs_curl_easy_setopt_str(easy, CURLOPT_REDIR_PROTOCOLS_STR, "http,https")
     _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_TCP_KEEPALIVE, 1)
     _ = nixfs_curl_easy_setopt_long(easy, CURLOPT_BUFFERSIZE, 256 << 10)
     if let netrc = settings.netrcFile {
@@ -243,6 +274,7 @@ private final class TransferContext: @unchecked Sendable {
       return .failure(.sink(url: url, error: error))
     }
     if isCancelled { return .failure(.cancelled(url: url)) }
+    if stalled { return .failure(.stalled(url: url, seconds: settings.stallTimeout, attempts: 1)) }
     switch code {
     case CURLE_OK:
       if head == nil {
@@ -263,8 +295,6 @@ private final class TransferContext: @unchecked Sendable {
       return .success(head!)
     case CURLE_FILE_COULDNT_READ_FILE where isFile:
       return .success(ResponseHead(status: 404))
-    case CURLE_OPERATION_TIMEDOUT where String(cString: errorBuffer).contains("too slow"):
-      return .failure(.stalled(url: url, seconds: settings.stallTimeout, attempts: 1))
     default:
       var message = String(cString: errorBuffer)
       if message.isEmpty { message = String(cString: curl_easy_strerror(code)) }
@@ -289,7 +319,7 @@ private let headerCallback: @convention(c) (UnsafeMutablePointer<CChar>?, Int, I
 }
 
 private let progressCallback: @convention(c) (UnsafeMutableRawPointer?, curl_off_t, curl_off_t, curl_off_t, curl_off_t) -> Int32 = {
-  user, _, _, _, _ in
+  user, _, downloaded, _, _ in
   let context = Unmanaged<TransferContext>.fromOpaque(user!).takeUnretainedValue()
-  return context.isCancelled ? 1 : 0
+  return context.checkProgress(received: Int64(downloaded)) ? 1 : 0
 }

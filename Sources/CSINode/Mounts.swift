@@ -15,24 +15,30 @@ enum Mounts {
 
   /// Bind-mounts `source` at `target` read-only, nosuid, nodev. The second, remounting step is what
   /// makes a bind mount read-only on Linux; MS_REC keeps submounts visible.
-  static func bindReadOnly(_ source: String, at target: String) throws {
+  /// `shownAs` names the target in errors when `target` is a `/proc/self/fd/N` handle; the
+  /// remount goes through `shownAs`, which is by then the mount point itself.
+  static func bindReadOnly(_ source: String, at target: String, shownAs: String? = nil) throws {
+    let name = shownAs ?? target
     if mount(source, target, nil, UInt(MS_BIND | MS_REC), nil) != 0 {
-      throw Failure(operation: "bind mount \(source) at", path: target, errno: errno)
+      throw Failure(operation: "bind mount \(source) at", path: name, errno: errno)
     }
     let flags = UInt(MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    if mount("none", target, nil, flags, nil) != 0 {
+    if mount("none", name, nil, flags, nil) != 0 {
       let e = errno
-      umount2(target, Int32(MNT_DETACH))
-      throw Failure(operation: "remount read-only", path: target, errno: e)
+      umount2(name, Int32(MNT_DETACH) | 0x8)  // UMOUNT_NOFOLLOW
+      throw Failure(operation: "remount read-only", path: name, errno: e)
     }
   }
 
+  /// UMOUNT_NOFOLLOW: a target that is a symlink is not followed to unmount what it points at.
+  static let noFollow: Int32 = 0x8
+
   static func unmount(_ target: String) throws {
-    if umount2(target, 0) != 0 {
+    if umount2(target, noFollow) != 0 {
       let e = errno
       if e == EINVAL || e == ENOENT { return }  // not mounted
       // Busy (a pod still has files open): detach now, the kernel finishes when they close.
-      if umount2(target, Int32(MNT_DETACH)) != 0 && errno != EINVAL {
+      if umount2(target, Int32(MNT_DETACH) | noFollow) != 0 && errno != EINVAL {
         throw Failure(operation: "unmount", path: target, errno: errno)
       }
     }

@@ -101,8 +101,28 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
     self.logger = logger
   }
 
+  /// Messages quote what the client sent (attribute values, IDs, paths): bounded, so a request
+  /// with a 380 KB attribute does not come back as an answer the client drops.
   static func fail(_ code: RPCError.Code, _ message: String) -> RPCError {
-    RPCError(code: code, message: message)
+    RPCError(code: code, message: LogText.bounded(message, limit: 1024))
+  }
+
+  /// The longest volume ID accepted (kubelet's are a driver name and a pod UID or a PV name).
+  static let maxVolumeIDLength = 1024
+
+  static func checkVolumeID(_ id: String) throws {
+    guard !id.isEmpty else { throw fail(.invalidArgument, "volume_id is required") }
+    guard id.utf8.count <= maxVolumeIDLength else {
+      throw fail(.invalidArgument, "volume_id is \(id.utf8.count) bytes, more than \(maxVolumeIDLength)")
+    }
+    guard !id.utf8.contains(where: { $0 < 0x20 || $0 == 0x7f }) else {
+      throw fail(.invalidArgument, "volume_id '\(LogText.bounded(id))' contains control characters")
+    }
+  }
+
+  static func checkTarget(_ raw: String) throws -> TargetPath {
+    guard !raw.isEmpty else { throw fail(.invalidArgument, "target_path is required") }
+    do { return try TargetPath(raw) } catch { throw fail(.invalidArgument, error.reason) }
   }
 
   public func nodeGetInfo(request: Csi_V1_NodeGetInfoRequest, context: ServerContext) async throws
@@ -140,7 +160,7 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
     do {
       return try StorePath(text, storeDir: config.storeDir)
     } catch {
-      throw Self.fail(.invalidArgument, "\(error)")
+      throw Self.fail(.invalidArgument, LogText.bounded("\(error)", limit: 512))
     }
   }
 
@@ -184,13 +204,13 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
   }
 
   func publish(_ request: Csi_V1_NodePublishVolumeRequest) throws -> Csi_V1_NodePublishVolumeResponse {
-    guard !request.volumeID.isEmpty else { throw Self.fail(.invalidArgument, "volume_id is required") }
-    guard !request.targetPath.isEmpty else { throw Self.fail(.invalidArgument, "target_path is required") }
+    try Self.checkVolumeID(request.volumeID)
+    let checkedTarget = try Self.checkTarget(request.targetPath)
     guard request.hasVolumeCapability else { throw Self.fail(.invalidArgument, "volume_capability is required") }
     if case .block = request.volumeCapability.accessType {
       throw Self.fail(.invalidArgument, "block volumes are not supported: nixfs volumes are filesystems")
     }
-    let target = (request.targetPath as NSString).standardizingPath
+    let target = checkedTarget.path
     let attributes = request.volumeContext.filter { !$0.key.hasPrefix("csi.storage.k8s.io/") }
     let path = try requestedPath(attributes)
     if let existing = records.byTarget(target) {
@@ -215,9 +235,15 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
     guard let view = response.viewPath else {
       throw Self.fail(Self.code(response.failure), response.message ?? "\(path): publish failed")
     }
+    let targetFD: Int32
+    do { targetFD = try checkedTarget.openCreatingDirectories() } catch {
+      _ = try? control.send(.unpublish(volumeID: request.volumeID))
+      throw Self.fail(.invalidArgument, error.reason)
+    }
+    defer { close(targetFD) }
     do {
-      try FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: true)
-      if !Mounts.isMountPoint(target) { try Mounts.bindReadOnly(view, at: target) }
+      // Onto the directory we opened without following links, not onto whatever the path names now.
+      if !Mounts.isMountPoint(target) { try Mounts.bindReadOnly(view, at: "/proc/self/fd/\(targetFD)", shownAs: target) }
       try records.put(VolumeRecord(volumeID: request.volumeID, targetPath: target, storePath: path.path, attributes: attributes))
     } catch {
       _ = try? control.send(.unpublish(volumeID: request.volumeID))
@@ -225,16 +251,18 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
     }
     logger.info(
       "published",
-      metadata: ["volume": "\(request.volumeID)", "path": "\(path)", "target": "\(target)", "closure": "\(response.closure?.count ?? 0)"])
+      metadata: [
+        "volume": "\(LogText.bounded(request.volumeID))", "path": "\(path)", "target": "\(LogText.bounded(target))",
+        "closure": "\(response.closure?.count ?? 0)",
+      ])
     return Csi_V1_NodePublishVolumeResponse()
   }
 
   public func nodeUnpublishVolume(request: Csi_V1_NodeUnpublishVolumeRequest, context: ServerContext) async throws
     -> Csi_V1_NodeUnpublishVolumeResponse
   {
-    guard !request.volumeID.isEmpty else { throw Self.fail(.invalidArgument, "volume_id is required") }
-    guard !request.targetPath.isEmpty else { throw Self.fail(.invalidArgument, "target_path is required") }
-    let target = (request.targetPath as NSString).standardizingPath
+    try Self.checkVolumeID(request.volumeID)
+    let target = try Self.checkTarget(request.targetPath).path
     let volumeID = request.volumeID
     try await serially { try self.unpublish(volumeID: volumeID, target: target) }
     return Csi_V1_NodeUnpublishVolumeResponse()
@@ -250,7 +278,7 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
     rmdir(target)
     _ = try? control.send(.unpublish(volumeID: volumeID))
     try? records.remove(volumeID)
-    logger.info("unpublished", metadata: ["volume": "\(volumeID)", "target": "\(target)"])
+    logger.info("unpublished", metadata: ["volume": "\(LogText.bounded(volumeID))", "target": "\(LogText.bounded(target))"])
   }
 
   /// On start: volumes whose target is no longer mounted (their pods are gone) are unpublished and

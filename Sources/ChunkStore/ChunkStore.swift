@@ -124,13 +124,15 @@ public final class ChunkStore: @unchecked Sendable {
       checkpointer = nil
       return
     }
-    do {
-      try FileManager.default.createDirectory(atPath: packDirectory, withIntermediateDirectories: true)
-    } catch {
-      throw .io(path: packDirectory, operation: "mkdir", errno: errno == 0 ? EACCES : errno)
+    try preparePrivateDirectory(dir)
+    try preparePrivateDirectory(packDirectory)
+    for file in [indexPath, indexPath + "-wal", indexPath + "-shm"]
+    where file == indexPath || FileManager.default.fileExists(atPath: file) {
+      try makePrivateFile(file)
     }
-    let fd = open(dir + "/lock", O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
+    let fd = open(dir + "/lock", O_CREAT | O_RDWR | O_CLOEXEC, 0o600)
     guard fd >= 0 else { throw .io(path: dir + "/lock", operation: "open", errno: errno) }
+    _ = fchmod(fd, 0o600)
     if flock(fd, LOCK_EX | LOCK_NB) != 0 {
       close(fd)
       throw .locked(stateDir: dir)
@@ -266,7 +268,7 @@ public final class ChunkStore: @unchecked Sendable {
     defer { stateLock.unlock() }
     if let fd = packFDs[id] { return fd }
     let path = packPath(id)
-    let fd = open(path, (configuration.readOnly ? O_RDONLY : O_RDWR | O_CREAT) | O_CLOEXEC, 0o644)
+    let fd = open(path, (configuration.readOnly ? O_RDONLY : O_RDWR | O_CREAT) | O_CLOEXEC, 0o600)
     guard fd >= 0 else { throw .io(path: path, operation: "open", errno: errno) }
     packFDs[id] = fd
     return fd

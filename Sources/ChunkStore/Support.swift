@@ -124,3 +124,28 @@ func fsyncDirectory(_ path: String) {
 
 /// Seconds since the epoch, for LRU.
 func now() -> Int64 { Int64(Date().timeIntervalSince1970) }
+
+/// The node's state directory, private to its owner: 0700, created so if missing and tightened
+/// if an older version (or an operator) left it readable. Anyone who can open the lock file can
+/// `flock` it and keep `nixfs mount`, `gc` and `fsck` from starting; the index names every path
+/// the node holds.
+func preparePrivateDirectory(_ path: String) throws(ChunkStoreError) {
+  var prefix = path.hasPrefix("/") ? "" : "."
+  for part in path.split(separator: "/") {
+    prefix += "/" + part
+    if mkdir(prefix, 0o700) != 0 && errno != EEXIST {
+      throw .io(path: prefix, operation: "mkdir", errno: errno)
+    }
+  }
+  guard chmod(path, 0o700) == 0 else { throw .io(path: path, operation: "chmod 0700", errno: errno) }
+}
+
+/// Creates `path` owner-only if missing and makes an existing one owner-only (an index or lock
+/// file made by an older version was 0644). Files SQLite makes beside a database (-wal, -shm)
+/// take the database's mode.
+func makePrivateFile(_ path: String) throws(ChunkStoreError) {
+  let fd = open(path, O_CREAT | O_RDWR | O_CLOEXEC, 0o600)
+  guard fd >= 0 else { throw .io(path: path, operation: "open", errno: errno) }
+  defer { close(fd) }
+  guard fchmod(fd, 0o600) == 0 else { throw .io(path: path, operation: "chmod 0600", errno: errno) }
+}

@@ -81,13 +81,6 @@ extension UnsafeRawBufferPointer {
   }
 }
 
-func printable(_ bytes: some Collection<UInt8>, limit: Int = 64) -> String {
-  var s = String(decoding: bytes.prefix(limit), as: UTF8.self)
-  if bytes.count > limit { s += "…" }
-  return s.unicodeScalars.map { $0.value < 0x20 || $0 == "\u{7f}" ? "\\x\(String($0.value, radix: 16))" : String($0) }
-    .joined()
-}
-
 #if canImport(Glibc)
   import Glibc
 #elseif canImport(Musl)

@@ -170,7 +170,9 @@ public struct NarInfoError: Error, Hashable, Sendable, CustomStringConvertible {
   public let source: String
   public let line: Int
   public let reason: String
-  public var description: String { "malformed narinfo \(source) line \(line): \(reason)" }
+  public var description: String {
+    "malformed narinfo \(LogText.bounded(source)) line \(line): \(LogText.bounded(reason, limit: 512))"
+  }
 }
 
 public struct SignatureError: Error, Hashable, Sendable, CustomStringConvertible {

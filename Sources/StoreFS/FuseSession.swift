@@ -42,6 +42,10 @@ final class FuseSession: @unchecked Sendable {
       throw MountError(mountpoint: mountpoint, reason: "fuse_session_mount failed: is /dev/fuse available, and are you root?")
     }
     mounted = true
+    // Parallel lookups and readdirs (see the shim: libfuse 3.14 never tells the kernel).
+    guard nixfs_fuse_session_parallel_dirops(session, 1) == 0 else {
+      throw MountError(mountpoint: mountpoint, reason: "fuse_session_custom_io failed")
+    }
   }
 
   /// On SIGINT/SIGTERM/SIGHUP, unmounts: the kernel then ends every worker's read and `run()`

@@ -28,8 +28,14 @@ struct CacheOptions: ParsableArguments {
   @Option(name: .customLong("connect-timeout"), help: "Seconds to establish a connection (default 10).")
   var connectTimeout: Double?
 
-  @Option(name: .customLong("stall-timeout"), help: "Seconds without any byte before a transfer is abandoned (default 30).")
+  @Option(name: .customLong("stall-timeout"), help: "Seconds after which a transfer that received less than --low-speed-limit bytes/s in them is abandoned and retried (default 30).")
   var stallTimeout: Double?
+
+  @Option(name: .customLong("low-speed-limit"), help: "Bytes per second below which a transfer counts as stalled (default 1024).")
+  var lowSpeedLimit: Double?
+
+  @Option(name: .customLong("nar-url-host"), help: "A host (host or host:port) that absolute NAR URLs in narinfos may point at besides their substituter's own (repeatable).")
+  var narURLHosts: [String] = []
 
   @Option(name: .customLong("narinfo-cache-positive-ttl"), help: "Seconds a found narinfo is remembered (default 30 days).")
   var positiveTTL: Double?
@@ -56,7 +62,15 @@ struct CacheOptions: ParsableArguments {
     if noRequireSigs { config.requireSignatures = false }
     if let netrcFile { config.netrcFile = netrcFile }
     if let connectTimeout { config.connectTimeout = connectTimeout }
-    if let stallTimeout { config.stallTimeout = stallTimeout }
+    if let stallTimeout {
+      guard stallTimeout > 0 else { throw ValidationError("--stall-timeout must be positive") }
+      config.stallTimeout = stallTimeout
+    }
+    if let lowSpeedLimit {
+      guard lowSpeedLimit >= 0 else { throw ValidationError("--low-speed-limit must not be negative") }
+      config.lowSpeedLimit = lowSpeedLimit
+    }
+    config.narURLHosts += narURLHosts
     if let positiveTTL { config.narinfoCachePositiveTTL = positiveTTL }
     if let negativeTTL { config.narinfoCacheNegativeTTL = negativeTTL }
     config.stateDirectory = stateDir

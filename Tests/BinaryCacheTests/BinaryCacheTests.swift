@@ -140,18 +140,7 @@ import TestSupport
   }
 
   @Test func stalledBodyTimesOut() async throws {
-    let f = try CacheFixture(compression: "none")
-    let nar = try f.narPath(f.big)
-    var config = TestServer.Config()
-    config.faults[nar] = [.init(stall: 100_000)]
-    let server = try TestServer(serving: f.cache, config: config)
-    defer { server.stop() }
-    let client = try makeClient([server.url], keys: [f.publicKey]) {
-      $0.stallTimeout = 2
-      $0.maxAttempts = 1
-    }
-    let found = try await client.narInfo(for: f.big)
-    let error = await cacheError { try await client.fetchNAR(found, into: NARBuffer()) }
+    let (error, nar, stall) = try await fetchBigNAR(with: .init(stall: 100_000), stallTimeout: 2)
     guard case .stalled(let url, 2, _)? = error else {
       Issue.record("expected a stall, got \(String(describing: error))")
       return
@@ -159,8 +148,8 @@ import TestSupport
     #expect(url.hasSuffix(nar))
     // The client hung up on the silent server, by the server's clock (generous: proves "no
     // hang", not a timing; the test's own clock stretches while other tests hold its threads).
-    let stall = try #require(await server.waitForStall(of: nar) { $0.hungUp != nil })
-    #expect(stall.hungUp! - stall.began < 20)
+    let s = try #require(stall)
+    #expect(s.hungUp! - s.began < 20)
   }
 
   @Test func cancellingAbortsATransfer() async throws {

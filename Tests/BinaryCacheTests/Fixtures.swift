@@ -64,13 +64,23 @@ func makeClient(
 }
 
 /// Expects `body` to throw a CacheError and returns it.
-func cacheError(_ body: () async throws -> Void) async -> CacheError? {
-  do {
-    try await body()
-    return nil
-  } catch let e as CacheError {
-    return e
-  } catch {
-    return nil
+func cacheError(_ body: () async throws -> Void) async -> CacheError? { await caught(CacheError.self, body) }
+
+/// Fetches the big path's NAR (uncompressed) from a server with `fault` on it, one attempt, and
+/// returns the client's error and the server's record of the response: when it went quiet (or
+/// started trickling) and when the client hung up, by the server's clock.
+func fetchBigNAR(with fault: TestServer.Fault, stallTimeout: Double) async throws -> (error: CacheError?, nar: String, stall: TestServer.Stall?) {
+  let f = try CacheFixture(compression: "none")
+  let nar = try f.narPath(f.big)
+  var config = TestServer.Config()
+  config.faults[nar] = [fault]
+  let server = try TestServer(serving: f.cache, config: config)
+  defer { server.stop() }
+  let client = try makeClient([server.url], keys: [f.publicKey]) {
+    $0.stallTimeout = stallTimeout
+    $0.maxAttempts = 1
   }
+  let found = try await client.narInfo(for: f.big)
+  let error = await cacheError { try await client.fetchNAR(found, into: NARBuffer()) }
+  return (error, nar, await server.waitForStall(of: nar) { $0.hungUp != nil })
 }

@@ -19,6 +19,13 @@ final class TestServer: @unchecked Sendable {
     var corrupt: Int? = nil
     /// Serve only this many bytes (with a matching Content-Length).
     var truncate: Int? = nil
+    /// Send the body at this many bytes per second (logged as a STALL when it starts).
+    var trickle: Double? = nil
+    /// After the body, send padding without end and without a Content-Length: "zstd" (skippable
+    /// frames) or "xz" (stream padding). Logs SENT with the byte count when the client hangs up.
+    var endless: String? = nil
+    /// Answer 302 with this Location.
+    var redirect: String? = nil
     /// Apply to the first `times` requests only (nil: every request).
     var times: Int? = nil
   }
@@ -96,6 +103,8 @@ final class TestServer: @unchecked Sendable {
     var began: Double
     /// When the client hung up, if it has.
     var hungUp: Double?
+    /// Body bytes an endless response sent before the client hung up.
+    var sent: Int? = nil
   }
 
   /// The latest stall of `path`, with the hang-up of that same connection (events carry the
@@ -109,6 +118,7 @@ final class TestServer: @unchecked Sendable {
       let f = line.split(separator: " ")
       guard f.count == 4, f[1] == path, let t = Double(f[3]) else { continue }
       if f[0] == "STALL" { found = (f[2], Stall(began: t)) }
+      if f[0] == "SENT", found?.port == f[2] { found?.stall.sent = Int(f[3]) }
       if f[0] == "HANGUP", found?.port == f[2] { found?.stall.hungUp = t }
     }
     return found?.stall
@@ -149,9 +159,9 @@ final class TestServer: @unchecked Sendable {
     counts = {}
     lock = threading.Lock()
 
-    def event(kind, path, port):
+    def event(kind, path, port, value=None):
         with lock, open(event_file, "a") as f:
-            f.write("%s %s %d %.3f\n" % (kind, path, port, time.time()))
+            f.write("%s %s %d %s\n" % (kind, path, port, "%.3f" % time.time() if value is None else value))
 
     def watchdog():
         # Never outlive the test process.
@@ -186,6 +196,12 @@ final class TestServer: @unchecked Sendable {
             if config.get("latency"):
                 time.sleep(config["latency"])
             rule = self.fault(config)
+            if rule.get("redirect"):
+                self.send_response(302)
+                self.send_header("Location", rule["redirect"])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if rule.get("status"):
                 body = b"injected failure\n"
                 self.send_response(rule["status"])
@@ -219,8 +235,45 @@ final class TestServer: @unchecked Sendable {
                 if config.get("range", True):
                     self.send_header("Accept-Ranges", "bytes")
             body = bytes(data[start:])
+            if rule.get("endless"):
+                # No Content-Length: the body ends when the connection does, which it never does.
+                self.end_headers()
+                event("STALL", self.path, self.client_address[1])
+                if rule["endless"] == "zstd":
+                    pad = (0x184D2A50).to_bytes(4, "little") + (65536).to_bytes(4, "little") + bytes(65536)
+                else:
+                    pad = bytes(65536)
+                sent = 0
+                began = time.monotonic()
+                try:
+                    self.wfile.write(body)
+                    sent = len(body)
+                    while time.monotonic() - began < 300:
+                        self.wfile.write(pad)
+                        sent += len(pad)
+                except OSError:
+                    pass
+                event("HANGUP", self.path, self.client_address[1])
+                event("SENT", self.path, self.client_address[1], sent)
+                self.close_connection = True
+                return
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            if rule.get("trickle"):
+                event("STALL", self.path, self.client_address[1])
+                began = time.monotonic()
+                try:
+                    for i in range(len(body)):
+                        if time.monotonic() - began > 300:
+                            break
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(1 / rule["trickle"])
+                except OSError:
+                    pass
+                event("HANGUP", self.path, self.client_address[1])
+                self.close_connection = True
+                return
             if rule.get("cut") is not None:
                 self.wfile.write(body[: rule["cut"]])
                 self.wfile.flush()

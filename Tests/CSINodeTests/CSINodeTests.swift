@@ -84,6 +84,8 @@ final class Node: @unchecked Sendable {
   }
 }
 
+func rpcError(_ body: () async throws -> Void) async -> RPCError? { await caught(RPCError.self, body) }
+
 func code(_ body: () async throws -> Void) async -> RPCError.Code? {
   do {
     try await body()
@@ -194,6 +196,51 @@ func code(_ body: () async throws -> Void) async -> RPCError.Code? {
       #expect(await code { _ = try await csi.nodeUnpublishVolume(noUnpubID) } == .invalidArgument)
       noUnpubID = node.unpublishRequest(volume: "vol-e", target: "")
       #expect(await code { _ = try await csi.nodeUnpublishVolume(noUnpubID) } == .invalidArgument)
+    }
+  }
+
+  /// Targets that would mount the view somewhere else than asked: a symlink (onto a stand-in for
+  /// /etc), a symlink on the way, a relative path, `..`. Oversized and binary input comes back
+  /// as a short error.
+  @Test func hostileTargetsAndValuesAreRefused() async throws {
+    let node = try Node()
+    let app = fx.paths["app"]!.path
+    let victim = node.tmp.sub("etc")
+    try Tree.file("\(victim)/passwd", "root:x:0:0\n")
+    try Tree.directory(node.tmp.sub("pods"))
+    try Tree.symlink(node.tmp.sub("pods/evil"), to: victim)
+    try Tree.symlink(node.tmp.sub("pods/via"), to: victim)
+    try await node.withClients { _, csi in
+      for (target, why) in [
+        (node.tmp.sub("pods/evil"), "symlink"), (node.tmp.sub("pods/via/mount"), "symlink"),
+        ("pods/relative/mount", "not absolute"), (node.tmp.sub("pods/a/../b"), "not a normal path"),
+      ] {
+        let r = node.publishRequest(volume: "vol-h", target: target, attributes: ["storePath": app])
+        let error = await rpcError { _ = try await csi.nodePublishVolume(r) }
+        #expect(error?.code == .invalidArgument, "\(target)")
+        #expect(error?.message.contains(why) == true, "\(target): \(error?.message ?? "")")
+      }
+      #expect(!isMountPoint(victim))
+      #expect(!FileManager.default.fileExists(atPath: "\(victim)/mount"))
+      #expect(try String(contentsOfFile: "\(victim)/passwd", encoding: .utf8) == "root:x:0:0\n")
+
+      let huge = node.publishRequest(
+        volume: "vol-big", target: node.target("big"),
+        attributes: ["storePath": (0..<10_000).map { _ in app }.joined(separator: " ")])
+      let big = await rpcError { _ = try await csi.nodePublishVolume(huge) }
+      #expect(big?.code == .invalidArgument)
+      #expect((big?.message.utf8.count ?? .max) < 1200, "\(big?.message.utf8.count ?? 0) bytes")
+      let nul = node.publishRequest(volume: "vol\u{0}\u{1b}[2J", target: node.target("nul"), attributes: ["storePath": app])
+      let binary = await rpcError { _ = try await csi.nodePublishVolume(nul) }
+      #expect(binary?.code == .invalidArgument)
+      #expect(binary?.message.unicodeScalars.contains { $0.value < 0x20 } == false)
+
+      // The refusals left nothing behind: the same volume publishes at a proper target.
+      let good = node.publishRequest(volume: "vol-h", target: node.target("good"), attributes: ["storePath": app])
+      _ = try await csi.nodePublishVolume(good)
+      #expect(isMountPoint(node.target("good")))
+      _ = try await csi.nodeUnpublishVolume(node.unpublishRequest(volume: "vol-h", target: node.target("good")))
+      #expect(!isMountPoint(node.target("good")))
     }
   }
 

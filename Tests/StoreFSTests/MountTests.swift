@@ -232,6 +232,43 @@ import TestSupport
     #expect(FileManager.default.contents(atPath: store.path("\(kinds.baseName)/seven")) == Data("1234567".utf8))
   }
 
+  /// One stalled NAR must not hold up the rest of the node: a lookup of another path and a
+  /// listing of the root are answered while a reader of the stalled path still waits (the
+  /// kernel serialises lookups in a directory unless the daemon takes parallel directory
+  /// operations, and a lookup that waits for a download must not hold a FUSE worker).
+  @Test func aStalledPathDoesNotHoldUpOtherLookups() throws {
+    let tmp = try TemporaryDirectory("fs-parallel")
+    let twin = fx.paths["twin-a"]!
+    let kinds = fx.paths["kinds"]!
+    let nar = try fx.narInfo(twin, compression: "zstd").url
+    let server = try CacheServer(directory: fx.caches["zstd"]!, stall: "^/\(NSRegularExpression.escapedPattern(for: nar))$")
+    let store = try mount(server, tmp, extra: ["--stall-timeout", "3600"])
+    var waiting: [BackgroundProcess] = []
+    // The daemon goes first: killing it aborts the FUSE connection, which frees blocked readers.
+    defer {
+      store.daemon.signal(SIGKILL)
+      store.stop()
+      for p in waiting { p.stop() }
+    }
+    let blocked = try BackgroundProcess(["cat", store.path("\(twin.baseName)/share/twin-a.txt")])
+    waiting.append(blocked)
+    let deadline = Date().addingTimeInterval(60)
+    while !server.requests.contains("/" + nar) && Date() < deadline { usleep(20_000) }
+    try #require(server.requests.contains("/" + nar), "the stalled NAR was never requested")
+    for argv in [
+      ["stat", store.path("\(kinds.baseName)/hello.txt")], ["ls", store.mountpoint],
+      ["stat", store.path(fx.paths["unrelated"]!.baseName)],
+    ] {
+      let started = Date()
+      let other = try BackgroundProcess(argv)
+      waiting.append(other)
+      #expect(other.wait(seconds: 30), "\(argv.joined(separator: " ")) waited behind the stalled path")
+      #expect(other.process.isRunning || other.process.terminationStatus == 0, "\(argv): \(other.stderr)")
+      print("\(argv[0]) answered in \(Date().timeIntervalSince(started)) s while a NAR stalled")
+    }
+    #expect(blocked.isRunning, "the reader of the stalled path should still be waiting")
+  }
+
   @Test func unmountFromOutsideEndsTheDaemon() throws {
     let tmp = try TemporaryDirectory("fs-umount")
     let server = try CacheServer(directory: fx.caches["zstd"]!)

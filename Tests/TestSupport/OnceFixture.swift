@@ -10,3 +10,15 @@ public final class OnceFixture<Value: Sendable>: Sendable {
 
   public func get() throws -> Value { try result.get() }
 }
+
+/// The error of type `E` that `body` threw; nil when it threw none or another kind.
+public func caught<E: Error>(_ type: E.Type, _ body: () async throws -> Void) async -> E? {
+  do {
+    try await body()
+    return nil
+  } catch let e as E {
+    return e
+  } catch {
+    return nil
+  }
+}
