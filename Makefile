@@ -41,11 +41,14 @@ test: deps
 demo: release
 	bash scripts/demo.sh "$$($(SWIFT) build -c release --show-bin-path)/nixfs"
 
-# libFuzzer over the NAR reader and the narinfo parser; not part of CI.
+# libFuzzer over the NAR reader, the narinfo parser and the download path (NAR URLs, decompression,
+# verification); not part of CI.
 fuzz: deps
 	$(SWIFT) build -c release --scratch-path .build-fuzz --product fuzz-nar \
 	  -Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING -Xswiftc -Xclang-linker -Xswiftc -fuse-ld=lld
 	$(SWIFT) build -c release --scratch-path .build-fuzz --product fuzz-narinfo \
+	  -Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING -Xswiftc -Xclang-linker -Xswiftc -fuse-ld=lld
+	$(SWIFT) build -c release --scratch-path .build-fuzz --product fuzz-download \
 	  -Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING -Xswiftc -Xclang-linker -Xswiftc -fuse-ld=lld
 	bash scripts/fuzz.sh .build-fuzz/release $(FUZZ_SECONDS)
 

@@ -114,6 +114,9 @@ let package = Package(
     .executableTarget(
       name: "fuzz-narinfo", dependencies: ["NixFormats", "CFuzzSupport"], path: "Fuzz/FuzzNarInfo",
       swiftSettings: strict),
+    .executableTarget(
+      name: "fuzz-download", dependencies: ["BinaryCache", "NixFormats", "CFuzzSupport"], path: "Fuzz/FuzzDownload",
+      swiftSettings: strict),
 
     .target(name: "TestSupport", dependencies: ["NixFormats"], path: "Tests/TestSupport", swiftSettings: strict),
     .testTarget(

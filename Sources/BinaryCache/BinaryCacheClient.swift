@@ -88,6 +88,21 @@ public final class BinaryCacheClient: Sendable {
     await resolveAll().compactMap { try? $0.get() }
   }
 
+  /// Every configured substituter as configured (URL), with what its `nix-cache-info` said or why
+  /// it is unusable; in configuration order. For `nixfs probe`.
+  public func probeSubstituters() async -> [(url: String, result: Result<Substituter, CacheError>)] {
+    let urls = configuration.substituters
+    return await withTaskGroup(of: (Int, Result<Substituter, CacheError>).self) { group in
+      for (position, url) in urls.enumerated() { group.addTask { (position, await self.resolve(url, position: position)) } }
+      var out: [(Int, Result<Substituter, CacheError>)] = []
+      for await r in group { out.append(r) }
+      return out.sorted { $0.0 < $1.0 }.map { (urls[$0.0], $0.1) }
+    }
+  }
+
+  /// Whether any key is trusted (a client without one refuses every path).
+  public var hasTrustedKeys: Bool { !trusted.keys.isEmpty }
+
   /// Every configured substituter, resolved or with why it is unusable, in lookup order.
   func resolveAll() async -> [Result<Substituter, CacheError>] {
     let urls = configuration.substituters

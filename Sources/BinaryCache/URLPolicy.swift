@@ -99,3 +99,29 @@ struct Origin {
     self.hasCredentials = c.user != nil || c.password != nil
   }
 }
+
+extension BinaryCacheClient {
+  /// The URL a narinfo's `URL:` names below `substituter` (a base URL without a trailing slash), or
+  /// why this client refuses it (`URLPolicy`).
+  public static func narURL(_ raw: String, substituter: String, extraHosts: [String] = []) throws(CacheError) -> String {
+    try URLPolicy(extraHosts: extraHosts).narURL(raw, substituter: substituter)
+  }
+
+  /// Checks a NAR file as a cache stores it (compressed as `info` says) exactly as a download is
+  /// checked (FileSize, FileHash, the size bound, decompression, NarSize, NarHash, a strict NAR
+  /// parse), handing the NAR to `sink`; for files that did not come over the network.
+  public static func verifyNARFile(
+    _ file: UnsafeRawBufferPointer, info: NarInfo, source: String, into sink: any NARSink
+  ) throws(CacheError) {
+    let state = try NARDownload(info: info, url: source, sink: sink)
+    do {
+      try state.start(ResponseHead(status: 200), requested: 0)
+      try state.consume(file)
+      try state.finish()
+    } catch let e as CacheError {
+      throw e
+    } catch {
+      throw .sink(url: source, error: error)
+    }
+  }
+}

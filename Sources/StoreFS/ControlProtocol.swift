@@ -158,7 +158,12 @@ public final class ControlClient: @unchecked Sendable {
       $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
     }
     guard connected == 0 else {
-      throw ControlError(socket: path, reason: "cannot connect (is `nixfs mount` running?): \(String(cString: strerror(errno)))")
+      let e = errno
+      if e == EACCES || e == EPERM {
+        // The socket is the daemon owner's alone (0600, in a 0700 state directory).
+        throw ControlError(socket: path, reason: "permission denied: only the daemon's user (root) may use it")
+      }
+      throw ControlError(socket: path, reason: "cannot connect (is `nixfs mount` running?): \(String(cString: strerror(e)))")
     }
     var data = try JSONEncoder().encode(request)
     data.append(0x0a)

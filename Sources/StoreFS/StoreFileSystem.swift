@@ -22,6 +22,8 @@ public struct StoreFSOptions: Sendable {
   public var statfsPath: String = "/"
   /// Store directory the mount stands for (symlinks in views point into it).
   public var storeDir: String = StorePath.defaultStoreDir
+  /// Mount over a live mount or a non-empty directory (`--allow-non-empty`); refused otherwise.
+  public var allowNonEmpty = false
   public init() {}
 }
 
@@ -102,6 +104,7 @@ public final class StoreFileSystem: @unchecked Sendable {
   public func serve(at mountpoint: String, extraOptions: [String] = []) throws {
     var opts = ["ro", "nosuid", "nodev", "fsname=nixfs", "subtype=nixfs", "default_permissions"]
     if getuid() == 0 { opts.append("allow_other") }
+    try Mountpoint.prepare(mountpoint, allowNonEmpty: options.allowNonEmpty, logger: logger)
     let s = try FuseSession(
       mountpoint: mountpoint, options: opts + extraOptions, operations: Self.operations,
       userdata: Unmanaged.passUnretained(self).toOpaque())

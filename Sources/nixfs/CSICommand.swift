@@ -21,6 +21,8 @@ struct CSICommand: AsyncParsableCommand {
   @Option(help: "A nix binary, to evaluate flakeRef and nixExpr volume attributes.") var nix: String?
   @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
 
+  func validate() throws { try checkLogLevel(logLevel) }
+
   func run() async throws {
     let logger = bootstrapLogging(level: logLevel, label: "nixfs.csi")
     guard let node = nodeID ?? ProcessInfo.processInfo.environment["NODE_NAME"], !node.isEmpty else {

@@ -5,7 +5,7 @@ import Logging
 import NixFormats
 
 /// Subcommands of the cache client layer.
-let cacheCommands: [any ParsableCommand.Type] = [PathInfoCommand.self]
+let cacheCommands: [any ParsableCommand.Type] = [PathInfoCommand.self, ProbeCommand.self]
 
 /// The binary cache options, spelled as Nix spells them; shared by every command that substitutes.
 /// Flags win over `--nix-conf`; a repeatable flag given at all replaces the nix.conf list.
@@ -100,7 +100,7 @@ struct PathInfoCommand: AsyncParsableCommand {
     do {
       client = try cache.client()
       let storeDir = client.configuration.storeDir
-      for p in paths { roots.append(try Self.storePath(p, storeDir: storeDir)) }
+      for p in paths { roots.append(try storePathArgument(p, storeDir: storeDir)) }
     } catch {
       fail("\(error)")
     }
@@ -115,16 +115,6 @@ struct PathInfoCommand: AsyncParsableCommand {
     } catch {
       fail("\(error)")
     }
-  }
-
-  static func storePath(_ text: String, storeDir: String) throws -> StorePath {
-    if text.hasPrefix(storeDir + "/") {
-      // Accept paths inside a store path, as `nix path-info` does.
-      let rest = text.dropFirst(storeDir.count + 1)
-      let base = rest.split(separator: "/", maxSplits: 1).first.map(String.init) ?? ""
-      return try StorePath(baseName: base, storeDir: storeDir)
-    }
-    return try StorePath(baseName: text, storeDir: storeDir)
   }
 
   static func describe(_ found: CachedPathInfo) -> String {
@@ -142,5 +132,63 @@ struct PathInfoCommand: AsyncParsableCommand {
     let verified = found.signer.map { " (verified: \($0))" } ?? " (NOT verified: --no-require-sigs)"
     lines.append("  signers: \(signers.isEmpty ? "none" : signers.joined(separator: ", "))\(verified)")
     return lines.joined(separator: "\n")
+  }
+}
+
+/// The one store-path grammar of every command: `/nix/store/<hash>-<name>`, a path inside one
+/// (`/nix/store/<hash>-<name>/bin/x`, as `nix path-info` takes), or `<hash>-<name>`.
+func storePathArgument(_ text: String, storeDir: String = StorePath.defaultStoreDir) throws -> StorePath {
+  if text.hasPrefix(storeDir + "/") {
+    let rest = text.dropFirst(storeDir.count + 1)
+    let base = rest.split(separator: "/", maxSplits: 1).first.map(String.init) ?? ""
+    return try StorePath(baseName: base, storeDir: storeDir)
+  }
+  return try StorePath(baseName: text, storeDir: storeDir)
+}
+
+struct ProbeCommand: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "probe",
+    abstract: "Check every substituter: reachable, its nix-cache-info, and (given paths) narinfos verified against the trusted keys.",
+    discussion: "Prints one line per check; exits 1 when anything failed, with one line per problem.")
+
+  @OptionGroup var cache: CacheOptions
+
+  @Argument(help: "Sample store paths whose narinfos each substituter is asked for and verified.")
+  var paths: [String] = []
+
+  func run() async throws {
+    _ = bootstrapLogging(level: "critical", label: "nixfs.probe")
+    let quiet = Logger(label: "nixfs.probe") { _ in SwiftLogNoOpLogHandler() }
+    let client: BinaryCacheClient
+    do { client = try cache.client(logger: quiet) } catch { fail("\(error)") }
+    var samples: [StorePath] = []
+    do { samples = try paths.map { try storePathArgument($0) } } catch { fail("\(error)") }
+    var problems: [String] = []
+    if client.configuration.substituters.isEmpty { problems.append("no substituters are configured") }
+    if !client.hasTrustedKeys && client.configuration.requireSignatures {
+      problems.append("no trusted public keys are configured: every path would be refused")
+    }
+    for (url, result) in await client.probeSubstituters() {
+      switch result {
+      case .failure(let error):
+        problems.append("\(LogText.bounded(url)): \(error)")
+      case .success(let substituter):
+        print("ok   \(substituter.url): nix-cache-info: StoreDir \(client.configuration.storeDir), Priority \(substituter.priority)")
+        for path in samples {
+          do {
+            guard let found = try await client.narInfo(for: path, from: substituter) else {
+              print("miss \(substituter.url): \(path) is not there")
+              continue
+            }
+            print("ok   \(substituter.url): \(path): \(found.signer.map { "signed by \($0)" } ?? "unsigned (signatures not required)")")
+          } catch {
+            problems.append("\(substituter.url): \(error)")
+          }
+        }
+      }
+    }
+    for problem in problems { FileHandle.standardError.write(Data("nixfs: probe: \(problem)\n".utf8)) }
+    if !problems.isEmpty { throw ExitCode(1) }
   }
 }

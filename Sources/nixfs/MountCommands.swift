@@ -25,7 +25,10 @@ struct MountCommand: ParsableCommand {
   @Option(help: "Seconds the kernel and the daemon remember that a path is in no cache.")
   var negativeTimeout: Double = 30
   @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
+  @Flag(help: "Mount over a live mount or a non-empty directory, hiding what is there.") var allowNonEmpty = false
   @Argument(help: "Where to mount the store.") var mountpoint: String
+
+  func validate() throws { try checkLogLevel(logLevel) }
 
   func run() throws {
     let logger = bootstrapLogging(level: logLevel, label: "nixfs.mount")
@@ -47,6 +50,7 @@ struct MountCommand: ParsableCommand {
     var options = StoreFSOptions()
     options.maxThreads = threads
     options.negativeTimeout = negativeTimeout
+    options.allowNonEmpty = allowNonEmpty
     let daemon = Daemon(
       mountpoint: mountpoint, stateDir: cache.stateDir, cache: client, store: store, options: options, logger: logger)
     var metrics: MetricsEndpoint? = nil
@@ -74,7 +78,7 @@ struct FetchCommand: AsyncParsableCommand {
   func run() async throws {
     let logger = bootstrapLogging(level: "info", label: "nixfs.fetch")
     let roots: [StorePath]
-    do { roots = try paths.map { try StorePath($0) } } catch { fail("\(error)") }
+    do { roots = try paths.map { try storePathArgument($0) } } catch { fail("\(error)") }
     // A running daemon owns the store: ask it, so its lookups share the downloads.
     let socket = (cache.stateDir as NSString).appendingPathComponent("control.sock")
     if FileManager.default.fileExists(atPath: socket) {
@@ -109,6 +113,14 @@ struct FetchCommand: AsyncParsableCommand {
     } catch {
       fail("\(error)")
     }
+  }
+}
+
+/// An unknown level is an error, not a silent `info`.
+func checkLogLevel(_ level: String) throws {
+  guard Logger.Level(rawValue: level) != nil else {
+    throw ValidationError(
+      "--log-level \(level): expected one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
   }
 }
 

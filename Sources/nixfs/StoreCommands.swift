@@ -40,7 +40,7 @@ func parseSize(_ text: String) -> UInt64? {
 }
 
 func parseStorePath(_ text: String) -> StorePath {
-  do { return try StorePath(text) } catch { fail("\(error)") }
+  do { return try storePathArgument(text) } catch { fail("\(error)") }
 }
 
 struct IngestCommand: ParsableCommand {

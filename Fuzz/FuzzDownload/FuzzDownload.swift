@@ -1,0 +1,57 @@
+import BinaryCache
+import Foundation
+import NixFormats
+
+/// What one cache controls beyond the signed fingerprint: the narinfo's URL and the bytes of the
+/// NAR file. The input's first byte picks the compression; the input as text is tried as a URL
+/// below an http and a file substituter, the rest as a NAR file. Nothing may crash, hang or grow
+/// without bound, and a URL that passes must stay below its substituter.
+func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
+  guard let first = bytes.first else { return }
+  let text = String(decoding: bytes.dropFirst(), as: UTF8.self)
+  for base in ["http://cache.example:8080/sub", "file:///var/cache/nix"] {
+    if let url = try? BinaryCacheClient.narURL(text, substituter: base) {
+      let below = url.hasPrefix(base + "/") || (base.hasPrefix("http") && url.hasPrefix("http"))
+      guard below, !url.contains("/../"), !url.hasSuffix("/..") else { fatalError("escaped: \(url)") }
+    }
+  }
+  let compression = ["none", "xz", "zstd", "bzip2"][Int(first) % 4]
+  let narinfo = """
+    StorePath: /nix/store/00000000000000000000000000000000-fuzz
+    URL: nar/x
+    Compression: \(compression)
+    NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73
+    NarSize: 4096
+
+    """
+  guard let info = try? NarInfo(parsing: narinfo) else { fatalError("the template narinfo does not parse") }
+  let sink = NARBuffer()
+  _ = try? BinaryCacheClient.verifyNARFile(UnsafeRawBufferPointer(rebasing: bytes.dropFirst()), info: info, source: "fuzz", into: sink)
+  guard sink.bytes.count <= 4096 else { fatalError("the sink got more than NarSize") }
+}
+
+#if FUZZING
+  import CFuzzSupport
+
+  @main struct Fuzz {
+    static func main() {
+      var argc = CommandLine.argc
+      var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
+      let status = LLVMFuzzerRunDriver(&argc, &argv) { data, size in
+        fuzzOne(UnsafeRawBufferPointer(start: data, count: size))
+        return 0
+      }
+      exit(status)
+    }
+  }
+#else
+  // Without libFuzzer: replay the files given as arguments (a corpus or a crash).
+  @main struct Replay {
+    static func main() {
+      for path in CommandLine.arguments.dropFirst() {
+        let data = FileManager.default.contents(atPath: path) ?? Data()
+        data.withUnsafeBytes { fuzzOne($0) }
+      }
+    }
+  }
+#endif

@@ -1,0 +1,43 @@
+import Foundation
+import Logging
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// What `nixfs mount` checks and clears at its mountpoint before mounting, as rclone and fuse do:
+/// a crashed daemon's dead FUSE mount is cleared (otherwise every restart fails with "Transport
+/// endpoint is not connected" and a DaemonSet crash-loops until someone unmounts by hand); a live
+/// mount or a non-empty directory is refused unless `allowNonEmpty`, so nothing is hidden by
+/// accident.
+enum Mountpoint {
+  static func prepare(_ path: String, allowNonEmpty: Bool, logger: Logger) throws(MountError) {
+    func refuse(_ reason: String) -> MountError { MountError(mountpoint: path, reason: reason) }
+    var st = stat()
+    if stat(path, &st) != 0 {
+      let e = errno
+      guard e == ENOTCONN else {
+        throw refuse(e == ENOENT ? "it does not exist (create the directory first)" : String(cString: strerror(e)))
+      }
+      // The FUSE server behind it is gone; only the kernel's mount entry is left. A lazy unmount
+      // cannot hurt a reader: every access there already fails.
+      guard umount2(path, Int32(MNT_DETACH)) == 0 else {
+        throw refuse("a dead FUSE mount is left there and cannot be cleared: \(String(cString: strerror(errno)))")
+      }
+      logger.warning("cleared a dead FUSE mount left by a crashed daemon", metadata: ["mountpoint": "\(path)"])
+      guard stat(path, &st) == 0 else { throw refuse(String(cString: strerror(errno))) }
+    }
+    guard (st.st_mode & S_IFMT) == S_IFDIR else { throw refuse("it is not a directory") }
+    if allowNonEmpty { return }
+    var parent = stat()
+    let parentPath = (path as NSString).deletingLastPathComponent
+    if path != "/", stat(parentPath.isEmpty ? "." : parentPath, &parent) == 0, parent.st_dev != st.st_dev {
+      throw refuse("it is already a mount point (another nixfs?); unmount it, or pass --allow-non-empty to mount over it")
+    }
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
+    if !entries.isEmpty {
+      throw refuse(
+        "the directory is not empty (\(entries.count) entries, e.g. '\(entries.sorted()[0])'); pass --allow-non-empty to mount over it")
+    }
+  }
+}
