@@ -21,6 +21,7 @@ let package = Package(
     .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
     .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
     .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
+    .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
   ],
   targets: [
     // C libraries. Each shim.h wraps the macros and variadic functions Swift cannot call.
@@ -83,10 +84,22 @@ let package = Package(
       ],
       swiftSettings: strict),
 
+    // `nixfs serve`: an in-cluster binary cache that pulls each path through from upstream once,
+    // verified, into a chunk store, and serves it to Nix and to nodes. Beside the CSI layer: it
+    // needs the cache client and the chunk store, not the filesystem.
+    .target(
+      name: "NixServe",
+      dependencies: [
+        "NixFormats", "BinaryCache", "ChunkStore",
+        .product(name: "Hummingbird", package: "hummingbird"),
+        .product(name: "Logging", package: "swift-log"),
+      ],
+      swiftSettings: strict),
+
     .executableTarget(
       name: "nixfs",
       dependencies: [
-        "NixFormats", "BinaryCache", "ChunkStore", "StoreFS", "CSINode",
+        "NixFormats", "BinaryCache", "ChunkStore", "StoreFS", "CSINode", "NixServe",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "CoreMetrics", package: "swift-metrics"),
@@ -121,6 +134,7 @@ let package = Package(
     .target(name: "TestSupport", dependencies: ["NixFormats"], path: "Tests/TestSupport", swiftSettings: strict),
     .testTarget(
       name: "NixFormatsTests", dependencies: ["NixFormats", "TestSupport"], swiftSettings: strict),
+    .testTarget(name: "NixServeTests", dependencies: ["TestSupport", "NixFormats"], swiftSettings: strict),
     .testTarget(
       name: "BinaryCacheTests", dependencies: ["BinaryCache", "TestSupport"], swiftSettings: strict),
     .testTarget(

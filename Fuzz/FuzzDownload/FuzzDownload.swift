@@ -10,9 +10,19 @@ func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
   guard let first = bytes.first else { return }
   let text = String(decoding: bytes.dropFirst(), as: UTF8.self)
   for base in ["http://cache.example:8080/sub", "file:///var/cache/nix"] {
-    if let url = try? BinaryCacheClient.narURL(text, substituter: base) {
-      let below = url.hasPrefix(base + "/") || (base.hasPrefix("http") && url.hasPrefix("http"))
-      guard below, !url.contains("/../"), !url.hasSuffix("/..") else { fatalError("escaped: \(url)") }
+    guard let url = try? BinaryCacheClient.narURL(text, substituter: base) else { continue }
+    if url.hasPrefix(base + "/") {
+      // Below the substituter, with no way back up.
+      let rest = url.dropFirst(base.count + 1)
+      guard !rest.split(separator: "/").contains(where: { $0 == ".." || $0 == "." }), !rest.contains("%") else {
+        fatalError("escaped: \(url)")
+      }
+    } else {
+      // Absolute: only http(s), only to the substituter's own host and port.
+      guard base.hasPrefix("http"), let c = URLComponents(string: url),
+        ["http", "https"].contains(c.scheme?.lowercased() ?? ""), c.host?.lowercased() == "cache.example",
+        (c.port ?? (c.scheme?.lowercased() == "https" ? 443 : 80)) == 8080
+      else { fatalError("escaped: \(url)") }
     }
   }
   let compression = ["none", "xz", "zstd", "bzip2"][Int(first) % 4]

@@ -218,31 +218,59 @@ public final class BinaryCacheClient: Sendable {
 
   /// One substituter's answer: nil when it does not have the path.
   public func narInfo(for path: StorePath, from substituter: Substituter) async throws(CacheError) -> CachedPathInfo? {
-    let url = "\(substituter.url)/\(path.hashPart).narinfo"
-    switch narinfoCache.lookup(substituter: substituter.url, hashPart: path.hashPart) {
+    try await narInfo(hashPart: path.hashPart, expecting: path, from: substituter)
+  }
+
+  /// The narinfo of whichever path has this hash part (what a binary cache is asked for), from
+  /// the first substituter that has a valid one; `notFound` when none has it.
+  public func narInfo(hashPart: String) async throws(CacheError) -> CachedPathInfo {
+    var failures: [CacheError] = []
+    var asked: [String] = []
+    for entry in await resolveAll() {
+      guard case .success(let substituter) = entry else { continue }
+      asked.append(substituter.url)
+      do {
+        if let found = try await narInfo(hashPart: hashPart, expecting: nil, from: substituter) { return found }
+      } catch {
+        failures.append(error)
+      }
+    }
+    let name = "\(configuration.storeDir)/\(hashPart)"
+    if failures.isEmpty { throw .notFound(storePath: name, substituters: asked) }
+    if failures.count == 1 { throw failures[0] }
+    throw .allSubstitutersFailed(storePath: name, failures: failures)
+  }
+
+  private func narInfo(
+    hashPart: String, expecting path: StorePath?, from substituter: Substituter
+  ) async throws(CacheError) -> CachedPathInfo? {
+    let url = "\(substituter.url)/\(hashPart).narinfo"
+    switch narinfoCache.lookup(substituter: substituter.url, hashPart: hashPart) {
     case .absent:
       return nil
     case .present(let text):
       // Re-checked on every use: the trusted keys may have changed since it was stored.
-      if let info = try? check(text, url: url, path: path, substituter: substituter) { return info }
+      if let info = try? check(text, url: url, hashPart: hashPart, path: path, substituter: substituter) { return info }
     case nil: break
     }
     guard let text = try await fetchText(url) else {
-      narinfoCache.store(substituter: substituter.url, hashPart: path.hashPart, .absent)
+      narinfoCache.store(substituter: substituter.url, hashPart: hashPart, .absent)
       return nil
     }
-    let info = try check(text, url: url, path: path, substituter: substituter)
-    narinfoCache.store(substituter: substituter.url, hashPart: path.hashPart, .present(text))
+    let info = try check(text, url: url, hashPart: hashPart, path: path, substituter: substituter)
+    narinfoCache.store(substituter: substituter.url, hashPart: hashPart, .present(text))
     return info
   }
 
-  private func check(_ text: String, url: String, path: StorePath, substituter: Substituter) throws(CacheError) -> CachedPathInfo {
+  private func check(
+    _ text: String, url: String, hashPart: String, path: StorePath?, substituter: Substituter
+  ) throws(CacheError) -> CachedPathInfo {
     let info: NarInfo
     do { info = try NarInfo(parsing: text, source: url, storeDir: configuration.storeDir) } catch {
       throw .malformedNarInfo(error)
     }
-    guard info.storePath == path else {
-      throw .wrongStorePath(url: url, expected: path.path, actual: info.storePath.path)
+    guard path.map({ info.storePath == $0 }) ?? (info.storePath.hashPart == hashPart) else {
+      throw .wrongStorePath(url: url, expected: path?.path ?? "\(configuration.storeDir)/\(hashPart)-…", actual: info.storePath.path)
     }
     if configuration.requireSignatures {
       do {

@@ -444,6 +444,28 @@ public final class ChunkStore: @unchecked Sendable {
     }) ?? []
   }
 
+  /// The complete path with this hash part, if the store holds one (a binary cache is asked by
+  /// hash part alone). A range scan of the unique index: `-` sorts just below `.`.
+  public func completePath(hashPart: String, storeDir: String = StorePath.defaultStoreDir) -> StorePath? {
+    let low = "\(storeDir)/\(hashPart)-"
+    let high = "\(storeDir)/\(hashPart)."
+    return (try? withReader { db in
+      let s = try db.prepare("SELECT store_path FROM paths WHERE store_path >= ? AND store_path < ? AND state = 1 LIMIT 1")
+        .bind(low, high)
+      return try s.step() ? s.text(0).flatMap { try? StorePath($0, storeDir: storeDir) } : nil
+    }) ?? nil
+  }
+
+  /// What a narinfo says of a complete path (no tree): NarHash, NarSize, references, signatures.
+  public func pathInfo(of path: StorePath) -> PathInfo? {
+    (try? withReader { db in
+      let s = try db.prepare(
+        "SELECT store_path, nar_hash, nar_size, refs, deriver, sigs, ca FROM paths WHERE store_path = ? AND state = 1"
+      ).bind(path.path)
+      return try s.step() ? info(from: s, at: 0) : nil
+    }) ?? nil
+  }
+
   /// Paths whose data was found bad by fsck: the fetcher should fetch them again.
   public func incompletePaths() -> [String] {
     (try? withReader { db in

@@ -16,7 +16,9 @@ import NixFormats
 /// committed length, which are cut off.
 ///
 /// One thread at a time may call `feed`/`commit`/`abort`.
-public final class Ingest: @unchecked Sendable {
+/// An ingest is a `NARSink`: it takes the decompressed NAR as it arrives, and a restarted download
+/// resets it.
+public final class Ingest: NARSink, @unchecked Sendable {
   public let info: PathInfo
   let store: ChunkStore
   let expectedHash: NixHash

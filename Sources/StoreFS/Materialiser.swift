@@ -89,6 +89,3 @@ func inParallel<T: Sendable>(
     }
   }
 }
-
-/// An ingest takes the decompressed NAR as it arrives; a restarted download resets it.
-extension Ingest: NARSink {}

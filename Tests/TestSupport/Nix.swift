@@ -5,12 +5,14 @@ public struct NixFixture: Sendable {
   public let dir: String
   public let store: String
   /// The project's own Nix settings (scripts/nix/nix.conf) and nothing of the machine's: no
-  /// /etc/nix/nix.conf, no user config, no inherited NIX_CONFIG, no daemon.
+  /// /etc/nix/nix.conf, no user config, no inherited NIX_CONFIG, no daemon, and Nix's own caches
+  /// (its narinfo SQLite cache) in a directory of the tests' rather than ~/.cache.
   public static let environment = [
     "NIX_CONF_DIR": "\(repositoryRoot)/scripts/nix",
     "NIX_USER_CONF_FILES": "",
     "NIX_CONFIG": "",
     "NIX_REMOTE": "",
+    "XDG_CACHE_HOME": (NSTemporaryDirectory() as NSString).appendingPathComponent("nixfs-tests-nix-cache"),
   ]
 
   public init(in dir: String) {

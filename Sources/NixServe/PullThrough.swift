@@ -1,0 +1,171 @@
+import BinaryCache
+import ChunkStore
+import Foundation
+import Logging
+import NixFormats
+import Synchronization
+
+/// Why the serve cannot answer for a path, as it maps to an HTTP status.
+public enum ServeError: Error, Sendable, CustomStringConvertible {
+  /// Not a valid hash part or NAR name (400).
+  case badRequest(String)
+  /// No upstream has it (404; remembered for the negative TTL).
+  case notFound(String)
+  /// An upstream failed, or what it sent did not verify (502; not remembered, nothing stored).
+  case upstream(String)
+  /// The local store failed (500).
+  case store(String)
+
+  public var description: String {
+    switch self {
+    case .badRequest(let s), .notFound(let s), .upstream(let s), .store(let s): s
+    }
+  }
+}
+
+/// The read side of `nixfs serve`: answers narinfo and NAR requests from the chunk store, pulling
+/// a missing path through from the upstream substituters first. Upstream narinfos are checked
+/// against the trusted keys and every NAR against its NarHash and NarSize before a byte of it is
+/// stored or served; concurrent requests for one path share one upstream download; a path held
+/// costs no upstream request; misses are remembered for `negativeTTL` seconds.
+public final class PullThroughCache: Sendable {
+  public let store: ChunkStore
+  public let upstream: BinaryCacheClient
+  public let negativeTTL: Double
+  let logger: Logger
+  private let inflight = Mutex<[String: Task<Result<StorePath, ServeError>, Never>]>([:])
+  private let misses = Mutex<[String: Date]>([:])
+  public let counters = ServeCounters()
+
+  public init(store: ChunkStore, upstream: BinaryCacheClient, negativeTTL: Double = 60, logger: Logger) {
+    self.store = store
+    self.upstream = upstream
+    self.negativeTTL = negativeTTL
+    self.logger = logger
+  }
+
+  /// The path with `hashPart`, complete in the store once this returns.
+  public func path(hashPart: String) async throws(ServeError) -> StorePath {
+    guard Self.isHashPart(hashPart) else { throw .badRequest("'\(LogText.bounded(hashPart))' is not a store path hash") }
+    if let held = store.completePath(hashPart: hashPart) {
+      counters.hits.add(1)
+      return held
+    }
+    if let until = misses.withLock({ $0[hashPart] }), until > Date() {
+      counters.misses.add(1)
+      throw .notFound("\(hashPart): in no upstream substituter (remembered)")
+    }
+    let task = inflight.withLock { table in
+      if let running = table[hashPart] { return running }
+      let task = Task { await self.pull(hashPart) }
+      table[hashPart] = task
+      return task
+    }
+    let result = await task.value
+    inflight.withLock { table in if table[hashPart] == task { table[hashPart] = nil } }
+    return try result.get()
+  }
+
+  private func pull(_ hashPart: String) async -> Result<StorePath, ServeError> {
+    // Another request may have finished the same pull between our check and this task.
+    if let held = store.completePath(hashPart: hashPart) { return .success(held) }
+    let found: CachedPathInfo
+    do {
+      found = try await upstream.narInfo(hashPart: hashPart)
+    } catch {
+      if case .notFound = error {
+        misses.withLock { $0[hashPart] = Date().addingTimeInterval(negativeTTL) }
+        counters.misses.add(1)
+        return .failure(.notFound("\(error)"))
+      }
+      logger.warning("upstream narinfo failed", metadata: ["hash": "\(hashPart)", "error": "\(error)"])
+      return .failure(.upstream("\(error)"))
+    }
+    let ingest: Ingest
+    do { ingest = try store.ingest(found.info) } catch { return .failure(.store("\(error)")) }
+    do {
+      try await upstream.fetchNAR(found, into: ingest)
+    } catch {
+      ingest.abort()
+      logger.error("upstream NAR refused", metadata: ["path": "\(found.info.storePath)", "error": "\(error)"])
+      return .failure(.upstream("\(error)"))
+    }
+    do {
+      // fsync and SQL: off the concurrency pool.
+      try await onThread { _ = try ingest.commit() }
+    } catch {
+      ingest.abort()
+      return .failure(.store("\(error)"))
+    }
+    counters.pulled.add(1)
+    counters.upstreamBytes.add(found.info.fileSize ?? found.info.narSize)
+    logger.info(
+      "pulled through", metadata: ["path": "\(found.info.storePath)", "narSize": "\(found.info.narSize)", "from": "\(found.substituter)"])
+    return .success(found.info.storePath)
+  }
+
+  /// The narinfo this cache serves for a complete path: the upstream's signatures (they cover
+  /// only path, NarHash, NarSize and references, which stay), an uncompressed NAR named by its
+  /// NarHash, so the URL of one NAR never changes and HTTP caches may keep it forever.
+  public func narInfo(of path: StorePath) throws(ServeError) -> String {
+    guard let info = store.pathInfo(of: path) else { throw .store("\(path) vanished from the store") }
+    var s = "StorePath: \(info.storePath)\nURL: \(Self.narURL(path, narHash: info.narHash))\nCompression: none\n"
+    s += "NarHash: \(info.narHash)\nNarSize: \(info.narSize)\n"
+    s += "References: \(info.references.joined(separator: " "))\n"
+    if let d = info.deriver { s += "Deriver: \(d)\n" }
+    for sig in info.signatures { s += "Sig: \(sig)\n" }
+    if let ca = info.ca { s += "CA: \(ca)\n" }
+    return s
+  }
+
+  /// `nar/<hash part>-<NarHash digest in nix32>.nar`.
+  static func narURL(_ path: StorePath, narHash: String) -> String {
+    let digest = narHash.split(separator: ":").last.map(String.init) ?? narHash
+    return "nar/\(path.hashPart)-\(digest).nar"
+  }
+
+  /// The complete path a NAR file name stands for, if this cache holds exactly that NAR.
+  public func narPath(fileName: String) throws(ServeError) -> StorePath {
+    guard fileName.hasSuffix(".nar") else { throw .badRequest("'\(LogText.bounded(fileName))' is not a NAR name") }
+    let stem = fileName.dropLast(4)
+    let parts = stem.split(separator: "-", maxSplits: 1)
+    guard parts.count == 2, Self.isHashPart(String(parts[0])) else {
+      throw .badRequest("'\(LogText.bounded(fileName))' is not a NAR name")
+    }
+    guard let path = store.completePath(hashPart: String(parts[0])), let info = store.pathInfo(of: path),
+      info.narHash.hasSuffix(":" + parts[1])
+    else { throw .notFound("no NAR \(LogText.bounded(fileName)) here") }
+    return path
+  }
+
+  private static let nix32Alphabet = Set("0123456789abcdfghijklmnpqrsvwxyz".utf8)
+
+  /// 32 characters of Nix's base-32 alphabet.
+  static func isHashPart(_ s: String) -> Bool {
+    s.utf8.count == 32 && s.utf8.allSatisfy { nix32Alphabet.contains($0) }
+  }
+}
+
+/// Runs blocking work (fsync, SQL, a NAR dump) on a thread of its own, not the concurrency pool.
+func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+  try await withCheckedThrowingContinuation { continuation in
+    let thread = Thread { continuation.resume(with: Result { try body() }) }
+    thread.name = "nixfs-serve-io"
+    thread.start()
+  }
+}
+
+/// What the serve did, for logs, tests and (later) metrics.
+public final class ServeCounters: Sendable {
+  public let hits = Counter()
+  public let misses = Counter()
+  public let pulled = Counter()
+  public let upstreamBytes = Counter()
+  public let narBytesServed = Counter()
+
+  public final class Counter: Sendable {
+    private let value = Atomic<UInt64>(0)
+    public func add(_ n: UInt64) { value.add(n, ordering: .relaxed) }
+    public var current: UInt64 { value.load(ordering: .relaxed) }
+  }
+}

@@ -1,0 +1,132 @@
+import ChunkStore
+import Foundation
+import Hummingbird
+import Logging
+import NIOCore
+import NixFormats
+import Synchronization
+
+/// The HTTP side of `nixfs serve`: a Nix binary cache (`nix-cache-info`, `<hash>.narinfo`,
+/// `nar/…`) over Hummingbird. Every answer that comes from the store is immutable.
+public struct ServeServer: Sendable {
+  public let cache: PullThroughCache
+  public let host: String
+  public let port: Int
+  /// `Priority` in nix-cache-info: lower than cache.nixos.org's 40, so clients ask here first.
+  public let priority: Int
+  let logger: Logger
+
+  public init(cache: PullThroughCache, host: String, port: Int, priority: Int = 30, logger: Logger) {
+    self.cache = cache
+    self.host = host
+    self.port = port
+    self.priority = priority
+    self.logger = logger
+  }
+
+  /// Serves until SIGTERM or SIGINT; `onListening` gets the bound port (for `--listen HOST:0`).
+  public func run(onListening: @escaping @Sendable (Int) -> Void) async throws {
+    let router = Router()
+    let cache = self.cache
+    let info = "StoreDir: \(StorePath.defaultStoreDir)\nWantMassQuery: 1\nPriority: \(priority)\n"
+    router.get("nix-cache-info") { _, _ in
+      Self.text(info, type: "text/x-nix-cache-info", immutable: false)
+    }
+    // Nix asks HEAD first (is the path valid?), then GET: both pull a missing path through.
+    let narinfo: @Sendable (Request, BasicRequestContext) async throws -> Response = { _, context in
+      let file = try context.parameters.require("file")
+      guard file.hasSuffix(".narinfo") else { throw HTTPError(.notFound, message: "no such file\n") }
+      do throws(ServeError) {
+        let path = try await cache.path(hashPart: String(file.dropLast(8)))
+        return Self.text(try cache.narInfo(of: path), type: "text/x-nix-narinfo", immutable: true)
+      } catch {
+        throw Self.httpError(error)
+      }
+    }
+    router.get(":file", use: narinfo)
+    router.head(":file", use: narinfo)
+    router.get("nar/:file") { _, context -> Response in
+      let file = try context.parameters.require("file")
+      let path: StorePath
+      do throws(ServeError) { path = try cache.narPath(fileName: file) } catch { throw Self.httpError(error) }
+      let size = cache.store.pathInfo(of: path).map { Int($0.narSize) }
+      let store = cache.store
+      let counters = cache.counters
+      return Response(
+        status: .ok,
+        headers: [.contentType: "application/x-nix-nar", .cacheControl: "public, max-age=31536000, immutable"],
+        body: ResponseBody(contentLength: size) { writer in
+          let dump = NARDump(path: path, store: store, counters: counters)
+          defer { dump.cancel() }
+          for try await buffer in dump.stream {
+            try await writer.write(buffer)
+            dump.consumed()
+          }
+          try await writer.finish(nil)
+        })
+    }
+    let app = Application(
+      router: router,
+      configuration: .init(address: .hostname(host, port: port), serverName: "nixfs-serve"),
+      onServerRunning: { channel in onListening(channel.localAddress?.port ?? 0) },
+      logger: logger)
+    try await app.runService()
+  }
+
+  static func text(_ body: String, type: String, immutable: Bool) -> Response {
+    var headers: HTTPFields = [.contentType: type]
+    // A held path never changes; nix-cache-info may (priority), so only a short lifetime there.
+    headers[.cacheControl] = immutable ? "public, max-age=31536000, immutable" : "public, max-age=300"
+    return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(string: body)))
+  }
+
+  static func httpError(_ error: ServeError) -> HTTPError {
+    switch error {
+    case .badRequest(let m): HTTPError(.badRequest, message: m + "\n")
+    case .notFound(let m): HTTPError(.notFound, message: LogText.bounded(m, limit: 1024) + "\n")
+    case .upstream(let m): HTTPError(.badGateway, message: LogText.bounded(m, limit: 1024) + "\n")
+    case .store(let m): HTTPError(.internalServerError, message: LogText.bounded(m, limit: 1024) + "\n")
+    }
+  }
+}
+
+/// The NAR of a complete path, rebuilt from the chunk store on a thread of its own and handed over
+/// 1 MiB at a time with at most four pieces ahead of the client: a slow client slows the dump
+/// instead of filling memory. The dump re-checks the NarHash as it goes; a mismatch ends the
+/// response early, and the client's own NarHash check then fails, as it must.
+final class NARDump: Sendable {
+  let stream: AsyncThrowingStream<ByteBuffer, any Error>
+  private let continuation: AsyncThrowingStream<ByteBuffer, any Error>.Continuation
+  private let window = DispatchSemaphore(value: 4)
+  private let cancelled = Atomic<Bool>(false)
+
+  init(path: StorePath, store: ChunkStore, counters: ServeCounters) {
+    (stream, continuation) = AsyncThrowingStream<ByteBuffer, any Error>.makeStream()
+    let thread = Thread { [self] in run(path: path, store: store, counters: counters) }
+    thread.name = "nixfs-serve-nar"
+    thread.start()
+  }
+
+  private func run(path: StorePath, store: ChunkStore, counters: ServeCounters) {
+    do {
+      try store.dump(path) { piece in
+        window.wait()
+        if cancelled.load(ordering: .acquiring) { throw CancellationError() }
+        counters.narBytesServed.add(UInt64(piece.count))
+        continuation.yield(ByteBuffer(bytes: piece))
+      }
+      continuation.finish()
+    } catch {
+      continuation.finish(throwing: error)
+    }
+  }
+
+  /// The client took a piece: the dump may make another.
+  func consumed() { window.signal() }
+
+  /// The response ended (done, or the client went away): stop the dump.
+  func cancel() {
+    cancelled.store(true, ordering: .releasing)
+    window.signal()
+  }
+}

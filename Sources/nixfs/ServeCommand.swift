@@ -1,0 +1,61 @@
+import ArgumentParser
+import BinaryCache
+import ChunkStore
+import Foundation
+import Logging
+import NixFormats
+import NixServe
+
+struct ServeCommand: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "serve",
+    abstract: "Serve a Nix binary cache that pulls each path through from the substituters once, verified.",
+    discussion: """
+      Plain Nix (`nix copy --from`, `substituters = http://...`) and nixfs nodes use it as a binary cache. \
+      A narinfo request for a path the store lacks fetches it from the substituters (signature, NarHash \
+      and NarSize checked) before answering; concurrent requests share one download. Runs until SIGTERM.
+      """)
+
+  @OptionGroup var cache: CacheOptions
+  @Option(help: "Address and port to listen on (port 0: any free port, printed at start).")
+  var listen: String = "0.0.0.0:8080"
+  @Option(help: "Keep the chunk store under this size, evicting least recently used paths (e.g. 500G).")
+  var maxSize: String?
+  @Option(help: "Priority announced in nix-cache-info (lower is asked first; cache.nixos.org says 40).")
+  var priority: Int = 30
+  @Option(help: "Seconds a path that no substituter has is remembered as missing.")
+  var negativeTTL: Double = 60
+  @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
+
+  func validate() throws { try checkLogLevel(logLevel) }
+
+  func run() async throws {
+    let logger = bootstrapLogging(level: logLevel, label: "nixfs.serve")
+    guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]),
+      (0...65535).contains(port)
+    else { fail("--listen \(listen): expected HOST:PORT") }
+    var host = String(listen[..<colon])
+    if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+    if host.isEmpty || host == "*" { host = "0.0.0.0" }
+    var maxBytes: UInt64? = nil
+    if let maxSize {
+      guard let n = parseSize(maxSize) else { fail("--max-size \(maxSize): expected a size such as 500G") }
+      maxBytes = n
+    }
+    let store: ChunkStore
+    do { store = try ChunkStore(.init(stateDirectory: cache.stateDir, maxStoredBytes: maxBytes)) } catch { fail("\(error)") }
+    let client: BinaryCacheClient
+    do { client = try cache.client(logger: logger) } catch { fail("\(error)") }
+    let pull = PullThroughCache(store: store, upstream: client, negativeTTL: negativeTTL, logger: logger)
+    let server = ServeServer(cache: pull, host: host, port: port, priority: priority, logger: logger)
+    let shown = host.contains(":") ? "[\(host)]" : host
+    do {
+      try await server.run { bound in
+        // One line on stdout for scripts and tests; the rest of the log goes to stderr.
+        FileHandle.standardOutput.write(Data("nixfs serve: listening on http://\(shown):\(bound)\n".utf8))
+      }
+    } catch {
+      fail("cannot serve on \(listen): \(error)")
+    }
+  }
+}
