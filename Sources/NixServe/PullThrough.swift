@@ -15,10 +15,12 @@ public enum ServeError: Error, Sendable, CustomStringConvertible {
   case upstream(String)
   /// The local store failed (500).
   case store(String)
+  /// No credentials, or a narinfo signed by no trusted key (403).
+  case forbidden(String)
 
   public var description: String {
     switch self {
-    case .badRequest(let s), .notFound(let s), .upstream(let s), .store(let s): s
+    case .badRequest(let s), .notFound(let s), .upstream(let s), .store(let s), .forbidden(let s): s
     }
   }
 }
@@ -65,6 +67,9 @@ public final class PullThroughCache: Sendable {
     inflight.withLock { table in if table[hashPart] == task { table[hashPart] = nil } }
     return try result.get()
   }
+
+  /// A path arrived by upload: a remembered miss no longer holds.
+  func forgetMiss(hashPart: String) { _ = misses.withLock { $0.removeValue(forKey: hashPart) } }
 
   private func pull(_ hashPart: String) async -> Result<StorePath, ServeError> {
     // Another request may have finished the same pull between our check and this task.
@@ -162,6 +167,7 @@ public final class ServeCounters: Sendable {
   public let pulled = Counter()
   public let upstreamBytes = Counter()
   public let narBytesServed = Counter()
+  public let uploads = Counter()
 
   public final class Counter: Sendable {
     private let value = Atomic<UInt64>(0)

@@ -14,10 +14,16 @@ public struct ServeServer: Sendable {
   public let port: Int
   /// `Priority` in nix-cache-info: lower than cache.nixos.org's 40, so clients ask here first.
   public let priority: Int
+  /// Where uploads go, and who may make them; nil: uploads are refused.
+  public let uploads: (area: UploadArea, credentials: UploadCredentials)?
   let logger: Logger
 
-  public init(cache: PullThroughCache, host: String, port: Int, priority: Int = 30, logger: Logger) {
+  public init(
+    cache: PullThroughCache, host: String, port: Int, priority: Int = 30,
+    uploads: (area: UploadArea, credentials: UploadCredentials)? = nil, logger: Logger
+  ) {
     self.cache = cache
+    self.uploads = uploads
     self.host = host
     self.port = port
     self.priority = priority
@@ -45,6 +51,46 @@ public struct ServeServer: Sendable {
     }
     router.get(":file", use: narinfo)
     router.head(":file", use: narinfo)
+
+    // Uploads (`nix copy --to http://…`): the NAR file first, then its narinfo.
+    let uploads = self.uploads
+    @Sendable func authorise(_ request: Request) throws -> UploadArea {
+      guard let uploads else {
+        throw HTTPError(.forbidden, message: "uploads are off (start nixfs serve with --upload-credentials-file)\n")
+      }
+      guard uploads.credentials.allows(request.headers[.authorization]) else {
+        throw HTTPError(.unauthorized, headers: [.wwwAuthenticate: "Basic realm=\"nixfs\""], message: "credentials required\n")
+      }
+      return uploads.area
+    }
+    router.put("nar/:file") { request, context -> Response in
+      let area = try authorise(request)
+      let file = try context.parameters.require("file")
+      do throws(ServeError) {
+        try await area.receiveNAR(name: file, body: request.body.map { Array($0.readableBytesView) })
+      } catch {
+        throw Self.httpError(error)
+      }
+      return Response(status: .created)
+    }
+    router.put(":file") { request, context -> Response in
+      let area = try authorise(request)
+      let file = try context.parameters.require("file")
+      if file == "nix-cache-info" || file.hasSuffix(".ls") { return Response(status: .noContent) }  // ours win
+      guard file.hasSuffix(".narinfo") else { throw HTTPError(.badRequest, message: "cannot upload \(LogText.bounded(file))\n") }
+      let body = try await request.body.collect(upTo: 1 << 20)
+      do throws(ServeError) {
+        _ = try await area.receiveNarInfo(hashPart: String(file.dropLast(8)), text: String(buffer: body))
+      } catch {
+        throw Self.httpError(error)
+      }
+      return Response(status: .created)
+    }
+    // Build logs and the like: accepted, not kept.
+    router.put("log/:file") { request, _ -> Response in
+      _ = try authorise(request)
+      return Response(status: .noContent)
+    }
     router.get("nar/:file") { _, context -> Response in
       let file = try context.parameters.require("file")
       let path: StorePath
@@ -82,10 +128,11 @@ public struct ServeServer: Sendable {
 
   static func httpError(_ error: ServeError) -> HTTPError {
     switch error {
-    case .badRequest(let m): HTTPError(.badRequest, message: m + "\n")
+    case .badRequest(let m): HTTPError(.badRequest, message: LogText.bounded(m, limit: 1024) + "\n")
     case .notFound(let m): HTTPError(.notFound, message: LogText.bounded(m, limit: 1024) + "\n")
     case .upstream(let m): HTTPError(.badGateway, message: LogText.bounded(m, limit: 1024) + "\n")
     case .store(let m): HTTPError(.internalServerError, message: LogText.bounded(m, limit: 1024) + "\n")
+    case .forbidden(let m): HTTPError(.forbidden, message: LogText.bounded(m, limit: 1024) + "\n")
     }
   }
 }

@@ -25,6 +25,9 @@ struct ServeCommand: AsyncParsableCommand {
   var priority: Int = 30
   @Option(help: "Seconds a path that no substituter has is remembered as missing.")
   var negativeTTL: Double = 60
+  @Option(help: "Accept uploads (nix copy --to) from these credentials: one a line, 'bearer TOKEN' or 'USER:PASSWORD'. Without it, uploads are refused.")
+  var uploadCredentialsFile: String?
+  @Option(help: "The largest NAR file one upload may send (e.g. 8G).") var maxUploadSize: String = "8G"
   @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
 
   func validate() throws { try checkLogLevel(logLevel) }
@@ -47,7 +50,21 @@ struct ServeCommand: AsyncParsableCommand {
     let client: BinaryCacheClient
     do { client = try cache.client(logger: logger) } catch { fail("\(error)") }
     let pull = PullThroughCache(store: store, upstream: client, negativeTTL: negativeTTL, logger: logger)
-    let server = ServeServer(cache: pull, host: host, port: port, priority: priority, logger: logger)
+    var uploads: (area: UploadArea, credentials: UploadCredentials)? = nil
+    if let file = uploadCredentialsFile {
+      guard let limit = parseSize(maxUploadSize) else { fail("--max-upload-size \(maxUploadSize): expected a size such as 8G") }
+      do {
+        let config = try cache.configuration()
+        let credentials = try UploadCredentials(file: file)
+        let area = try UploadArea(
+          stateDirectory: cache.stateDir, cache: pull, trustedKeys: config.trustedPublicKeys,
+          requireSignatures: config.requireSignatures, maxBytes: limit, logger: logger)
+        uploads = (area, credentials)
+      } catch {
+        fail("--upload-credentials-file \(file): \(error)")
+      }
+    }
+    let server = ServeServer(cache: pull, host: host, port: port, priority: priority, uploads: uploads, logger: logger)
     let shown = host.contains(":") ? "[\(host)]" : host
     do {
       try await server.run { bound in

@@ -146,3 +146,120 @@ func get(_ url: String) throws -> (status: Int, body: String) {
     #expect(!upstream.requests.contains { $0.contains("etc") })
   }
 }
+
+/// `nix copy --to http://…` into the serve: only with credentials, only signed by a trusted key,
+/// only a NAR that matches its narinfo; what was uploaded is then served to plain Nix.
+@Suite(.serialized) struct UploadTests {
+  let fx: StoreFixture
+  init() throws { fx = try StoreFixture.shared() }
+
+  struct Setup {
+    let tmp: TemporaryDirectory
+    let nix: NixFixture
+    let path: String
+    let uploadKey: String
+    let strangerKeyFile: String
+    let upstream: CacheServer
+    let serve: Serve
+  }
+
+  /// A fresh path made by `nix-store --add` and signed by a key the serve trusts; a serve that
+  /// accepts uploads from `ci:s3cret`.
+  func setup(_ label: String) throws -> Setup {
+    let tmp = try TemporaryDirectory(label)
+    let nix = NixFixture(in: tmp.path)
+    let (sk, pk) = try nix.generateKey("upload-1")
+    let (strangerSK, _) = try nix.generateKey("stranger-1")
+    try Tree.file(tmp.sub("tree/share/pushed.txt"), "pushed by CI\n")
+    try Tree.file(tmp.sub("tree/share/blob"), Tree.bytes(300_000, seed: 77))
+    let path = try nix.add(tmp.sub("tree"))
+    try nix.sign([path], keyFile: sk)
+    try "ci:s3cret\n# a comment\nbearer t0ken\n".write(toFile: tmp.sub("creds"), atomically: true, encoding: .utf8)
+    try "machine 127.0.0.1 login ci password s3cret\n".write(toFile: tmp.sub("netrc"), atomically: true, encoding: .utf8)
+    let upstream = try CacheServer(directory: fx.caches["zstd"]!)
+    let serve = try Serve(
+      upstream: upstream, key: fx.publicKey, stateDir: tmp.sub("state"),
+      extra: ["--trusted-public-key", pk, "--upload-credentials-file", tmp.sub("creds"), "--negative-ttl", "3600"])
+    return Setup(tmp: tmp, nix: nix, path: path, uploadKey: pk, strangerKeyFile: strangerSK, upstream: upstream, serve: serve)
+  }
+
+  func push(_ s: Setup, netrc: Bool = true) throws -> CommandResult {
+    var env = NixFixture.environment
+    env["XDG_CACHE_HOME"] = s.tmp.sub("xdg-push")
+    if netrc { env["NIX_CONFIG"] = "netrc-file = \(s.tmp.sub("netrc"))\n" }
+    return try run(["nix", "copy", "--store", s.nix.store, "--to", s.serve.url, s.path], environment: env, check: false)
+  }
+
+  @Test func nixCopyToTheServeThenFromIt() throws {
+    let s = try setup("upload")
+    // Asked before the push (and remembered as missing for an hour), then pushed: served at once.
+    let base = (s.path as NSString).lastPathComponent
+    let hashPart = String(base.prefix(32))
+    #expect(try get("\(s.serve.url)/\(hashPart).narinfo").status == 404)
+    let pushed = try push(s)
+    #expect(pushed.status == 0, "\(pushed.stderr)")
+    var env = NixFixture.environment
+    env["NIX_CONFIG"] = "trusted-public-keys = \(s.uploadKey)\nrequire-sigs = true\n"
+    env["XDG_CACHE_HOME"] = s.tmp.sub("xdg-pull")
+    let pulled = try run(["nix", "copy", "--from", s.serve.url, "--to", s.tmp.sub("root2"), s.path], environment: env, check: false)
+    #expect(pulled.status == 0, "\(pulled.stderr)")
+    #expect(try String(contentsOfFile: s.tmp.sub("root2") + s.path + "/share/pushed.txt", encoding: .utf8) == "pushed by CI\n")
+    #expect(try NixFixture.dump(s.tmp.sub("root2") + s.path) == NixFixture.dump(s.tmp.sub("tree")))
+  }
+
+  @Test func uploadsNeedCredentials() throws {
+    let s = try setup("upload-auth")
+    let pushed = try push(s, netrc: false)
+    #expect(pushed.status != 0)
+    #expect(try get("\(s.serve.url)/\(String((s.path as NSString).lastPathComponent.prefix(32))).narinfo").status == 404)
+    // A serve started without --upload-credentials-file takes no uploads at all.
+    let closed = try Serve(upstream: s.upstream, key: fx.publicKey, stateDir: s.tmp.sub("state-closed"))
+    let r = try run(["python3", "-c", """
+      import sys, urllib.request, urllib.error
+      req = urllib.request.Request(sys.argv[1] + "/nar/x.nar", data=b"x", method="PUT")
+      try: urllib.request.urlopen(req)
+      except urllib.error.HTTPError as e: print(e.code)
+      """, closed.url])
+    #expect(r.trimmed == "403")
+  }
+
+  @Test func untrustedOrTamperedUploadsAreRefused() throws {
+    let s = try setup("upload-bad")
+    // Signed by a key the serve does not trust: refused.
+    try s.nix.sign([s.path], keyFile: s.strangerKeyFile)
+    let other = try TemporaryDirectory("upload-bad-cache")
+    try s.nix.copy([s.path], toCache: other.sub("c"), compression: "xz")
+    let hashPart = String((s.path as NSString).lastPathComponent.prefix(32))
+    let narinfo = try String(contentsOfFile: other.sub("c/\(hashPart).narinfo"), encoding: .utf8)
+    let info = try NarInfo(parsing: narinfo)
+    let narBytes = try Data(contentsOf: URL(fileURLWithPath: other.sub("c/\(info.url)")))
+    func put(_ path: String, _ data: Data) throws -> Int {
+      let file = other.sub("body")
+      try data.write(to: URL(fileURLWithPath: file))
+      return Int(try run(["python3", "-c", """
+        import sys, base64, urllib.request, urllib.error
+        req = urllib.request.Request(sys.argv[1], data=open(sys.argv[2], "rb").read(), method="PUT")
+        req.add_header("Authorization", "Bearer t0ken")
+        try: print(urllib.request.urlopen(req).status)
+        except urllib.error.HTTPError as e: print(e.code); sys.stderr.write(e.read().decode())
+        """, "\(s.serve.url)/\(path)", file]).trimmed) ?? -1
+    }
+    // Only the stranger's signature: 403.
+    let strangerOnly = narinfo.split(separator: "\n").filter { !$0.hasPrefix("Sig: upload-1:") }.joined(separator: "\n") + "\n"
+    #expect(try put(info.url, narBytes) == 201)
+    #expect(try put("\(hashPart).narinfo", Data(strangerOnly.utf8)) == 403)
+    // A trusted signature but a NAR with one byte flipped: 400, nothing kept.
+    var bad = narBytes
+    bad[bad.count / 2] ^= 0xff
+    #expect(try put(info.url, bad) == 201)
+    #expect(try put("\(hashPart).narinfo", Data(narinfo.utf8)) == 400)
+    #expect(try get("\(s.serve.url)/\(hashPart).narinfo").status == 404)
+    // Names that would leave the upload directory.
+    #expect(try put("nar/..%2F..%2Fetc%2Fpasswd", Data("x".utf8)) != 201)
+    #expect(try put("nar/.hidden.nar", Data("x".utf8)) == 400)
+    // The good pair, as a client would send it, is accepted.
+    #expect(try put(info.url, narBytes) == 201)
+    #expect(try put("\(hashPart).narinfo", Data(narinfo.utf8)) == 201)
+    #expect(try get("\(s.serve.url)/\(hashPart).narinfo").status == 200)
+  }
+}
