@@ -22,6 +22,7 @@ let package = Package(
     .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
     .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
     .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
+    .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
   ],
   targets: [
     // C libraries. Each shim.h wraps the macros and variadic functions Swift cannot call.
@@ -92,6 +93,7 @@ let package = Package(
       dependencies: [
         "NixFormats", "BinaryCache", "ChunkStore",
         .product(name: "Hummingbird", package: "hummingbird"),
+        .product(name: "HTTPTypes", package: "swift-http-types"),
         .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),
@@ -134,7 +136,7 @@ let package = Package(
     .target(name: "TestSupport", dependencies: ["NixFormats"], path: "Tests/TestSupport", swiftSettings: strict),
     .testTarget(
       name: "NixFormatsTests", dependencies: ["NixFormats", "TestSupport"], swiftSettings: strict),
-    .testTarget(name: "NixServeTests", dependencies: ["TestSupport", "NixFormats"], swiftSettings: strict),
+    .testTarget(name: "NixServeTests", dependencies: ["TestSupport", "NixFormats", "ChunkStore"], swiftSettings: strict),
     .testTarget(
       name: "BinaryCacheTests", dependencies: ["BinaryCache", "TestSupport"], swiftSettings: strict),
     .testTarget(

@@ -456,6 +456,14 @@ public final class ChunkStore: @unchecked Sendable {
     }) ?? nil
   }
 
+  /// A complete path with this NarHash (`sha256:<nix32>`), if any.
+  public func completePath(narHash: String) -> StorePath? {
+    (try? withReader { db in
+      let s = try db.prepare("SELECT store_path FROM paths WHERE nar_hash = ? AND state = 1 LIMIT 1").bind(narHash)
+      return try s.step() ? s.text(0).flatMap { try? StorePath($0) } : nil
+    }) ?? nil
+  }
+
   /// What a narinfo says of a complete path (no tree): NarHash, NarSize, references, signatures.
   public func pathInfo(of path: StorePath) -> PathInfo? {
     (try? withReader { db in

@@ -145,6 +145,13 @@ public final class PullThroughCache: Sendable {
 
   private static let nix32Alphabet = Set("0123456789abcdfghijklmnpqrsvwxyz".utf8)
 
+  /// The held path whose NarHash has this nix32 digest (the chunk index is keyed by NarHash, so
+  /// one index serves every cache that holds the same NAR).
+  public func heldPath(narHashDigest digest: String) -> StorePath? {
+    guard digest.utf8.count == 52, digest.utf8.allSatisfy({ Self.nix32Alphabet.contains($0) }) else { return nil }
+    return store.completePath(narHash: "sha256:" + digest)
+  }
+
   /// 32 characters of Nix's base-32 alphabet.
   static func isHashPart(_ s: String) -> Bool {
     s.utf8.count == 32 && s.utf8.allSatisfy { nix32Alphabet.contains($0) }
@@ -168,6 +175,7 @@ public final class ServeCounters: Sendable {
   public let upstreamBytes = Counter()
   public let narBytesServed = Counter()
   public let uploads = Counter()
+  public let chunksServed = Counter()
 
   public final class Counter: Sendable {
     private let value = Atomic<UInt64>(0)

@@ -1,5 +1,6 @@
 import ChunkStore
 import Foundation
+import HTTPTypes
 import Hummingbird
 import Logging
 import NIOCore
@@ -14,15 +15,18 @@ public struct ServeServer: Sendable {
   public let port: Int
   /// `Priority` in nix-cache-info: lower than cache.nixos.org's 40, so clients ask here first.
   public let priority: Int
+  /// The key chunk indexes are signed with; nil: no chunk index is offered.
+  public let indexKey: SecretKey?
   /// Where uploads go, and who may make them; nil: uploads are refused.
   public let uploads: (area: UploadArea, credentials: UploadCredentials)?
   let logger: Logger
 
   public init(
     cache: PullThroughCache, host: String, port: Int, priority: Int = 30,
-    uploads: (area: UploadArea, credentials: UploadCredentials)? = nil, logger: Logger
+    uploads: (area: UploadArea, credentials: UploadCredentials)? = nil, indexKey: SecretKey? = nil, logger: Logger
   ) {
     self.cache = cache
+    self.indexKey = indexKey
     self.uploads = uploads
     self.host = host
     self.port = port
@@ -34,7 +38,10 @@ public struct ServeServer: Sendable {
   public func run(onListening: @escaping @Sendable (Int) -> Void) async throws {
     let router = Router()
     let cache = self.cache
-    let info = "StoreDir: \(StorePath.defaultStoreDir)\nWantMassQuery: 1\nPriority: \(priority)\n"
+    // Nix ignores keys it does not know; nixfs nodes read this one (Documentation/serve.md).
+    let info =
+      "StoreDir: \(StorePath.defaultStoreDir)\nWantMassQuery: 1\nPriority: \(priority)\n"
+      + (indexKey != nil ? "NixfsChunkIndex: \(Self.indexPrefix)\n" : "")
     router.get("nix-cache-info") { _, _ in
       Self.text(info, type: "text/x-nix-cache-info", immutable: false)
     }
@@ -51,6 +58,8 @@ public struct ServeServer: Sendable {
     }
     router.get(":file", use: narinfo)
     router.head(":file", use: narinfo)
+
+    if let key = indexKey { Self.addChunkIndex(router, cache: cache, key: key) }
 
     // Uploads (`nix copy --to http://…`): the NAR file first, then its narinfo.
     let uploads = self.uploads
@@ -117,6 +126,39 @@ public struct ServeServer: Sendable {
       onServerRunning: { channel in onListening(channel.localAddress?.port ?? 0) },
       logger: logger)
     try await app.runService()
+  }
+
+  /// Where the chunk index lives (versioned: a v2 can sit beside it).
+  static let indexPrefix = "nixfs/v1"
+
+  /// `GET nixfs/v1/manifests/<NarHash digest, nix32>`: the signed chunk index of a held NAR.
+  /// `GET nixfs/v1/chunks/<SHA-256 hex>`: one chunk as stored (`X-Nixfs-Encoding: zstd` or
+  /// `identity`; the digest is of the uncompressed bytes). Both immutable.
+  static func addChunkIndex(_ router: Router<BasicRequestContext>, cache: PullThroughCache, key: SecretKey) {
+    router.get("nixfs/v1/manifests/:digest") { _, context -> Response in
+      let digest = try context.parameters.require("digest")
+      guard let path = cache.heldPath(narHashDigest: digest), let manifest = try? cache.store.manifest(of: path) else {
+        throw HTTPError(.notFound, message: "no NAR with that hash here\n")
+      }
+      let document = try ChunkIndex.document(for: manifest, signedBy: key)
+      return Response(
+        status: .ok, headers: [.contentType: "application/json", .cacheControl: "public, max-age=31536000, immutable"],
+        body: ResponseBody(byteBuffer: ByteBuffer(bytes: document)))
+    }
+    router.get("nixfs/v1/chunks/:digest") { _, context -> Response in
+      let hex = try context.parameters.require("digest")
+      guard let id = ChunkID(hex: hex) else { throw HTTPError(.badRequest, message: "not a SHA-256 in hex\n") }
+      let chunk: StoredChunk?
+      do { chunk = try cache.store.storedChunk(id) } catch {
+        throw HTTPError(.internalServerError, message: LogText.bounded("\(error)", limit: 1024) + "\n")
+      }
+      guard let chunk else { throw HTTPError(.notFound, message: "no such chunk here\n") }
+      cache.counters.chunksServed.add(1)
+      var headers: HTTPFields = [.contentType: "application/octet-stream", .cacheControl: "public, max-age=31536000, immutable"]
+      headers[HTTPField.Name("X-Nixfs-Encoding")!] = chunk.zstd ? "zstd" : "identity"
+      headers[HTTPField.Name("X-Nixfs-Size")!] = String(chunk.size)
+      return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: chunk.bytes)))
+    }
   }
 
   static func text(_ body: String, type: String, immutable: Bool) -> Response {

@@ -28,6 +28,8 @@ struct ServeCommand: AsyncParsableCommand {
   @Option(help: "Accept uploads (nix copy --to) from these credentials: one a line, 'bearer TOKEN' or 'USER:PASSWORD'. Without it, uploads are refused.")
   var uploadCredentialsFile: String?
   @Option(help: "The largest NAR file one upload may send (e.g. 8G).") var maxUploadSize: String = "8G"
+  @Option(help: "Sign chunk indexes with this key (Nix's format, as from nix-store --generate-binary-cache-key); without it, no chunk index is offered.")
+  var secretKeyFile: String?
   @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
 
   func validate() throws { try checkLogLevel(logLevel) }
@@ -64,7 +66,17 @@ struct ServeCommand: AsyncParsableCommand {
         fail("--upload-credentials-file \(file): \(error)")
       }
     }
-    let server = ServeServer(cache: pull, host: host, port: port, priority: priority, uploads: uploads, logger: logger)
+    var indexKey: SecretKey? = nil
+    if let file = secretKeyFile {
+      do {
+        let text = try String(contentsOfFile: file, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        indexKey = try SecretKey(parsing: text)
+      } catch {
+        fail("--secret-key-file \(file): \(error)")
+      }
+    }
+    let server = ServeServer(
+      cache: pull, host: host, port: port, priority: priority, uploads: uploads, indexKey: indexKey, logger: logger)
     let shown = host.contains(":") ? "[\(host)]" : host
     do {
       try await server.run { bound in
