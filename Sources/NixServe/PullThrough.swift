@@ -114,13 +114,76 @@ public final class PullThroughCache: Sendable {
   /// NarHash, so the URL of one NAR never changes and HTTP caches may keep it forever.
   public func narInfo(of path: StorePath) throws(ServeError) -> String {
     guard let info = store.pathInfo(of: path) else { throw .store("\(path) vanished from the store") }
-    var s = "StorePath: \(info.storePath)\nURL: \(Self.narURL(path, narHash: info.narHash))\nCompression: none\n"
-    s += "NarHash: \(info.narHash)\nNarSize: \(info.narSize)\n"
-    s += "References: \(info.references.joined(separator: " "))\n"
-    if let d = info.deriver { s += "Deriver: \(d)\n" }
-    for sig in info.signatures { s += "Sig: \(sig)\n" }
-    if let ca = info.ca { s += "CA: \(ca)\n" }
+    return Self.render(
+      path, narHash: info.narHash, narSize: info.narSize, references: info.references, deriver: info.deriver,
+      signatures: info.signatures, ca: info.ca)
+  }
+
+  static func render(
+    _ path: StorePath, narHash: String, narSize: UInt64, references: [String], deriver: String?, signatures: [String],
+    ca: String?
+  ) -> String {
+    var s = "StorePath: \(path)\nURL: \(narURL(path, narHash: narHash))\nCompression: none\n"
+    s += "NarHash: \(narHash)\nNarSize: \(narSize)\n"
+    s += "References: \(references.joined(separator: " "))\n"
+    if let d = deriver { s += "Deriver: \(d)\n" }
+    for sig in signatures { s += "Sig: \(sig)\n" }
+    if let ca { s += "CA: \(ca)\n" }
     return s
+  }
+
+  /// The narinfos of the closure of the path with `hashPart`, as this cache serves them (held
+  /// paths from the store, the others from the upstreams' verified narinfos, with this cache's NAR
+  /// URLs: a NAR request for a path not held yet pulls it through). One request for a whole
+  /// closure, for a node publishing a volume; no NAR is downloaded for it.
+  public func closure(hashPart: String) async throws(ServeError) -> (root: StorePath, narinfos: [StorePath: String]) {
+    guard Self.isHashPart(hashPart) else { throw .badRequest("'\(LogText.bounded(hashPart))' is not a store path hash") }
+    let root: StorePath
+    if let held = store.completePath(hashPart: hashPart) {
+      root = held
+    } else {
+      do { root = try await upstream.narInfo(hashPart: hashPart).info.storePath } catch {
+        if case .notFound = error { throw .notFound("\(error)") }
+        throw .upstream("\(error)")
+      }
+    }
+    var out: [StorePath: String] = [:]
+    var layer = [root]
+    var seen: Set<StorePath> = [root]
+    while !layer.isEmpty {
+      let found = await withTaskGroup(of: (StorePath, Result<(String, [StorePath]), ServeError>).self) { group in
+        for path in layer { group.addTask { (path, await self.closureEntry(path)) } }
+        var all: [(StorePath, Result<(String, [StorePath]), ServeError>)] = []
+        for await r in group { all.append(r) }
+        return all
+      }
+      var next: [StorePath] = []
+      for (path, result) in found {
+        let (text, refs) = try result.get()
+        out[path] = text
+        for r in refs where seen.insert(r).inserted { next.append(r) }
+      }
+      layer = next
+    }
+    return (root, out)
+  }
+
+  private func closureEntry(_ path: StorePath) async -> Result<(String, [StorePath]), ServeError> {
+    if let info = store.pathInfo(of: path) {
+      let refs = info.references.compactMap { try? StorePath(baseName: $0) }
+      return .success((
+        Self.render(path, narHash: info.narHash, narSize: info.narSize, references: info.references,
+          deriver: info.deriver, signatures: info.signatures, ca: info.ca), refs))
+    }
+    do {
+      let i = try await upstream.narInfo(for: path).info
+      return .success((
+        Self.render(path, narHash: i.narHash.nix32, narSize: i.narSize, references: i.references.map(\.baseName),
+          deriver: i.deriver, signatures: i.signatures.map(\.description), ca: i.ca), i.references))
+    } catch {
+      if case .notFound = error { return .failure(.notFound("\(error)")) }
+      return .failure(.upstream("\(error)"))
+    }
   }
 
   /// `nar/<hash part>-<NarHash digest in nix32>.nar`.
@@ -129,17 +192,19 @@ public final class PullThroughCache: Sendable {
     return "nar/\(path.hashPart)-\(digest).nar"
   }
 
-  /// The complete path a NAR file name stands for, if this cache holds exactly that NAR.
-  public func narPath(fileName: String) throws(ServeError) -> StorePath {
+  /// The complete path a NAR file name stands for, pulled through first if not held yet (a node
+  /// may ask for the NAR of a path it learnt of through the closure endpoint).
+  public func narPath(fileName: String) async throws(ServeError) -> StorePath {
     guard fileName.hasSuffix(".nar") else { throw .badRequest("'\(LogText.bounded(fileName))' is not a NAR name") }
     let stem = fileName.dropLast(4)
     let parts = stem.split(separator: "-", maxSplits: 1)
     guard parts.count == 2, Self.isHashPart(String(parts[0])) else {
       throw .badRequest("'\(LogText.bounded(fileName))' is not a NAR name")
     }
-    guard let path = store.completePath(hashPart: String(parts[0])), let info = store.pathInfo(of: path),
-      info.narHash.hasSuffix(":" + parts[1])
-    else { throw .notFound("no NAR \(LogText.bounded(fileName)) here") }
+    let path = try await self.path(hashPart: String(parts[0]))
+    guard let info = store.pathInfo(of: path), info.narHash.hasSuffix(":" + parts[1]) else {
+      throw .notFound("no NAR \(LogText.bounded(fileName)) here")
+    }
     return path
   }
 

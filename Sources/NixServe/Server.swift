@@ -60,6 +60,23 @@ public struct ServeServer: Sendable {
     router.head(":file", use: narinfo)
 
     if let key = indexKey { Self.addChunkIndex(router, cache: cache, key: key) }
+    router.get("nixfs/v1/closure/:hash") { _, context -> Response in
+      let hash = try context.parameters.require("hash")
+      do throws(ServeError) {
+        let (root, narinfos) = try await cache.closure(hashPart: hash)
+        let body: [String: Any] = [
+          "version": 1, "root": root.path,
+          "narinfos": Dictionary(uniqueKeysWithValues: narinfos.map { ($0.key.hashPart, $0.value) }),
+        ]
+        let data = (try? JSONSerialization.data(withJSONObject: body, options: [.sortedKeys])) ?? Data()
+        // Not immutable: a closure's narinfos are, but whether the serve holds them changes.
+        return Response(
+          status: .ok, headers: [.contentType: "application/json", .cacheControl: "public, max-age=60"],
+          body: ResponseBody(byteBuffer: ByteBuffer(bytes: data)))
+      } catch {
+        throw Self.httpError(error)
+      }
+    }
 
     // Uploads (`nix copy --to http://…`): the NAR file first, then its narinfo.
     let uploads = self.uploads
@@ -103,7 +120,7 @@ public struct ServeServer: Sendable {
     router.get("nar/:file") { _, context -> Response in
       let file = try context.parameters.require("file")
       let path: StorePath
-      do throws(ServeError) { path = try cache.narPath(fileName: file) } catch { throw Self.httpError(error) }
+      do throws(ServeError) { path = try await cache.narPath(fileName: file) } catch { throw Self.httpError(error) }
       let size = cache.store.pathInfo(of: path).map { Int($0.narSize) }
       let store = cache.store
       let counters = cache.counters

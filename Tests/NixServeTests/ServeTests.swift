@@ -263,3 +263,32 @@ func get(_ url: String) throws -> (status: Int, body: String) {
     #expect(try get("\(s.serve.url)/\(hashPart).narinfo").status == 200)
   }
 }
+
+@Suite(.serialized) struct ClosureTests {
+  let fx: StoreFixture
+  init() throws { fx = try StoreFixture.shared() }
+
+  /// One request for a whole cold closure: narinfos only (no NAR moves), each verifiable with the
+  /// upstream's key; a NAR asked for afterwards is pulled through then.
+  @Test func aClosureInOneRequest() throws {
+    let tmp = try TemporaryDirectory("serve-closure")
+    let upstream = try CacheServer(directory: fx.caches["zstd"]!)
+    let serve = try Serve(upstream: upstream, key: fx.publicKey, stateDir: tmp.sub("state"))
+    let app = fx.paths["app"]!
+    let r = try get("\(serve.url)/nixfs/v1/closure/\(app.hashPart)")
+    #expect(r.status == 200, "\(r.body)")
+    let json = try #require(try JSONSerialization.jsonObject(with: Data(r.body.utf8)) as? [String: Any])
+    #expect(json["root"] as? String == app.path)
+    let narinfos = try #require(json["narinfos"] as? [String: String])
+    #expect(Set(narinfos.keys) == Set(["app", "lib", "busybox"].map { fx.paths[$0]!.hashPart }))
+    #expect(StoreFixture.narRequests(upstream).isEmpty, "the closure endpoint downloaded NARs")
+    let keys = try TrustedKeys(parsing: [fx.publicKey])
+    for (_, text) in narinfos { _ = try NarInfo(parsing: text).verify(trusting: keys) }
+    let lib = try NarInfo(parsing: narinfos[fx.paths["lib"]!.hashPart]!)
+    let nar = try run(["python3", "-c", "import sys, urllib.request; sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1]).read())",
+      "\(serve.url)/\(lib.url)"]).stdout
+    #expect(NixHash.sha256(nar) == lib.narHash)
+    #expect(StoreFixture.narRequests(upstream).count == 1)
+    #expect(try get("\(serve.url)/nixfs/v1/closure/\(String(repeating: "0", count: 32))").status == 404)
+  }
+}
