@@ -9,7 +9,7 @@ DEBS := pkg-config libfuse3-dev fuse3 libzstd-dev liblzma-dev libbz2-dev libsqli
 SWIFT ?= swift
 FUZZ_SECONDS ?= 300
 
-.PHONY: deps build release test demo fuzz bench-formats clean bench-cache bench-store generate-csi bench-csi bench-fs \
+.PHONY: deps build release test demo fuzz bench-formats clean bench-cache bench-store generate-csi bench-csi bench-fs bench-serve \
         bench bench-quick bench-deps
 
 deps:
@@ -80,6 +80,13 @@ generate-csi:
 	  --swift_out=Visibility=Public:Sources/CSINode/Generated \
 	  --grpc-swift-2_out=Visibility=Public,Client=true,Server=true:Sources/CSINode/Generated \
 	  csi.proto
+
+# nixfs serve: pull-through and NAR reassembly MiB/s; chunk requests/s and MiB/s against nginx serving
+# the same bytes (installs nginx-light and wrk if missing). Writes bench/serve/serve-bench.md.
+bench-serve: release
+	@command -v nginx >/dev/null && command -v wrk >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light wrk >/dev/null; }
+	bash bench/serve-bench.sh "$$($(SWIFT) build -c release --show-bin-path)/nixfs"
 
 # CSI publish latency of a 1,000-path closure from a cache 20 ms away, on a cold node.
 bench-csi: release

@@ -203,7 +203,7 @@ func kustomizationImage(_ directory: String) throws -> String {
 // MARK: - Schema validation
 
 /// Every kustomization under deploy/, relative to it.
-let kustomizations = ["kubernetes", "kubernetes/base", "kubernetes/overlays/example"]
+let kustomizations = ["kubernetes", "kubernetes/base", "kubernetes/overlays/example", "kubernetes/overlays/cluster-cache"]
 
 @Suite("Kubernetes manifests validate strictly, offline")
 struct SchemaValidationTests {
@@ -211,7 +211,8 @@ struct SchemaValidationTests {
   func renderedKustomizationValidates(directory: String, version: String) throws {
     let rendered = try Rendered(Repo.deploy(directory))
     let kinds = Set(rendered.objects.compactMap { $0["kind"] as? String })
-    #expect(kinds == ["Namespace", "ServiceAccount", "ConfigMap", "DaemonSet", "CSIDriver"])
+    let node: Set = ["Namespace", "ServiceAccount", "ConfigMap", "DaemonSet", "CSIDriver"]
+    #expect(kinds == (directory.hasSuffix("cluster-cache") ? node.union(["Service", "StatefulSet"]) : node))
 
     let tmp = try TemporaryDirectory("deploy")
     let file = tmp.sub("rendered.yaml")
@@ -611,5 +612,32 @@ struct ContainerfileTests {
     // The DaemonSet runs `nixfs ...` through PATH.
     let pod = try Rendered(Repo.deploy("kubernetes")).podSpec()
     #expect(strings(try container(pod, "nixfs-mount")["command"]).first == "nixfs")
+  }
+}
+
+@Suite("The cluster cache component")
+struct ClusterCacheTests {
+  @Test("nodes ask the serve first, then upstream; only the serve holds the signing key")
+  func nodesAskTheServeFirst() throws {
+    let rendered = try Rendered(Repo.deploy("kubernetes/overlays/cluster-cache"))
+    let configs = rendered.all("ConfigMap")
+    let node = try #require(configs.first { ($0["metadata"] as? JSON)?["name"].map { "\($0)" }?.hasPrefix("nixfs-config") == true })
+    let conf = try #require((node["data"] as? JSON)?["nix.conf"] as? String)
+    let subs = try #require(conf.split(separator: "\n").first { $0.hasPrefix("substituters") })
+    let urls = subs.split(separator: "=", maxSplits: 1)[1].split(separator: " ").map(String.init)
+    #expect(urls == ["http://nixfs-serve.nixfs.svc.cluster.local", "https://cache.nixos.org"])
+    let sts = try rendered.one("StatefulSet")
+    let spec = try #require(dig(sts, "spec", "template", "spec") as? JSON)
+    let serve = try container(spec, "nixfs-serve")
+    let args = argv(serve)
+    #expect(flagValue(args, "--secret-key-file") == "/etc/nixfs-serve-key/secret")
+    #expect(dig(spec, "volumes") .map { "\($0)" }?.contains("nixfs-serve-key") == true)
+    #expect(dig(serve, "securityContext", "readOnlyRootFilesystem") as? Bool == true)
+    #expect((dig(sts, "spec", "volumeClaimTemplates") as? [Any])?.count == 1)
+    // The node pods never see the key.
+    let ds = try rendered.podSpec()
+    #expect(!(try canonical(ds)).contains("nixfs-serve-key"))
+    let services = rendered.all("Service").compactMap { dig($0, "spec", "clusterIP") as? String }
+    #expect(services.contains("None"))
   }
 }
