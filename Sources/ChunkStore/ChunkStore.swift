@@ -99,6 +99,7 @@ public final class ChunkStore: @unchecked Sendable {
   var storedTotal: UInt64?
   /// Read on every tree lookup of the filesystem: an atomic, not the state lock.
   let evictionCount = Atomic<UInt64>(0)
+  let chunkLocations = ChunkLocations()
   /// False only for a read-only open of an index no writer of this version has migrated yet.
   let hasSkipColumn: Bool
 

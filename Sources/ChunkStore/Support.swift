@@ -1,5 +1,6 @@
 internal import CZstd
 import Foundation
+import Synchronization
 
 #if canImport(Glibc)
   import Glibc
@@ -9,6 +10,9 @@ import Foundation
 /// rows and punches holes, so no read can pread a range that is being freed.
 final class RWLock: @unchecked Sendable {
   private let lock = UnsafeMutablePointer<pthread_rwlock_t>.allocate(capacity: 1)
+  /// How many times the write side was taken: a reader that cached something under the read
+  /// lock knows it is stale when this moved (GC, repair and sweeps all write).
+  let writes = Atomic<UInt64>(0)
   init() { pthread_rwlock_init(lock, nil) }
   deinit {
     pthread_rwlock_destroy(lock)
@@ -22,6 +26,7 @@ final class RWLock: @unchecked Sendable {
   func write<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
     pthread_rwlock_wrlock(lock)
     defer { pthread_rwlock_unlock(lock) }
+    writes.add(1, ordering: .relaxed)
     return try body()
   }
 }
@@ -63,6 +68,18 @@ func decompress(_ src: [UInt8], rawSize: Int) -> [UInt8]? {
 }
 
 /// pread until `count` bytes or end of file.
+/// Fills `buffer` from `fd` at `offset`; false on a short read or an error.
+func preadFully(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, offset: UInt64) -> Bool {
+  var done = 0
+  while done < buffer.count {
+    let r = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+    if r < 0 && errno == EINTR { continue }
+    if r <= 0 { return false }
+    done += r
+  }
+  return true
+}
+
 func preadFully(_ fd: Int32, count: Int, offset: UInt64) -> [UInt8]? {
   var done = 0
   var failed = false

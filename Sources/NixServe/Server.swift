@@ -145,6 +145,9 @@ public struct ServeServer: Sendable {
     try await app.runService()
   }
 
+  static let encodingHeader = HTTPField.Name("X-Nixfs-Encoding")!
+  static let sizeHeader = HTTPField.Name("X-Nixfs-Size")!
+
   /// Where the chunk index lives (versioned: a v2 can sit beside it).
   static let indexPrefix = "nixfs/v1"
 
@@ -165,16 +168,26 @@ public struct ServeServer: Sendable {
     router.get("nixfs/v1/chunks/:digest") { _, context -> Response in
       let hex = try context.parameters.require("digest")
       guard let id = ChunkID(hex: hex) else { throw HTTPError(.badRequest, message: "not a SHA-256 in hex\n") }
-      let chunk: StoredChunk?
-      do { chunk = try cache.store.storedChunk(id) } catch {
+      // The stored bytes go straight from the pack file into the response buffer.
+      let found: (StoredChunk, ByteBuffer)?
+      do {
+        found = try cache.store.withStoredChunk(id) { chunk, fill in
+          var buffer = ByteBufferAllocator().buffer(capacity: chunk.storedSize)
+          try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: chunk.storedSize) { raw in
+            try fill(UnsafeMutableRawBufferPointer(rebasing: raw[0..<chunk.storedSize]))
+            return chunk.storedSize
+          }
+          return (chunk, buffer)
+        }
+      } catch {
         throw HTTPError(.internalServerError, message: LogText.bounded("\(error)", limit: 1024) + "\n")
       }
-      guard let chunk else { throw HTTPError(.notFound, message: "no such chunk here\n") }
+      guard let (chunk, buffer) = found else { throw HTTPError(.notFound, message: "no such chunk here\n") }
       cache.counters.chunksServed.add(1)
       var headers: HTTPFields = [.contentType: "application/octet-stream", .cacheControl: "public, max-age=31536000, immutable"]
-      headers[HTTPField.Name("X-Nixfs-Encoding")!] = chunk.zstd ? "zstd" : "identity"
-      headers[HTTPField.Name("X-Nixfs-Size")!] = String(chunk.size)
-      return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: chunk.bytes)))
+      headers[Self.encodingHeader] = chunk.zstd ? "zstd" : "identity"
+      headers[Self.sizeHeader] = String(chunk.size)
+      return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: buffer))
     }
   }
 
