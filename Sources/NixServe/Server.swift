@@ -48,6 +48,22 @@ public struct ServeServer: Sendable {
     // Nix asks HEAD first (is the path valid?), then GET: both pull a missing path through.
     let narinfo: @Sendable (Request, BasicRequestContext) async throws -> Response = { _, context in
       let file = try context.parameters.require("file")
+      if file.hasSuffix(".ls") {
+        // The NAR's listing, as `nix copy --to 'file://…?write-nar-listing=1'` writes it (without
+        // NAR offsets, which are optional: readers then fetch the whole NAR).
+        let tree: Manifest
+        do throws(ServeError) {
+          let path = try await cache.path(hashPart: String(file.dropLast(3)))
+          guard let t = try? cache.store.tree(of: path) else { throw ServeError.store("\(path) vanished from the store") }
+          tree = t
+        } catch {
+          throw Self.httpError(error)
+        }
+        let data = try JSONSerialization.data(withJSONObject: Self.listing(tree), options: [.sortedKeys])
+        return Response(
+          status: .ok, headers: [.contentType: "application/json", .cacheControl: "public, max-age=31536000, immutable"],
+          body: ResponseBody(byteBuffer: ByteBuffer(bytes: data)))
+      }
       guard file.hasSuffix(".narinfo") else { throw HTTPError(.notFound, message: "no such file\n") }
       do throws(ServeError) {
         let path = try await cache.path(hashPart: String(file.dropLast(8)))
@@ -189,6 +205,25 @@ public struct ServeServer: Sendable {
       headers[Self.sizeHeader] = String(chunk.size)
       return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: buffer))
     }
+  }
+
+  /// Nix's `.ls` JSON for a tree: `{"version":1,"root":{"type":"directory","entries":{…}}}`.
+  static func listing(_ m: Manifest) -> [String: Any] {
+    func node(_ i: Int) -> [String: Any] {
+      switch m.nodes[i].kind {
+      case .directory:
+        var entries: [String: Any] = [:]
+        for c in m.children(of: i) { entries[String(decoding: m.nodes[c].name, as: UTF8.self)] = node(c) }
+        return ["type": "directory", "entries": entries]
+      case .regular(_, let size, let executable):
+        var o: [String: Any] = ["type": "regular", "size": size]
+        if executable { o["executable"] = true }
+        return o
+      case .symlink(let target):
+        return ["type": "symlink", "target": String(decoding: target, as: UTF8.self)]
+      }
+    }
+    return ["version": 1, "root": node(Manifest.root)]
   }
 
   static func text(_ body: String, type: String, immutable: Bool) -> Response {

@@ -292,3 +292,33 @@ func get(_ url: String) throws -> (status: Int, body: String) {
     #expect(try get("\(serve.url)/nixfs/v1/closure/\(String(repeating: "0", count: 32))").status == 404)
   }
 }
+
+@Suite(.serialized) struct ListingTests {
+  let fx: StoreFixture
+  init() throws { fx = try StoreFixture.shared() }
+
+  static func withoutOffsets(_ l: NarListing) -> NarListing {
+    switch l {
+    case .directory(let entries): .directory(entries.mapValues(withoutOffsets))
+    case .regular(let size, let executable, _): .regular(size: size, executable: executable, narOffset: nil)
+    case .symlink: l
+    }
+  }
+
+  /// `<hash>.ls` says what Nix's own listing says (`write-nar-listing=1`), offsets aside.
+  @Test func listingsMatchNix() throws {
+    let tmp = try TemporaryDirectory("serve-ls")
+    let upstream = try CacheServer(directory: fx.caches["zstd"]!)
+    let serve = try Serve(upstream: upstream, key: fx.publicKey, stateDir: tmp.sub("state"))
+    for name in ["kinds", "app"] {
+      let path = fx.paths[name]!
+      // Bytes as sent (get() reads text as Latin-1, which would mangle the UTF-8 names).
+      let body = try run(["python3", "-c", "import sys, urllib.request; sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1]).read())",
+        "\(serve.url)/\(path.hashPart).ls"]).stdout
+      let ours = try NarListing(parsing: Data(body))
+      let nix = try NarListing(parsing: Data(contentsOf: URL(fileURLWithPath: "\(fx.caches["zstd"]!)/\(path.hashPart).ls")))
+      #expect(ours == Self.withoutOffsets(nix), "\(name)")
+    }
+    #expect(try get("\(serve.url)/\(String(repeating: "0", count: 32)).ls").status == 404)
+  }
+}
