@@ -3,6 +3,7 @@ import ChunkStore
 import Foundation
 import Logging
 import NixFormats
+import Prometheus
 import Synchronization
 
 /// Why the serve cannot answer for a path, as it maps to an HTTP status.
@@ -232,19 +233,50 @@ func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async thr
   }
 }
 
-/// What the serve did, for logs, tests and (later) metrics.
+/// What the serve did, as Prometheus series on `/metrics` (every series present from the start).
 public final class ServeCounters: Sendable {
-  public let hits = Counter()
-  public let misses = Counter()
-  public let pulled = Counter()
-  public let upstreamBytes = Counter()
-  public let narBytesServed = Counter()
-  public let uploads = Counter()
-  public let chunksServed = Counter()
+  public let registry: PrometheusCollectorRegistry
+  public let hits: Counter
+  public let misses: Counter
+  public let pulled: Counter
+  public let upstreamBytes: Counter
+  public let narBytesServed: Counter
+  public let uploads: Counter
+  public let chunksServed: Counter
+  /// Bytes the chunk store keeps on disk, refreshed on every scrape.
+  public let storedBytes: Gauge
+
+  public init() {
+    let registry = PrometheusCollectorRegistry()
+    self.registry = registry
+    func counter(_ name: String, _ help: String) -> Counter {
+      Counter(registry.makeCounter(name: "nixfs_serve_\(name)", help: help))
+    }
+    hits = counter("narinfo_hits_total", "narinfo requests answered from the store")
+    misses = counter("narinfo_misses_total", "narinfo requests for paths no upstream has")
+    pulled = counter("paths_pulled_total", "paths pulled through from upstream, verified and stored")
+    upstreamBytes = counter("upstream_bytes_total", "bytes downloaded from upstream (FileSize, else NarSize)")
+    narBytesServed = counter("nar_served_bytes_total", "NAR bytes sent to clients")
+    uploads = counter("uploads_total", "paths uploaded, verified and stored")
+    chunksServed = counter("chunks_served_total", "chunks sent to clients")
+    storedBytes = registry.makeGauge(name: "nixfs_serve_store_bytes", help: "bytes the chunk store keeps on disk")
+  }
+
+  /// Prometheus text exposition.
+  public func exposition() -> [UInt8] {
+    var out: [UInt8] = []
+    registry.emit(into: &out)
+    return out
+  }
 
   public final class Counter: Sendable {
     private let value = Atomic<UInt64>(0)
-    public func add(_ n: UInt64) { value.add(n, ordering: .relaxed) }
+    private let series: Prometheus.Counter
+    init(_ series: Prometheus.Counter) { self.series = series }
+    public func add(_ n: UInt64) {
+      value.add(n, ordering: .relaxed)
+      series.increment(by: Int64(n))
+    }
     public var current: UInt64 { value.load(ordering: .relaxed) }
   }
 }

@@ -76,6 +76,12 @@ public struct ServeServer: Sendable {
     router.head(":file", use: narinfo)
 
     if let key = indexKey { Self.addChunkIndex(router, cache: cache, key: key) }
+    router.get("metrics") { _, _ -> Response in
+      if let bytes = try? cache.store.storedBytes() { cache.counters.storedBytes.set(Double(bytes)) }
+      return Response(
+        status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
+        body: ResponseBody(byteBuffer: ByteBuffer(bytes: cache.counters.exposition())))
+    }
     router.get("nixfs/v1/closure/:hash") { _, context -> Response in
       let hash = try context.parameters.require("hash")
       do throws(ServeError) {

@@ -82,6 +82,12 @@ func get(_ url: String) throws -> (status: Int, body: String) {
     let parsed = try NarInfo(parsing: info.body)
     #expect(parsed.signatures == (try fx.narInfo(fx.paths["lib"]!, compression: compression)).signatures)
     #expect(parsed.compression == .none && parsed.url.hasPrefix("nar/"))
+    // What happened, as Prometheus series.
+    let metrics = try get("\(serve.url)/metrics").body
+    #expect(metrics.contains("# HELP nixfs_serve_paths_pulled_total"), "\(metrics)")
+    #expect(metrics.contains("nixfs_serve_paths_pulled_total 3"), "\(metrics)")
+    #expect(metrics.contains("nixfs_serve_uploads_total 0"), "\(metrics)")
+    #expect(metrics.contains("nixfs_serve_store_bytes "), "\(metrics)")
   }
 
   /// Eight clients asking at once for a cold closure: one upstream download per path.
