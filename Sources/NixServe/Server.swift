@@ -15,6 +15,9 @@ public struct ServeServer: Sendable {
   public let port: Int
   /// `Priority` in nix-cache-info: lower than cache.nixos.org's 40, so clients ask here first.
   public let priority: Int
+  /// Seconds a connection may sit with nothing read or written before it is closed (a client
+  /// that connects and says nothing, or stops reading a NAR, holds nothing for long).
+  public let idleTimeout: Double
   /// The key chunk indexes are signed with; nil: no chunk index is offered.
   public let indexKey: SecretKey?
   /// Where uploads go, and who may make them; nil: uploads are refused.
@@ -23,9 +26,11 @@ public struct ServeServer: Sendable {
 
   public init(
     cache: PullThroughCache, host: String, port: Int, priority: Int = 30,
-    uploads: (area: UploadArea, credentials: UploadCredentials)? = nil, indexKey: SecretKey? = nil, logger: Logger
+    uploads: (area: UploadArea, credentials: UploadCredentials)? = nil, indexKey: SecretKey? = nil,
+    idleTimeout: Double = 60, logger: Logger
   ) {
     self.cache = cache
+    self.idleTimeout = idleTimeout
     self.indexKey = indexKey
     self.uploads = uploads
     self.host = host
@@ -161,6 +166,7 @@ public struct ServeServer: Sendable {
     }
     let app = Application(
       router: router,
+      server: .http1(configuration: .init(idleTimeout: .milliseconds(Int64(idleTimeout * 1000)))),
       configuration: .init(address: .hostname(host, port: port), serverName: "nixfs-serve"),
       onServerRunning: { channel in onListening(channel.localAddress?.port ?? 0) },
       logger: logger)

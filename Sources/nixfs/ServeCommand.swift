@@ -23,6 +23,8 @@ struct ServeCommand: AsyncParsableCommand {
   var maxSize: String?
   @Option(help: "Priority announced in nix-cache-info (lower is asked first; cache.nixos.org says 40).")
   var priority: Int = 30
+  @Option(help: "Seconds a connection may be idle (nothing read or written) before it is closed.")
+  var idleTimeout: Double = 60
   @Option(help: "Seconds a path that no substituter has is remembered as missing.")
   var negativeTTL: Double = 60
   @Option(help: "Accept uploads (nix copy --to) from these credentials: one a line, 'bearer TOKEN' or 'USER:PASSWORD'. Without it, uploads are refused.")
@@ -76,7 +78,8 @@ struct ServeCommand: AsyncParsableCommand {
       }
     }
     let server = ServeServer(
-      cache: pull, host: host, port: port, priority: priority, uploads: uploads, indexKey: indexKey, logger: logger)
+      cache: pull, host: host, port: port, priority: priority, uploads: uploads, indexKey: indexKey,
+      idleTimeout: idleTimeout, logger: logger)
     let shown = host.contains(":") ? "[\(host)]" : host
     do {
       try await server.run { bound in

@@ -328,3 +328,24 @@ func get(_ url: String) throws -> (status: Int, body: String) {
     #expect(try get("\(serve.url)/\(String(repeating: "0", count: 32)).ls").status == 404)
   }
 }
+
+@Suite(.serialized) struct SlowClientTests {
+  let fx: StoreFixture
+  init() throws { fx = try StoreFixture.shared() }
+
+  /// A client that connects and says nothing is hung up on after the idle timeout, and the serve
+  /// answers others meanwhile.
+  @Test func silentClientsAreHungUpOn() throws {
+    let tmp = try TemporaryDirectory("serve-idle")
+    let upstream = try CacheServer(directory: fx.caches["zstd"]!)
+    let serve = try Serve(upstream: upstream, key: fx.publicKey, stateDir: tmp.sub("state"), extra: ["--idle-timeout", "2"])
+    let port = serve.url.split(separator: ":").last!
+    let silent = try BackgroundProcess(["python3", "-c", """
+      import socket, sys
+      s = socket.create_connection(("127.0.0.1", int(sys.argv[1]))); s.settimeout(120)
+      print("closed" if s.recv(1) == b"" else "data", flush=True)
+      """, String(port)])
+    #expect(try get("\(serve.url)/nix-cache-info").status == 200)
+    #expect(silent.readLine() == "closed")
+  }
+}
