@@ -126,7 +126,7 @@ public final class ChunkStore: @unchecked Sendable {
       return
     }
     try preparePrivateDirectory(dir)
-    try preparePrivateDirectory(packDirectory)
+    try preparePrivateDirectory(packDirectory, stateMarkers: [])
     for file in [indexPath, indexPath + "-wal", indexPath + "-shm"]
     where file == indexPath || FileManager.default.fileExists(atPath: file) {
       try makePrivateFile(file)

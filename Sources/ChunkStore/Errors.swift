@@ -7,6 +7,8 @@ public enum ChunkStoreError: Error, Sendable, Hashable, CustomStringConvertible 
   case index(path: String, operation: String, message: String)
   case io(path: String, operation: String, errno: Int32)
   case locked(stateDir: String)
+  /// `--state-dir` names a directory that holds other things than nixfs state.
+  case foreignDirectory(path: String)
   case nar(storePath: String, error: NARError)
   case narHashMismatch(storePath: String, expected: String, actual: String)
   case narSizeMismatch(storePath: String, expected: UInt64, actual: UInt64)
@@ -25,6 +27,8 @@ public enum ChunkStoreError: Error, Sendable, Hashable, CustomStringConvertible 
     switch self {
     case .index(let path, let op, let msg): "index \(path): \(op) failed: \(msg)"
     case .io(let path, let op, let e): "\(path): \(op) failed: \(String(cString: strerror(e)))"
+    case .foreignDirectory(let path):
+      "\(path) is not a nixfs state directory (it holds other files); give nixfs a directory of its own"
     case .locked(let dir):
       "state directory \(dir) is locked by another nixfs process (stop the daemon or wait for it)"
     case .nar(let p, let e): "\(p): \(e)"

@@ -6,7 +6,7 @@ import Logging
 #endif
 
 /// What `nixfs mount` checks and clears at its mountpoint before mounting, as rclone and fuse do:
-/// a crashed daemon's dead FUSE mount is cleared (otherwise every restart fails with "Transport
+/// a missing mountpoint is created; a crashed daemon's dead FUSE mount is cleared (otherwise every restart fails with "Transport
 /// endpoint is not connected" and a DaemonSet crash-loops until someone unmounts by hand); a live
 /// mount or a non-empty directory is refused unless `allowNonEmpty`, so nothing is hidden by
 /// accident.
@@ -14,11 +14,18 @@ enum Mountpoint {
   static func prepare(_ path: String, allowNonEmpty: Bool, logger: Logger) throws(MountError) {
     func refuse(_ reason: String) -> MountError { MountError(mountpoint: path, reason: reason) }
     var st = stat()
+    if stat(path, &st) != 0 && errno == ENOENT {
+      // A fresh node has the state directory's volume but not the mountpoint below it.
+      do {
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+      } catch {
+        throw refuse("it does not exist and cannot be created: \(error.localizedDescription)")
+      }
+      logger.info("created the mountpoint", metadata: ["mountpoint": "\(path)"])
+    }
     if stat(path, &st) != 0 {
       let e = errno
-      guard e == ENOTCONN else {
-        throw refuse(e == ENOENT ? "it does not exist (create the directory first)" : String(cString: strerror(e)))
-      }
+      guard e == ENOTCONN else { throw refuse(String(cString: strerror(e))) }
       // The FUSE server behind it is gone; only the kernel's mount entry is left. A lazy unmount
       // cannot hurt a reader: every access there already fails.
       guard umount2(path, Int32(MNT_DETACH)) == 0 else {

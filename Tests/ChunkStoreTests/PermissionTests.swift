@@ -51,3 +51,14 @@ import TestSupport
     _ = store
   }
 }
+
+@Suite struct ForeignStateDirectoryTests {
+  /// `--state-dir /tmp` by mistake: refused, and /tmp's mode is left alone.
+  @Test func aDirectoryOfOtherFilesIsNotMadePrivate() throws {
+    let tmp = try TemporaryDirectory("foreign")
+    chmod(tmp.path, 0o1777)
+    try Tree.file(tmp.sub("someone-elses-file"), "x")
+    #expect(throws: ChunkStoreError.foreignDirectory(path: tmp.path)) { _ = try openStore(tmp.path) }
+    #expect(try PermissionTests.mode(tmp.path) == 0o1777)
+  }
+}

@@ -71,6 +71,22 @@ import TestSupport
     #expect(try String(contentsOfFile: "\(full)/keep-me", encoding: .utf8) == "mine\n")
   }
 
+  /// A fresh node has the state volume but not the mountpoint below it: it is created.
+  @Test func aMissingMountpointIsCreated() throws {
+    let tmp = try TemporaryDirectory("op-fresh")
+    let server = try CacheServer(directory: fx.caches["zstd"]!)
+    let mnt = tmp.sub("state/mnt")
+    let daemon = try BackgroundProcess([nixfsBinary, "mount", "--state-dir", tmp.sub("state")] + fx.mountArguments(server) + [mnt])
+    defer {
+      daemon.stop()
+      if isFuseMount(mnt) { _ = try? run(["fusermount3", "-u", "-z", mnt], check: false) }
+    }
+    let deadline = Date().addingTimeInterval(30)
+    while !isFuseMount(mnt) && daemon.isRunning && Date() < deadline { usleep(20_000) }
+    #expect(isFuseMount(mnt), "\(daemon.stderr)")
+    #expect(daemon.stderr.contains("created the mountpoint"))
+  }
+
   @Test func anUnknownLogLevelIsAnError() throws {
     let tmp = try TemporaryDirectory("op-log")
     let r = try run([nixfsBinary, "mount", "--log-level", "verbose", "--state-dir", tmp.sub("state"), tmp.sub("mnt")], check: false)
