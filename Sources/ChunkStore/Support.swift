@@ -147,7 +147,12 @@ func now() -> Int64 { Int64(Date().timeIntervalSince1970) }
 /// `flock` it and keep `nixfs mount`, `gc` and `fsck` from starting; the index names every path
 /// the node holds. An existing directory is tightened only if it is empty or already holds nixfs
 /// state: a mistaken `--state-dir /tmp` must not make /tmp private.
-func preparePrivateDirectory(_ path: String, stateMarkers: [String] = ["lock", "index.sqlite", "narinfo-cache.sqlite"]) throws(ChunkStoreError) {
+func preparePrivateDirectory(
+  _ path: String,
+  stateMarkers: [String] = [
+    "lock", "index.sqlite", "narinfo-cache.sqlite", "packs", "csi-volumes.json", "control.sock", "uploads", "mnt",
+  ]
+) throws(ChunkStoreError) {
   var existed = true
   var prefix = path.hasPrefix("/") ? "" : "."
   for part in path.split(separator: "/") {
