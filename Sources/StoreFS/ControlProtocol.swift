@@ -15,6 +15,10 @@ public enum ControlRequest: Codable, Sendable, Equatable {
   case views
   /// Materialise the closures of `storePaths` now (prefetch); answers when done.
   case fetch(storePaths: [String], parallel: Int)
+  /// `nixfs gc` on a live node: evict until the store fits `maxStoredBytes`.
+  case gc(maxStoredBytes: UInt64)
+  /// `nixfs fsck` on a live node (checking only: repairs need the daemon stopped).
+  case fsck
 }
 
 /// Why a request failed, in the categories a pod's owner can act on.
@@ -33,11 +37,18 @@ public struct ControlResponse: Codable, Sendable, Equatable {
   public var views: [String: String]?
   /// For `fetch`: paths downloaded now (the rest of the closure was already local).
   public var fetched: Int?
+  /// For `gc` and `fsck`: the report, a line each, as the command prints it.
+  public var report: [String]?
+  /// For `fsck`: whether the store is consistent.
+  public var consistent: Bool?
 
   public init(
     failure: ControlFailure? = nil, message: String? = nil, viewPath: String? = nil, closure: [String]? = nil,
-    mountpoint: String? = nil, views: [String: String]? = nil, fetched: Int? = nil
+    mountpoint: String? = nil, views: [String: String]? = nil, fetched: Int? = nil, report: [String]? = nil,
+    consistent: Bool? = nil
   ) {
+    self.report = report
+    self.consistent = consistent
     self.failure = failure
     self.message = message
     self.viewPath = viewPath

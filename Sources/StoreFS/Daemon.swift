@@ -83,6 +83,21 @@ public final class Daemon: Sendable {
       } catch {
         return .failed(.unavailable, "\(error)")
       }
+    case .gc(let budget):
+      do {
+        let r = try await blocking { try self.store.collectGarbage(maxStoredBytes: budget) }
+        logger.info("gc through the control socket", metadata: ["evicted": "\(r.evicted.count)", "freed": "\(r.freedBytes)"])
+        return ControlResponse(report: Self.gcLines(r))
+      } catch {
+        return .failed(.internalError, "\(error)")
+      }
+    case .fsck:
+      do {
+        let r = try await blocking { try self.store.fsck(repair: false) }
+        return ControlResponse(report: Self.fsckLines(r), consistent: r.isConsistent)
+      } catch {
+        return .failed(.internalError, "\(error)")
+      }
     case .publish(let volumeID, let text):
       let path: StorePath
       do { path = try StorePath(text) } catch { return .failed(.invalidArgument, "\(error)") }
@@ -104,6 +119,31 @@ public final class Daemon: Sendable {
       logger.info("view published", metadata: ["volume": "\(volumeID)", "path": "\(path)", "closure": "\(closure.count)"])
       return ControlResponse(
         viewPath: "\(mountpoint)/\(StoreFileSystem.viewsDirName)/\(name)", closure: closure.map(\.path))
+    }
+  }
+
+  /// What `nixfs gc` prints, from the daemon or from a store it opened itself.
+  public static func gcLines(_ r: GCReport) -> [String] {
+    ["evicted \(r.evicted.count) paths, freed \(r.freedBytes) bytes; stored \(r.storedBytesBefore) -> \(r.storedBytesAfter) bytes"]
+      + r.evicted.map { "  \($0)" }
+  }
+
+  /// What `nixfs fsck` prints.
+  public static func fsckLines(_ r: FsckReport) -> [String] {
+    r.repaired.map { "repaired: \($0)" } + r.problems.map { "problem: \($0)" }
+      + [
+        "checked \(r.pathsChecked) paths, \(r.contentsChecked) contents, \(r.chunksChecked) chunks: "
+          + (r.isConsistent ? "consistent" : "\(r.problems.count) problems")
+      ]
+  }
+
+  /// Runs store maintenance (fsync, SQL, reading every chunk) on a thread of its own, not on the
+  /// concurrency pool the filesystem's replies run on.
+  func blocking<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+      let thread = Thread { continuation.resume(with: Result { try body() }) }
+      thread.name = "nixfs-maintenance"
+      thread.start()
     }
   }
 

@@ -2,6 +2,7 @@ import ArgumentParser
 import ChunkStore
 import Foundation
 import NixFormats
+import StoreFS
 
 #if canImport(Glibc)
   import Glibc
@@ -15,6 +16,15 @@ let storeCommands: [any ParsableCommand.Type] = [
 struct StateOptions: ParsableArguments {
   @Option(help: "The node's state directory (index and chunk packs).")
   var stateDir: String = "/var/lib/nixfs"
+
+  /// The running daemon on this state directory, if one answers: gc and fsck then go through it
+  /// (it holds the store's writer lock).
+  func daemon() -> ControlClient? {
+    let socket = (stateDir as NSString).appendingPathComponent("control.sock")
+    guard FileManager.default.fileExists(atPath: socket) else { return nil }
+    let client = ControlClient(path: socket)
+    return (try? client.send(.ping, timeout: 5)) != nil ? client : nil
+  }
 
   func open(readOnly: Bool = false) -> ChunkStore {
     do {
@@ -121,11 +131,17 @@ struct GCCommand: ParsableCommand {
 
   func run() throws {
     guard let budget = parseSize(maxSize) else { fail("--max-size: '\(maxSize)' is not a size (e.g. 20G)") }
+    if let daemon = state.daemon() {
+      let r: ControlResponse
+      do { r = try daemon.send(.gc(maxStoredBytes: budget), timeout: 86_400) } catch { fail("\(error)") }
+      if let failure = r.failure { fail("\(failure): \(r.message ?? "")") }
+      for line in r.report ?? [] { print(line) }
+      print("(through the running daemon)")
+      return
+    }
     let store = state.open()
     do {
-      let r = try store.collectGarbage(maxStoredBytes: budget)
-      print("evicted \(r.evicted.count) paths, freed \(r.freedBytes) bytes; stored \(r.storedBytesBefore) -> \(r.storedBytesAfter) bytes")
-      for p in r.evicted { print("  \(p)") }
+      for line in Daemon.gcLines(try store.collectGarbage(maxStoredBytes: budget)) { print(line) }
     } catch {
       fail("\(error)")
     }
@@ -141,13 +157,20 @@ struct FsckCommand: ParsableCommand {
   var repair = false
 
   func run() throws {
+    if let daemon = state.daemon() {
+      if repair { fail("--repair needs the store to itself: stop the nixfs mount daemon on \(state.stateDir) first") }
+      let r: ControlResponse
+      do { r = try daemon.send(.fsck, timeout: 86_400) } catch { fail("\(error)") }
+      if let failure = r.failure { fail("\(failure): \(r.message ?? "")") }
+      for line in r.report ?? [] { print(line) }
+      print("(through the running daemon)")
+      if r.consistent != true { throw ExitCode(1) }
+      return
+    }
     let store = state.open()
     let report: FsckReport
     do { report = try store.fsck(repair: repair) } catch { fail("\(error)") }
-    for r in report.repaired { print("repaired: \(r)") }
-    for p in report.problems { print("problem: \(p)") }
-    print("checked \(report.pathsChecked) paths, \(report.contentsChecked) contents, \(report.chunksChecked) chunks: "
-      + (report.isConsistent ? "consistent" : "\(report.problems.count) problems"))
+    for line in Daemon.fsckLines(report) { print(line) }
     if !report.isConsistent { throw ExitCode(1) }
   }
 }

@@ -87,6 +87,27 @@ import TestSupport
     #expect(daemon.stderr.contains("created the mountpoint"))
   }
 
+  /// `nixfs gc` and `nixfs fsck` on a live node go through the daemon (which holds the lock);
+  /// `--repair` says to stop it first; the mount keeps serving, fetching evicted paths again.
+  @Test func gcAndFsckWhileTheDaemonRuns() throws {
+    let tmp = try TemporaryDirectory("op-live")
+    let server = try CacheServer(directory: fx.caches["zstd"]!)
+    let store = try MountedStore(mountpoint: tmp.sub("mnt"), stateDir: tmp.sub("state"), arguments: fx.mountArguments(server))
+    let kinds = fx.paths["kinds"]!
+    #expect(FileManager.default.contents(atPath: store.path("\(kinds.baseName)/hello.txt")) == Data("hello, world\n".utf8))
+    let fsck = try run([nixfsBinary, "fsck", "--state-dir", store.stateDir], check: false)
+    #expect(fsck.status == 0, "\(fsck.text) \(fsck.stderr)")
+    #expect(fsck.text.contains("consistent") && fsck.text.contains("through the running daemon"), "\(fsck.text)")
+    let repair = try run([nixfsBinary, "fsck", "--repair", "--state-dir", store.stateDir], check: false)
+    #expect(repair.status != 0 && repair.stderr.contains("stop the nixfs mount daemon"), "\(repair.stderr)")
+    let gc = try run([nixfsBinary, "gc", "--max-size", "0", "--state-dir", store.stateDir], check: false)
+    #expect(gc.status == 0, "\(gc.stderr)")
+    #expect(gc.text.contains("evicted 1 paths") && gc.text.contains(kinds.path), "\(gc.text)")
+    // Evicted, not broken: the next access fetches it again.
+    let again = FileManager.default.contents(atPath: store.path("\(kinds.baseName)/seven"))
+    #expect(again == Data("1234567".utf8))
+  }
+
   @Test func anUnknownLogLevelIsAnError() throws {
     let tmp = try TemporaryDirectory("op-log")
     let r = try run([nixfsBinary, "mount", "--log-level", "verbose", "--state-dir", tmp.sub("state"), tmp.sub("mnt")], check: false)
