@@ -124,14 +124,15 @@ let package = Package(
 
     // libFuzzer targets (`make fuzz`); without -DFUZZING they replay files given as arguments.
     .systemLibrary(name: "CFuzzSupport", path: "Fuzz/CFuzzSupport"),
+    .target(name: "FuzzDriver", dependencies: ["CFuzzSupport"], path: "Fuzz/FuzzDriver", swiftSettings: strict),
     .executableTarget(
-      name: "fuzz-nar", dependencies: ["NixFormats", "CFuzzSupport"], path: "Fuzz/FuzzNAR",
+      name: "fuzz-nar", dependencies: ["NixFormats", "FuzzDriver"], path: "Fuzz/FuzzNAR",
       swiftSettings: strict),
     .executableTarget(
-      name: "fuzz-narinfo", dependencies: ["NixFormats", "CFuzzSupport"], path: "Fuzz/FuzzNarInfo",
+      name: "fuzz-narinfo", dependencies: ["NixFormats", "FuzzDriver"], path: "Fuzz/FuzzNarInfo",
       swiftSettings: strict),
     .executableTarget(
-      name: "fuzz-download", dependencies: ["BinaryCache", "NixFormats", "CFuzzSupport"], path: "Fuzz/FuzzDownload",
+      name: "fuzz-download", dependencies: ["BinaryCache", "NixFormats", "FuzzDriver"], path: "Fuzz/FuzzDownload",
       swiftSettings: strict),
 
     .target(name: "TestSupport", dependencies: ["NixFormats"], path: "Tests/TestSupport", swiftSettings: strict),

@@ -1,5 +1,6 @@
 import BinaryCache
 import Foundation
+import FuzzDriver
 import NixFormats
 
 /// What one cache controls beyond the signed fingerprint: the narinfo's URL and the bytes of the
@@ -40,28 +41,6 @@ func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
   guard sink.bytes.count <= 4096 else { fatalError("the sink got more than NarSize") }
 }
 
-#if FUZZING
-  import CFuzzSupport
-
-  @main struct Fuzz {
-    static func main() {
-      var argc = CommandLine.argc
-      var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
-      let status = LLVMFuzzerRunDriver(&argc, &argv) { data, size in
-        fuzzOne(UnsafeRawBufferPointer(start: data, count: size))
-        return 0
-      }
-      exit(status)
-    }
-  }
-#else
-  // Without libFuzzer: replay the files given as arguments (a corpus or a crash).
-  @main struct Replay {
-    static func main() {
-      for path in CommandLine.arguments.dropFirst() {
-        let data = FileManager.default.contents(atPath: path) ?? Data()
-        data.withUnsafeBytes { fuzzOne($0) }
-      }
-    }
-  }
-#endif
+@main struct Fuzz {
+  static func main() { fuzzMain(fuzzOne) }
+}

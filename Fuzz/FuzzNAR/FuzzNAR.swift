@@ -1,4 +1,5 @@
 import Foundation
+import FuzzDriver
 import NixFormats
 
 /// Feeds one input to the NAR reader in two pieces (exercising the split paths) and re-encodes
@@ -22,28 +23,6 @@ func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
   guard out.elementsEqual(bytes) else { fatalError("accepted NAR does not re-encode to the same bytes") }
 }
 
-#if FUZZING
-  import CFuzzSupport
-
-  @main struct Fuzz {
-    static func main() {
-      var argc = CommandLine.argc
-      var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
-      let status = LLVMFuzzerRunDriver(&argc, &argv) { data, size in
-        fuzzOne(UnsafeRawBufferPointer(start: data, count: size))
-        return 0
-      }
-      exit(status)
-    }
-  }
-#else
-  // Without libFuzzer: replay the files given as arguments (a corpus or a crash).
-  @main struct Replay {
-    static func main() {
-      for path in CommandLine.arguments.dropFirst() {
-        let data = FileManager.default.contents(atPath: path) ?? Data()
-        data.withUnsafeBytes { fuzzOne($0) }
-      }
-    }
-  }
-#endif
+@main struct Fuzz {
+  static func main() { fuzzMain(fuzzOne) }
+}

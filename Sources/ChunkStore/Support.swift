@@ -181,3 +181,14 @@ func makePrivateFile(_ path: String) throws(ChunkStoreError) {
   defer { close(fd) }
   guard fchmod(fd, 0o600) == 0 else { throw .io(path: path, operation: "chmod 0600", errno: errno) }
 }
+
+/// Runs blocking store work (fsync and SQL at commit, GC, fsck) on a thread of its own and awaits
+/// it, so it never holds one of Swift concurrency's few threads: the filesystem's replies and the
+/// serve's requests run there.
+public func blockingWork<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+  try await withCheckedThrowingContinuation { continuation in
+    let thread = Thread { continuation.resume(with: Result { try body() }) }
+    thread.name = "nixfs-blocking"
+    thread.start()
+  }
+}

@@ -51,11 +51,11 @@ public final class PullThroughCache: Sendable {
   public func path(hashPart: String) async throws(ServeError) -> StorePath {
     guard Self.isHashPart(hashPart) else { throw .badRequest("'\(LogText.bounded(hashPart))' is not a store path hash") }
     if let held = store.completePath(hashPart: hashPart) {
-      counters.hits.add(1)
+      counters.hits.increment()
       return held
     }
     if let until = misses.withLock({ $0[hashPart] }), until > Date() {
-      counters.misses.add(1)
+      counters.misses.increment()
       throw .notFound("\(hashPart): in no upstream substituter (remembered)")
     }
     let task = inflight.withLock { table in
@@ -81,7 +81,7 @@ public final class PullThroughCache: Sendable {
     } catch {
       if case .notFound = error {
         misses.withLock { $0[hashPart] = Date().addingTimeInterval(negativeTTL) }
-        counters.misses.add(1)
+        counters.misses.increment()
         return .failure(.notFound("\(error)"))
       }
       logger.warning("upstream narinfo failed", metadata: ["hash": "\(hashPart)", "error": "\(error)"])
@@ -98,13 +98,13 @@ public final class PullThroughCache: Sendable {
     }
     do {
       // fsync and SQL: off the concurrency pool.
-      try await onThread { _ = try ingest.commit() }
+      try await blockingWork { _ = try ingest.commit() }
     } catch {
       ingest.abort()
       return .failure(.store("\(error)"))
     }
-    counters.pulled.add(1)
-    counters.upstreamBytes.add(found.info.fileSize ?? found.info.narSize)
+    counters.pulled.increment()
+    counters.upstreamBytes.increment(by: Int64(found.info.fileSize ?? found.info.narSize))
     logger.info(
       "pulled through", metadata: ["path": "\(found.info.storePath)", "narSize": "\(found.info.narSize)", "from": "\(found.substituter)"])
     return .success(found.info.storePath)
@@ -114,23 +114,31 @@ public final class PullThroughCache: Sendable {
   /// only path, NarHash, NarSize and references, which stay), an uncompressed NAR named by its
   /// NarHash, so the URL of one NAR never changes and HTTP caches may keep it forever.
   public func narInfo(of path: StorePath) throws(ServeError) -> String {
-    guard let info = store.pathInfo(of: path) else { throw .store("\(path) vanished from the store") }
-    return Self.render(
-      path, narHash: info.narHash, narSize: info.narSize, references: info.references, deriver: info.deriver,
-      signatures: info.signatures, ca: info.ca)
+    guard let info = store.pathInfo(of: path), let held = Self.narInfo(path, info) else {
+      throw .store("\(path) vanished from the store")
+    }
+    return held.serialized
   }
 
-  static func render(
-    _ path: StorePath, narHash: String, narSize: UInt64, references: [String], deriver: String?, signatures: [String],
-    ca: String?
-  ) -> String {
-    var s = "StorePath: \(path)\nURL: \(narURL(path, narHash: narHash))\nCompression: none\n"
-    s += "NarHash: \(narHash)\nNarSize: \(narSize)\n"
-    s += "References: \(references.joined(separator: " "))\n"
-    if let d = deriver { s += "Deriver: \(d)\n" }
-    for sig in signatures { s += "Sig: \(sig)\n" }
-    if let ca { s += "CA: \(ca)\n" }
-    return s
+  /// A held path's narinfo as this cache serves it (see `served`).
+  static func narInfo(_ path: StorePath, _ info: PathInfo) -> NarInfo? {
+    guard let hash = try? NixHash(parsing: info.narHash) else { return nil }
+    return served(
+      NarInfo(
+        storePath: path, url: "", narHash: hash, narSize: info.narSize,
+        references: info.references.compactMap { try? StorePath(baseName: $0) }, deriver: info.deriver,
+        signatures: info.signatures.compactMap { try? NarSignature(parsing: $0) }, ca: info.ca))
+  }
+
+  /// The upstream's narinfo with this cache's NAR: uncompressed, named by its NarHash. Everything
+  /// Nix's fingerprint covers stays, so the upstream's signatures still verify.
+  static func served(_ info: NarInfo) -> NarInfo {
+    var out = info
+    out.url = narURL(info.storePath, narHash: info.narHash.nix32)
+    out.compression = .none
+    out.fileHash = nil
+    out.fileSize = nil
+    return out
   }
 
   /// The narinfos of the closure of the path with `hashPart`, as this cache serves them (held
@@ -170,17 +178,12 @@ public final class PullThroughCache: Sendable {
   }
 
   private func closureEntry(_ path: StorePath) async -> Result<(String, [StorePath]), ServeError> {
-    if let info = store.pathInfo(of: path) {
-      let refs = info.references.compactMap { try? StorePath(baseName: $0) }
-      return .success((
-        Self.render(path, narHash: info.narHash, narSize: info.narSize, references: info.references,
-          deriver: info.deriver, signatures: info.signatures, ca: info.ca), refs))
+    if let info = store.pathInfo(of: path), let held = Self.narInfo(path, info) {
+      return .success((held.serialized, held.references))
     }
     do {
       let i = try await upstream.narInfo(for: path).info
-      return .success((
-        Self.render(path, narHash: i.narHash.nix32, narSize: i.narSize, references: i.references.map(\.baseName),
-          deriver: i.deriver, signatures: i.signatures.map(\.description), ca: i.ca), i.references))
+      return .success((Self.served(i).serialized, i.references))
     } catch {
       if case .notFound = error { return .failure(.notFound("\(error)")) }
       return .failure(.upstream("\(error)"))
@@ -224,33 +227,24 @@ public final class PullThroughCache: Sendable {
   }
 }
 
-/// Runs blocking work (fsync, SQL, a NAR dump) on a thread of its own, not the concurrency pool.
-func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-  try await withCheckedThrowingContinuation { continuation in
-    let thread = Thread { continuation.resume(with: Result { try body() }) }
-    thread.name = "nixfs-serve-io"
-    thread.start()
-  }
-}
-
 /// What the serve did, as Prometheus series on `/metrics` (every series present from the start).
 public final class ServeCounters: Sendable {
   public let registry: PrometheusCollectorRegistry
-  public let hits: Counter
-  public let misses: Counter
-  public let pulled: Counter
-  public let upstreamBytes: Counter
-  public let narBytesServed: Counter
-  public let uploads: Counter
-  public let chunksServed: Counter
+  public let hits: Prometheus.Counter
+  public let misses: Prometheus.Counter
+  public let pulled: Prometheus.Counter
+  public let upstreamBytes: Prometheus.Counter
+  public let narBytesServed: Prometheus.Counter
+  public let uploads: Prometheus.Counter
+  public let chunksServed: Prometheus.Counter
   /// Bytes the chunk store keeps on disk, refreshed on every scrape.
   public let storedBytes: Gauge
 
   public init() {
     let registry = PrometheusCollectorRegistry()
     self.registry = registry
-    func counter(_ name: String, _ help: String) -> Counter {
-      Counter(registry.makeCounter(name: "nixfs_serve_\(name)", help: help))
+    func counter(_ name: String, _ help: String) -> Prometheus.Counter {
+      registry.makeCounter(name: "nixfs_serve_\(name)", help: help)
     }
     hits = counter("narinfo_hits_total", "narinfo requests answered from the store")
     misses = counter("narinfo_misses_total", "narinfo requests for paths no upstream has")
@@ -267,16 +261,5 @@ public final class ServeCounters: Sendable {
     var out: [UInt8] = []
     registry.emit(into: &out)
     return out
-  }
-
-  public final class Counter: Sendable {
-    private let value = Atomic<UInt64>(0)
-    private let series: Prometheus.Counter
-    init(_ series: Prometheus.Counter) { self.series = series }
-    public func add(_ n: UInt64) {
-      value.add(n, ordering: .relaxed)
-      series.increment(by: Int64(n))
-    }
-    public var current: UInt64 { value.load(ordering: .relaxed) }
   }
 }

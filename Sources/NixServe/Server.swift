@@ -211,7 +211,7 @@ public struct ServeServer: Sendable {
         throw HTTPError(.internalServerError, message: LogText.bounded("\(error)", limit: 1024) + "\n")
       }
       guard let (chunk, buffer) = found else { throw HTTPError(.notFound, message: "no such chunk here\n") }
-      cache.counters.chunksServed.add(1)
+      cache.counters.chunksServed.increment()
       var headers: HTTPFields = [.contentType: "application/octet-stream", .cacheControl: "public, max-age=31536000, immutable"]
       headers[Self.encodingHeader] = chunk.zstd ? "zstd" : "identity"
       headers[Self.sizeHeader] = String(chunk.size)
@@ -278,7 +278,7 @@ final class NARDump: Sendable {
       try store.dump(path) { piece in
         window.wait()
         if cancelled.load(ordering: .acquiring) { throw CancellationError() }
-        counters.narBytesServed.add(UInt64(piece.count))
+        counters.narBytesServed.increment(by: Int64(piece.count))
         continuation.yield(ByteBuffer(bytes: piece))
       }
       continuation.finish()

@@ -85,10 +85,8 @@ public final class UploadArea: Sendable {
 
   /// Where an uploaded NAR file waits; nil for a name that is not a NAR file's.
   func pendingPath(_ name: String) -> String? {
-    narFileName(name).map { (directory as NSString).appendingPathComponent($0) }
+    Self.narFileName(name).map { (directory as NSString).appendingPathComponent($0) }
   }
-
-  private func narFileName(_ name: String) -> String? { Self.narFileName(name) }
 
   /// Stores one uploaded NAR file (written to a temporary name, renamed when complete).
   public func receiveNAR<Body: AsyncSequence>(name: String, body: Body) async throws(ServeError)
@@ -139,7 +137,7 @@ public final class UploadArea: Sendable {
     let ingest: Ingest
     do { ingest = try cache.store.ingest(info) } catch { throw .store("\(error)") }
     do {
-      try await onThread {
+      try await blockingWork {
         let data = try Data(contentsOf: URL(fileURLWithPath: file), options: .alwaysMapped)
         try data.withUnsafeBytes { raw in
           try BinaryCacheClient.verifyNARFile(raw, info: info, source: "upload \(info.url)", into: ingest)
@@ -152,7 +150,7 @@ public final class UploadArea: Sendable {
       throw .badRequest("\(info.storePath): \(error)")
     }
     cache.forgetMiss(hashPart: hashPart)
-    cache.counters.uploads.add(1)
+    cache.counters.uploads.increment()
     logger.info("uploaded", metadata: ["path": "\(info.storePath)", "narSize": "\(info.narSize)"])
     return info.storePath
   }

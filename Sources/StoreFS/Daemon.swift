@@ -85,7 +85,7 @@ public final class Daemon: Sendable {
       }
     case .gc(let budget):
       do {
-        let r = try await blocking { try self.store.collectGarbage(maxStoredBytes: budget) }
+        let r = try await blockingWork { try self.store.collectGarbage(maxStoredBytes: budget) }
         logger.info("gc through the control socket", metadata: ["evicted": "\(r.evicted.count)", "freed": "\(r.freedBytes)"])
         return ControlResponse(report: Self.gcLines(r))
       } catch {
@@ -93,7 +93,7 @@ public final class Daemon: Sendable {
       }
     case .fsck:
       do {
-        let r = try await blocking { try self.store.fsck(repair: false) }
+        let r = try await blockingWork { try self.store.fsck(repair: false) }
         return ControlResponse(report: Self.fsckLines(r), consistent: r.isConsistent)
       } catch {
         return .failed(.internalError, "\(error)")
@@ -135,16 +135,6 @@ public final class Daemon: Sendable {
         "checked \(r.pathsChecked) paths, \(r.contentsChecked) contents, \(r.chunksChecked) chunks: "
           + (r.isConsistent ? "consistent" : "\(r.problems.count) problems")
       ]
-  }
-
-  /// Runs store maintenance (fsync, SQL, reading every chunk) on a thread of its own, not on the
-  /// concurrency pool the filesystem's replies run on.
-  func blocking<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-    try await withCheckedThrowingContinuation { continuation in
-      let thread = Thread { continuation.resume(with: Result { try body() }) }
-      thread.name = "nixfs-maintenance"
-      thread.start()
-    }
   }
 
   /// The error's text, prefixed with the path unless it already names it (most cache errors do).
