@@ -32,6 +32,8 @@ let package = Package(
     .systemLibrary(name: "CLzma", pkgConfig: "liblzma", providers: [.apt(["liblzma-dev"])]),
     .systemLibrary(name: "CSQLite", pkgConfig: "sqlite3", providers: [.apt(["libsqlite3-dev"])]),
     .systemLibrary(name: "CBzip2", providers: [.apt(["libbz2-dev"])]),
+    // Descriptor passing over Unix sockets (SCM_RIGHTS), for the FUSE connection's takeover.
+    .systemLibrary(name: "CUnix"),
     .systemLibrary(
       name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
 
@@ -64,7 +66,7 @@ let package = Package(
     .target(
       name: "StoreFS",
       dependencies: [
-        "NixFormats", "BinaryCache", "ChunkStore", "CFuse3",
+        "NixFormats", "BinaryCache", "ChunkStore", "CFuse3", "CUnix",
         .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "CoreMetrics", package: "swift-metrics"),

@@ -1,4 +1,5 @@
 import Foundation
+import StoreFS
 
 #if canImport(Glibc)
   import Glibc
@@ -50,30 +51,12 @@ enum Mounts {
     var out = Set<String>()
     for line in text.split(separator: "\n") {
       let fields = line.split(separator: " ")
-      if fields.count > 4 { out.insert(unescape(String(fields[4]))) }
+      if fields.count > 4 { out.insert(Mountpoint.unescape(fields[4])) }
     }
     return out
   }
 
   static func isMountPoint(_ path: String) -> Bool {
     mountPoints().contains((path as NSString).standardizingPath)
-  }
-
-  /// mountinfo escapes space, tab, newline and backslash as octal.
-  static func unescape(_ s: String) -> String {
-    guard s.contains("\\") else { return s }
-    var out = [UInt8]()
-    let b = Array(s.utf8)
-    var i = 0
-    while i < b.count {
-      if b[i] == UInt8(ascii: "\\"), i + 3 < b.count, let v = UInt8(String(decoding: b[i + 1...i + 3], as: UTF8.self), radix: 8) {
-        out.append(v)
-        i += 4
-      } else {
-        out.append(b[i])
-        i += 1
-      }
-    }
-    return String(decoding: out, as: UTF8.self)
   }
 }

@@ -1,3 +1,4 @@
+import CUnix
 import Foundation
 
 #if canImport(Glibc)
@@ -19,6 +20,9 @@ public enum ControlRequest: Codable, Sendable, Equatable {
   case gc(maxStoredBytes: UInt64)
   /// `nixfs fsck` on a live node (checking only: repairs need the daemon stopped).
   case fsck
+  /// A successor `nixfs mount` asks for the FUSE connection (see Handover.swift). The answer
+  /// carries the /dev/fuse descriptor; the daemon exits once it is sent.
+  case takeover(format: Int, version: String, mountpoint: String)
 }
 
 /// Why a request failed, in the categories a pod's owner can act on.
@@ -41,12 +45,15 @@ public struct ControlResponse: Codable, Sendable, Equatable {
   public var report: [String]?
   /// For `fsck`: whether the store is consistent.
   public var consistent: Bool?
+  /// For `takeover`: the connection's record (its descriptor comes with the line).
+  public var handover: Handover?
 
   public init(
     failure: ControlFailure? = nil, message: String? = nil, viewPath: String? = nil, closure: [String]? = nil,
     mountpoint: String? = nil, views: [String: String]? = nil, fetched: Int? = nil, report: [String]? = nil,
-    consistent: Bool? = nil
+    consistent: Bool? = nil, handover: Handover? = nil
   ) {
+    self.handover = handover
     self.report = report
     self.consistent = consistent
     self.failure = failure
@@ -69,18 +76,51 @@ public struct ControlError: Error, CustomStringConvertible {
   public var description: String { "control socket \(socket): \(reason)" }
 }
 
-/// Serves the control socket on its own threads: handlers may wait on the network.
-public final class ControlServer: @unchecked Sendable {
-  public typealias Handler = @Sendable (ControlRequest) async -> ControlResponse
+/// A response of a line server, with the descriptor sent with it (SCM_RIGHTS) and what to do
+/// once it was sent (a takeover exits then).
+public struct LineReply<Response: Encodable & Sendable>: Sendable {
+  public var response: Response
+  public var descriptor: Int32?
+  public var afterSending: (@Sendable (_ sent: Bool) -> Void)?
+
+  public init(_ response: Response, descriptor: Int32? = nil, afterSending: (@Sendable (_ sent: Bool) -> Void)? = nil) {
+    self.response = response
+    self.descriptor = descriptor
+    self.afterSending = afterSending
+  }
+}
+
+/// What a line server answers to a line it cannot decode.
+public protocol MalformedRequestAnswer {
+  static func malformed(_ reason: String) -> Self
+}
+
+extension ControlResponse: MalformedRequestAnswer {
+  public static func malformed(_ reason: String) -> ControlResponse { .failed(.invalidArgument, reason) }
+}
+
+public typealias ControlReply = LineReply<ControlResponse>
+public typealias ControlServer = LineServer<ControlRequest, ControlResponse>
+public typealias ControlClient = LineClient<ControlRequest, ControlResponse>
+
+/// A Unix-socket server of one JSON object per line each way (the control socket, the keeper),
+/// on its own threads: handlers may wait on the network.
+public final class LineServer<Request: Decodable & Sendable, Response: Encodable & Sendable & MalformedRequestAnswer>:
+  @unchecked Sendable
+{
+  public typealias Handler = @Sendable (Request) async -> LineReply<Response>
   let path: String
   let fd: Int32
   let handler: Handler
+  /// The socket file this server bound: a successor binds its own at the same path, and
+  /// stopping must not remove that one.
+  private var boundInode: ino_t = 0
 
   public init(path: String, handler: @escaping Handler) throws {
     self.path = path
     self.handler = handler
     unlink(path)
-    fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { throw ControlError(socket: path, reason: "socket: \(String(cString: strerror(errno)))") }
     var addr = try unixAddress(path)
     let bound = withUnsafePointer(to: &addr) {
@@ -90,8 +130,10 @@ public final class ControlServer: @unchecked Sendable {
       close(fd)
       throw ControlError(socket: path, reason: "bind: \(String(cString: strerror(errno)))")
     }
-    // Owner-only: whoever can talk to the daemon can pin paths and create views.
+    // Owner-only: whoever can talk to the daemon can pin paths, create views, or take the mount.
     chmod(path, 0o600)
+    var st = stat()
+    if stat(path, &st) == 0 { boundInode = st.st_ino }
     guard listen(fd, 16) == 0 else {
       close(fd)
       throw ControlError(socket: path, reason: "listen: \(String(cString: strerror(errno)))")
@@ -103,7 +145,7 @@ public final class ControlServer: @unchecked Sendable {
 
   func acceptLoop() {
     while true {
-      let client = accept(fd, nil, nil)
+      let client = nixfs_accept_cloexec(fd)
       if client < 0 {
         if errno == EINTR { continue }
         return  // closed
@@ -115,54 +157,87 @@ public final class ControlServer: @unchecked Sendable {
 
   func serve(_ client: Int32) {
     defer { close(client) }
-    var reader = LineReader(fd: client)
+    var reader = LineReader(fd: client, receivingDescriptors: true)
     while let line = reader.next() {
-      let response: ControlResponse
-      if let request = try? JSONDecoder().decode(ControlRequest.self, from: Data(line)) {
-        let box = ResultBox()
+      // A descriptor sent with a request (the keeper's `hold`) goes to the handler's request.
+      let reply: LineReply<Response>
+      if let request = try? JSONDecoder().decode(Request.self, from: Data(line)) {
+        let box = ResultBox<Response>()
         let semaphore = DispatchSemaphore(value: 0)
         let handler = self.handler
+        let received = reader.descriptor
+        reader.descriptor = nil
         Task {
-          box.value = await handler(request)
+          box.value = await ReceivedDescriptor.$current.withValue(received) { await handler(request) }
           semaphore.signal()
         }
         semaphore.wait()
-        response = box.value ?? .failed(.internalError, "no response")
+        reply = box.value ?? LineReply(.malformed("no response"))
       } else {
-        response = .failed(.invalidArgument, "malformed request")
+        reply = LineReply(.malformed("malformed request"))
       }
-      guard var data = try? JSONEncoder().encode(response) else { return }
+      if let d = reader.descriptor {
+        close(d)
+        reader.descriptor = nil
+      }
+      guard var data = try? JSONEncoder().encode(reply.response) else {
+        reply.afterSending?(false)
+        return
+      }
       data.append(0x0a)
-      guard writeAll(client, data) else { return }
+      let sent: Bool
+      if let descriptor = reply.descriptor {
+        sent = data.withUnsafeBytes { nixfs_send_with_fd(client, $0.baseAddress, $0.count, descriptor) == $0.count }
+      } else {
+        sent = writeAll(client, data)
+      }
+      reply.afterSending?(sent)
+      guard sent else { return }
     }
   }
 
   public func stop() {
     shutdown(fd, Int32(SHUT_RDWR))
     close(fd)
-    unlink(path)
+    var st = stat()
+    if stat(path, &st) == 0 && st.st_ino == boundInode { unlink(path) }
   }
 }
 
-final class ResultBox: @unchecked Sendable {
-  var value: ControlResponse?
+/// The descriptor that came with the request being handled (nil if none). The handler owns it.
+public enum ReceivedDescriptor {
+  @TaskLocal public static var current: Int32?
 }
 
-/// A client of the control socket; one request at a time.
-public final class ControlClient: @unchecked Sendable {
+final class ResultBox<Response: Encodable & Sendable>: @unchecked Sendable {
+  var value: LineReply<Response>?
+}
+
+/// A client of a line server; one request at a time.
+public final class LineClient<Request: Encodable & Sendable, Response: Decodable & Sendable>: @unchecked Sendable {
   let path: String
   let lock = NSLock()
 
   public init(path: String) { self.path = path }
 
   /// Sends one request on a fresh connection (the daemon may have restarted since the last one).
-  public func send(_ request: ControlRequest, timeout: Double = 300) throws -> ControlResponse {
+  public func send(_ request: Request, timeout: Double = 300) throws -> Response {
+    let (response, descriptor) = try exchange(request, timeout: timeout)
+    if let descriptor { close(descriptor) }
+    return response
+  }
+
+  /// Sends one request, with `descriptor` attached if given, and returns the response with the
+  /// descriptor that came with it, if any (the caller owns it).
+  public func exchange(_ request: Request, descriptor: Int32? = nil, timeout: Double = 30) throws -> (
+    Response, Int32?
+  ) {
     lock.lock()
     defer { lock.unlock() }
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { throw ControlError(socket: path, reason: "socket failed") }
     defer { close(fd) }
-    var tv = timeval(tv_sec: Int(timeout), tv_usec: 0)
+    var tv = timeval(tv_sec: Int(timeout), tv_usec: Int((timeout - timeout.rounded(.down)) * 1e6))
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     var addr = try unixAddress(path)
     let connected = withUnsafePointer(to: &addr) {
@@ -178,10 +253,24 @@ public final class ControlClient: @unchecked Sendable {
     }
     var data = try JSONEncoder().encode(request)
     data.append(0x0a)
-    guard writeAll(fd, data) else { throw ControlError(socket: path, reason: "write failed") }
-    var reader = LineReader(fd: fd)
-    guard let line = reader.next() else { throw ControlError(socket: path, reason: "no answer (timed out or daemon exited)") }
-    return try JSONDecoder().decode(ControlResponse.self, from: Data(line))
+    let written =
+      if let descriptor {
+        data.withUnsafeBytes { nixfs_send_with_fd(fd, $0.baseAddress, $0.count, descriptor) == $0.count }
+      } else {
+        writeAll(fd, data)
+      }
+    guard written else { throw ControlError(socket: path, reason: "write failed") }
+    var reader = LineReader(fd: fd, receivingDescriptors: true)
+    guard let line = reader.next() else {
+      if let d = reader.descriptor { close(d) }
+      throw ControlError(socket: path, reason: "no answer (timed out or daemon exited)")
+    }
+    do {
+      return (try JSONDecoder().decode(Response.self, from: Data(line)), reader.descriptor)
+    } catch {
+      if let d = reader.descriptor { close(d) }
+      throw ControlError(socket: path, reason: "malformed answer: \(error)")
+    }
   }
 }
 
@@ -198,7 +287,8 @@ func unixAddress(_ path: String) throws -> sockaddr_un {
   return addr
 }
 
-func writeAll(_ fd: Int32, _ data: Data) -> Bool {
+/// Writes all of `data`, retrying on EINTR; false on an error or a closed peer.
+func writeAll(_ fd: Int32, _ data: some ContiguousBytes) -> Bool {
   data.withUnsafeBytes { buf in
     var off = 0
     while off < buf.count {
@@ -214,8 +304,14 @@ func writeAll(_ fd: Int32, _ data: Data) -> Bool {
 struct LineReader {
   let fd: Int32
   var buffer: [UInt8] = []
+  /// Take a descriptor sent with the bytes (SCM_RIGHTS); the first one is kept in `descriptor`.
+  let receivingDescriptors: Bool
+  var descriptor: Int32?
 
-  init(fd: Int32) { self.fd = fd }
+  init(fd: Int32, receivingDescriptors: Bool = false) {
+    self.fd = fd
+    self.receivingDescriptors = receivingDescriptors
+  }
 
   mutating func next() -> [UInt8]? {
     while true {
@@ -225,7 +321,16 @@ struct LineReader {
         return line
       }
       var chunk = [UInt8](repeating: 0, count: 65536)
-      let n = read(fd, &chunk, chunk.count)
+      let n: Int
+      if receivingDescriptors {
+        var received: Int32 = -1
+        n = nixfs_recv_with_fd(fd, &chunk, chunk.count, &received)
+        if received >= 0 {
+          if descriptor == nil { descriptor = received } else { close(received) }
+        }
+      } else {
+        n = read(fd, &chunk, chunk.count)
+      }
       if n < 0 && errno == EINTR { continue }
       if n <= 0 { return nil }
       buffer += chunk[0..<n]

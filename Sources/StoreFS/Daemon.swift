@@ -4,10 +4,59 @@ import Crypto
 import Foundation
 import Logging
 import NixFormats
+import Synchronization
 
 #if canImport(Glibc)
   import Glibc
 #endif
+
+/// Keeps the keeper holding this daemon's connection: at once, and again every few seconds, so a
+/// keeper that restarted holds it again.
+final class KeeperHolding: Sendable {
+  let client: KeeperClient?
+  let logger: Logger
+  let connection = Mutex<String?>(nil)
+  let stopped = Atomic<Bool>(false)
+
+  init(socket: String?, logger: Logger) {
+    client = socket.map { KeeperClient(path: $0) }
+    self.logger = logger
+  }
+
+  func start(_ handover: Handover, _ fd: Int32) {
+    guard let client else { return }
+    connection.withLock { $0 = handover.connection }
+    let logger = logger
+    let thread = Thread { [self] in
+      var warned = false
+      while !stopped.load(ordering: .sequentiallyConsistent) {
+        do {
+          let (r, _) = try client.exchange(.hold(handover), descriptor: fd, timeout: 5)
+          if !r.ok { throw ControlError(socket: client.path, reason: r.reason ?? "refused") }
+          if warned { logger.info("the keeper holds the FUSE connection again") }
+          warned = false
+        } catch {
+          if !warned {
+            logger.warning(
+              "the keeper does not hold the FUSE connection: a crash of this daemon would break pods",
+              metadata: ["error": "\(error)"])
+          }
+          warned = true
+        }
+        for _ in 0..<20 where !stopped.load(ordering: .sequentiallyConsistent) { usleep(250_000) }
+      }
+    }
+    thread.name = "nixfs-keeper"
+    thread.start()
+  }
+
+  /// Stops holding; `release` (a deliberate unmount) also tells the keeper to let go.
+  func stop(release: Bool) {
+    stopped.store(true, ordering: .sequentiallyConsistent)
+    guard release, let client, let c = connection.withLock({ $0 }) else { return }
+    _ = try? client.send(.release(connection: c), timeout: 5)
+  }
+}
 
 /// The node daemon: the FUSE mount plus the control socket through which the CSI plugin
 /// publishes views. One per state directory (the chunk store's writer lock enforces it).
@@ -37,11 +86,44 @@ public final class Daemon: Sendable {
 
   public var controlSocket: String { (stateDir as NSString).appendingPathComponent("control.sock") }
 
-  /// Mounts, serves the control socket, and blocks until unmounted or signalled.
-  public func run() throws {
-    let control = try ControlServer(path: controlSocket) { [self] request in await handle(request) }
+  /// Mounts (or serves the connection `source` hands over), serves the control socket, and
+  /// blocks until unmounted, signalled, or taken over. With `keeper` (a `nixfs keeper` socket),
+  /// the keeper holds a duplicate of the connection, and a signal leaves the mount to it.
+  public func run(source: MountSource = .fresh, keeper: String? = nil) throws -> ServeOutcome {
+    let control = try ControlServer(path: controlSocket) { [self] request in
+      if case .takeover(let format, let version, let mountpoint) = request {
+        return takeover(format: format, version: version, mountpoint: mountpoint)
+      }
+      return ControlReply(await handle(request))
+    }
     defer { control.stop() }
-    try filesystem.serve(at: mountpoint)
+    let holding = KeeperHolding(socket: keeper, logger: logger)
+    let outcome = try filesystem.serve(
+      at: mountpoint, source: source, stateDir: stateDir, keepMountOnSignal: keeper != nil
+    ) { handover, fd in holding.start(handover, fd) }
+    holding.stop(release: outcome == .unmounted)
+    return outcome
+  }
+
+  /// A successor's offer: hand the connection over unless it cannot be served the same way.
+  func takeover(format: Int, version: String, mountpoint: String) -> ControlReply {
+    logger.info("a successor asks for the FUSE connection", metadata: ["version": "\(version)", "format": "\(format)"])
+    guard format == Handover.currentFormat else {
+      return ControlReply(
+        .failed(
+          .invalidArgument,
+          "handover format \(format) is not this daemon's (format \(Handover.currentFormat), nixfs \(NixFSVersion.string)); "
+            + "it keeps serving: stop it and mount again to change versions"))
+    }
+    guard (mountpoint as NSString).standardizingPath == self.mountpoint else {
+      return ControlReply(.failed(.invalidArgument, "the daemon of state directory \(stateDir) serves \(self.mountpoint), not \(mountpoint); it keeps serving"))
+    }
+    guard let (handover, fd) = filesystem.handOver() else {
+      return ControlReply(.failed(.unavailable, "the running daemon could not stop serving in time; it keeps serving"))
+    }
+    return ControlReply(ControlResponse(handover: handover), descriptor: fd) { [filesystem] sent in
+      filesystem.finishHandover(succeeded: sent)
+    }
   }
 
   /// View directory names are volume IDs when those are plain, else a digest of them.
@@ -91,6 +173,8 @@ public final class Daemon: Sendable {
       } catch {
         return .failed(.internalError, "\(error)")
       }
+    case .takeover:
+      return .failed(.invalidArgument, "a takeover needs the control socket's descriptor passing")
     case .fsck:
       do {
         let r = try await blockingWork { try self.store.fsck(repair: false) }

@@ -10,7 +10,7 @@ import Logging
 /// endpoint is not connected" and a DaemonSet crash-loops until someone unmounts by hand); a live
 /// mount or a non-empty directory is refused unless `allowNonEmpty`, so nothing is hidden by
 /// accident.
-enum Mountpoint {
+public enum Mountpoint {
   static func prepare(_ path: String, allowNonEmpty: Bool, logger: Logger) throws(MountError) {
     func refuse(_ reason: String) -> MountError { MountError(mountpoint: path, reason: reason) }
     var st = stat()
@@ -46,5 +46,35 @@ enum Mountpoint {
       throw refuse(
         "the directory is not empty (\(entries.count) entries, e.g. '\(entries.sorted()[0])'); pass --allow-non-empty to mount over it")
     }
+  }
+
+  /// Whether a nixfs FUSE mount is at `path`, from /proc/self/mountinfo: never touching the path,
+  /// which would hang if the connection is alive with no daemon serving it.
+  public static func hasNixFSMount(at path: String) -> Bool {
+    let target = (path as NSString).standardizingPath
+    guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
+    for line in text.split(separator: "\n") {
+      let fields = line.split(separator: " ")
+      guard fields.count > 4, let dash = fields.firstIndex(of: "-"), dash + 1 < fields.count else { continue }
+      if unescape(fields[4]) == target && fields[dash + 1] == "fuse.nixfs" { return true }
+    }
+    return false
+  }
+
+  /// mountinfo escapes space, tab, newline and backslash as \ooo.
+  public static func unescape(_ field: Substring) -> String {
+    var out: [UInt8] = []
+    let b = Array(field.utf8)
+    var i = 0
+    while i < b.count {
+      if b[i] == 0x5c, i + 3 < b.count, let v = UInt8(String(decoding: b[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
+        out.append(v)
+        i += 4
+      } else {
+        out.append(b[i])
+        i += 1
+      }
+    }
+    return String(decoding: out, as: UTF8.self)
   }
 }

@@ -354,50 +354,67 @@ extension StoreFileSystem {
 
   // MARK: Directories
 
-  func opendir(_ req: Request, ino: UInt64, fi: UnsafeMutablePointer<fuse_file_info>) {
-    count("opendir")
-    var listing: [DirectoryEntry]? = nil
+  enum Listing {
+    /// A directory of the mount itself (root, views): listed at opendir, kept with the handle.
+    case entries([DirectoryEntry])
+    /// A directory inside a store path: listed from its tree at readdir.
+    case tree
+    case error(Int32, cause: String)
+  }
+
+  func listing(_ ino: UInt64) -> Listing {
     switch Inode.decode(ino) {
     case .root:
       // What this node has or is fetching; never the caches' contents.
       var paths = Set(store.completePaths())
       state.withLock { s in paths.formUnion(s.inflight.keys) }
-      listing = paths.sorted().map { p in
-        DirectoryEntry(name: Array(p.baseName.utf8), ino: Inode.node(instance: instance(0, p), index: 0), mode: 0)
-      }
+      return .entries(
+        paths.sorted().map { p in
+          DirectoryEntry(name: Array(p.baseName.utf8), ino: Inode.node(instance: instance(0, p), index: 0), mode: 0)
+        })
     case .virtual(let n):
-      let node = VirtualNode(n)
-      switch node {
+      switch VirtualNode(n) {
       case .viewsDir:
-        listing = state.withLock { s in
-          s.views.values.sorted { $0.view.id < $1.view.id }.map {
-            DirectoryEntry(name: Array($0.view.id.utf8), ino: VirtualNode.viewDir($0.number).ino, mode: S_IFDIR)
-          }
-        }
+        return .entries(
+          state.withLock { s in
+            s.views.values.sorted { $0.view.id < $1.view.id }.map {
+              DirectoryEntry(name: Array($0.view.id.utf8), ino: VirtualNode.viewDir($0.number).ino, mode: S_IFDIR)
+            }
+          })
       case .viewDir(let v):
-        listing = [
+        return .entries([
           DirectoryEntry(name: Array("store".utf8), ino: VirtualNode.viewStore(v).ino, mode: S_IFDIR),
           DirectoryEntry(name: Array("var".utf8), ino: VirtualNode.viewVar(v).ino, mode: S_IFDIR),
-        ]
+        ])
       case .viewVar(let v):
-        listing = [DirectoryEntry(name: Array("result".utf8), ino: VirtualNode.viewResult(v).ino, mode: S_IFLNK)]
+        return .entries([DirectoryEntry(name: Array("result".utf8), ino: VirtualNode.viewResult(v).ino, mode: S_IFLNK)])
       case .viewStore(let v):
-        guard let view = view(number: v) else { return replyError(req, ESTALE, cause: "stale") }
-        listing = view.view.closure.map { p in
-          DirectoryEntry(name: Array(p.baseName.utf8), ino: Inode.node(instance: instance(v, p), index: 0), mode: 0)
-        }
+        guard let view = view(number: v) else { return .error(ESTALE, cause: "stale") }
+        return .entries(
+          view.view.closure.map { p in
+            DirectoryEntry(name: Array(p.baseName.utf8), ino: Inode.node(instance: instance(v, p), index: 0), mode: 0)
+          })
       case .viewResult:
-        return replyError(req, ENOTDIR, cause: "client")
+        return .error(ENOTDIR, cause: "client")
       }
     case .node:
+      return .tree
+    case .file:
+      return .error(ENOTDIR, cause: "client")
+    case .invalid:
+      return .error(ESTALE, cause: "stale")
+    }
+  }
+
+  func opendir(_ req: Request, ino: UInt64, fi: UnsafeMutablePointer<fuse_file_info>) {
+    count("opendir")
+    switch listing(ino) {
+    case .error(let e, let cause):
+      return replyError(req, e, cause: cause)
+    case .tree:
       // Immutable: the kernel may cache the listing and pages for good.
       nixfs_fuse_fi_set_cache(fi, 1, 1)
-    case .file:
-      return replyError(req, ENOTDIR, cause: "client")
-    case .invalid:
-      return replyError(req, ESTALE, cause: "stale")
-    }
-    if let listing {
+    case .entries(let listing):
       fi.pointee.fh = state.withLock { s -> UInt64 in
         let h = s.nextHandle
         s.nextHandle += 1
@@ -437,9 +454,11 @@ extension StoreFileSystem {
       }
       return
     }
-    guard let listing = state.withLock({ $0.dirListings[handle] }) else {
-      return replyError(req, EBADF, cause: "client")
+    if let listing = state.withLock({ $0.dirListings[handle] }) {
+      return replyListing(req, ino: ino, listing, size: size, offset: offset)
     }
+    // A handle opened with the daemon before a takeover or crash: list the directory again.
+    guard case .entries(let listing) = listing(ino) else { return replyError(req, EBADF, cause: "client") }
     replyListing(req, ino: ino, listing, size: size, offset: offset)
   }
 

@@ -50,6 +50,9 @@ public final class StoreFileSystem: @unchecked Sendable {
   let state: Mutex<State>
   let metrics = FSMetrics()
   var session: FuseSession?
+  /// What the kernel's node ids mean, for the next daemon on this connection.
+  var journal: KernelViewJournal?
+  let gate = HandoverGate()
 
   struct InstanceKey: Hashable {
     let namespace: UInt32  // 0: the store directory; n: view number n
@@ -99,22 +102,135 @@ public final class StoreFileSystem: @unchecked Sendable {
 
   // MARK: Mounting
 
-  /// Mounts at `mountpoint` (read-only, nosuid, nodev) and serves until unmounted from outside or
-  /// a SIGINT/SIGTERM arrives; then unmounts. Blocks the calling thread.
-  public func serve(at mountpoint: String, extraOptions: [String] = []) throws {
+  /// The session options: read-only, nosuid, nodev (the store is immutable and never setuid).
+  var sessionOptions: [String] {
     var opts = ["ro", "nosuid", "nodev", "fsname=nixfs", "subtype=nixfs", "default_permissions"]
     if getuid() == 0 { opts.append("allow_other") }
-    try Mountpoint.prepare(mountpoint, allowNonEmpty: options.allowNonEmpty, logger: logger)
-    let s = try FuseSession(
-      mountpoint: mountpoint, options: opts + extraOptions, operations: Self.operations,
-      userdata: Unmanaged.passUnretained(self).toOpaque())
+    return opts
+  }
+
+  /// Mounts at `mountpoint` (or serves the connection `source` hands over) until unmounted from
+  /// outside, a signal arrives, or a successor takes the connection over. Blocks the calling
+  /// thread. `stateDir` holds the kernel-view journal. With `keepMountOnSignal` (a keeper holds
+  /// the connection) a signal stops serving without unmounting, so the next daemon picks it up.
+  /// `onServing` runs once the connection is served, with its handover record.
+  public func serve(
+    at mountpoint: String, source: MountSource = .fresh, stateDir: String, keepMountOnSignal: Bool = false,
+    onServing: @escaping @Sendable (Handover, Int32) -> Void = { _, _ in }
+  ) throws -> ServeOutcome {
+    let s: FuseSession
+    let connection: String
+    switch source {
+    case .fresh:
+      try Mountpoint.prepare(mountpoint, allowNonEmpty: options.allowNonEmpty, logger: logger)
+      connection = UUID().uuidString.lowercased()
+      journal = try KernelViewJournal.create(stateDir: stateDir, connection: connection)
+      s = try FuseSession(
+        mountpoint: mountpoint, options: sessionOptions, operations: Self.operations,
+        userdata: Unmanaged.passUnretained(self).toOpaque())
+      logger.info("mounted", metadata: ["mountpoint": "\(mountpoint)", "connection": "\(connection)"])
+    case .adopted(let handover, let fd):
+      connection = handover.connection
+      var view = KernelViewState()
+      do {
+        view = try KernelViewJournal.load(stateDir: stateDir, connection: connection, storeDir: options.storeDir)
+      } catch {
+        // Serve anyway: nodes the kernel knows from before answer ESTALE, new lookups work.
+        logger.error("cannot replay the kernel view", metadata: ["error": "\(error)"])
+      }
+      view.generation += 1
+      restore(view)
+      journal = try KernelViewJournal.create(stateDir: stateDir, connection: connection, state: view)
+      s = try FuseSession(
+        adopting: fd, initRequest: [UInt8](handover.initRequest), mountpoint: mountpoint, options: sessionOptions,
+        operations: Self.operations, userdata: Unmanaged.passUnretained(self).toOpaque())
+      if let why = s.resendUnanswered() {
+        logger.warning(
+          "the kernel cannot resend requests the previous daemon left unanswered (needs Linux 6.9+); they stay blocked",
+          metadata: ["error": "\(why)"])
+      }
+      logger.info(
+        "took over the FUSE connection",
+        metadata: [
+          "mountpoint": "\(mountpoint)", "connection": "\(connection)", "from_version": "\(handover.version)",
+          "generation": "\(view.generation)", "inodes": "\(view.files.count + view.instances.count)",
+        ])
+    }
     session = s
-    s.handleSignals()
-    logger.info("mounted", metadata: ["mountpoint": "\(mountpoint)"])
-    let rc = s.run(maxThreads: options.maxThreads)
-    s.unmount()
-    session = nil
-    logger.info("unmounted", metadata: ["mountpoint": "\(mountpoint)", "status": "\(rc)"])
+    defer { session = nil }
+    let detaching = Atomic<Bool>(false)
+    TerminationSignals.onTermination { [logger] in
+      if keepMountOnSignal {
+        logger.info("stopping without unmounting: the keeper holds the connection for the next daemon")
+        detaching.store(true, ordering: .sequentiallyConsistent)
+        s.stop()
+      } else {
+        s.exit()
+        s.unmount()
+      }
+    }
+    onServing(handover(of: s, connection: connection), s.fd)
+    while true {
+      let rc = s.run(maxThreads: options.maxThreads)
+      let ended = gate.loopEnded()
+      if ended.again {
+        logger.warning("the takeover failed: serving on")
+        s.resume()
+        continue
+      }
+      if ended.handedOver {
+        s.relinquish()
+        logger.info("handed the FUSE connection over", metadata: ["mountpoint": "\(mountpoint)"])
+        return .handedOver
+      }
+      if detaching.load(ordering: .sequentiallyConsistent) {
+        s.mute()
+        s.relinquish()
+        return .detached
+      }
+      s.unmount()
+      logger.info("unmounted", metadata: ["mountpoint": "\(mountpoint)", "status": "\(rc)"])
+      return .unmounted
+    }
+  }
+
+  func handover(of s: FuseSession, connection: String) -> Handover {
+    Handover(version: NixFSVersion.string, connection: connection, initRequest: Data(s.initRequest), mountpoint: s.mountpoint)
+  }
+
+  /// For a successor: stops reading requests, waits for the workers to finish theirs, mutes the
+  /// rest, and returns the connection's record and descriptor. Then `finishHandover` says whether
+  /// the successor got them (else this daemon serves on).
+  public func handOver(timeout: Double = 10) -> (Handover, Int32)? {
+    guard let s = session, let journal else { return nil }
+    guard gate.stop(timeout: timeout, { s.stop() }) else {
+      s.resume()
+      return nil
+    }
+    s.mute()
+    return (handover(of: s, connection: journal.connection), s.fd)
+  }
+
+  public func finishHandover(succeeded: Bool) { gate.decide(handedOver: succeeded) }
+
+  /// Loads what the previous daemon told the kernel, so its node ids keep their meaning.
+  func restore(_ view: KernelViewState) {
+    state.withLock { s in
+      for (id, i) in view.instances {
+        let key = InstanceKey(namespace: i.namespace, path: i.path)
+        s.instances[id] = key
+        s.instanceIDs[key] = id
+        s.nextInstance = max(s.nextInstance, id + 1)
+      }
+      for (number, f) in view.files { s.files[number] = FileInfo(content: f.content, size: f.size, path: f.path) }
+      for (number, v) in view.views {
+        s.views[v.id] = RegisteredView(view: v, number: number, members: Set(v.closure))
+        s.viewNumbers[number] = v.id
+        s.nextView = max(s.nextView, number + 1)
+      }
+      // Handles the kernel still holds from before must never be mistaken for new ones.
+      s.nextHandle = view.generation << 40 + 1
+    }
   }
 
   // MARK: Views (for the CSI node service)
@@ -132,6 +248,7 @@ public final class StoreFileSystem: @unchecked Sendable {
       }
       s.views[view.id] = RegisteredView(view: view, number: number, members: Set(view.closure))
       s.viewNumbers[number] = view.id
+      journal?.view(number, view)
     }
   }
 
@@ -139,6 +256,7 @@ public final class StoreFileSystem: @unchecked Sendable {
     state.withLock { s in
       guard let old = s.views.removeValue(forKey: id) else { return }
       s.viewNumbers[old.number] = nil
+      journal?.viewRemoved(old.number)
       // Its tree instances go too: a view's number is never reused, so nothing can refer to them.
       for (key, instance) in s.instanceIDs where key.namespace == old.number {
         s.instanceIDs[key] = nil
@@ -297,6 +415,7 @@ public final class StoreFileSystem: @unchecked Sendable {
       s.nextInstance += 1
       s.instanceIDs[key] = id
       s.instances[id] = key
+      journal?.instance(id, namespace: namespace, path: path)
       return id
     }
   }
@@ -343,8 +462,13 @@ public final class StoreFileSystem: @unchecked Sendable {
   {
     let number = Inode.fileNumber(content)
     let clash = state.withLock { s -> Bool in
-      if let known = s.files[number], known.content != content { return true }
+      if let known = s.files[number] {
+        if known.content != content { return true }
+        if known.path == path { return false }
+      }
+      // The latest path to show this content is the one to pin and re-fetch on open.
       s.files[number] = FileInfo(content: content, size: size, path: path)
+      journal?.file(number, content: content, size: size, path: path)
       return false
     }
     return clash ? Inode.node(instance: instance, index: index) : Inode.file(content: number, executable: executable)

@@ -14,8 +14,16 @@ struct MountCommand: ParsableCommand {
     abstract: "Mount a read-only /nix/store that fetches store paths from binary caches on first access.",
     discussion: """
       Runs in the foreground until SIGTERM/SIGINT/SIGHUP or `fusermount3 -u MOUNTPOINT`, and unmounts \
-      cleanly. MOUNTPOINT may be /nix/store itself. One daemon per state directory.
+      cleanly. MOUNTPOINT may be /nix/store itself. One daemon per state directory. \
+      Started while another daemon serves the same state directory and mountpoint, it takes the \
+      mount over without unmounting (an upgrade or a change of flags that pods never notice). \
+      With --keeper, a crash or restart of the daemon leaves the mount to the keeper, and the next \
+      daemon picks it up.
       """)
+
+  enum AfterTakeover: String, ExpressibleByArgument, CaseIterable {
+    case exit, wait
+  }
 
   @OptionGroup var cache: CacheOptions
   @Option(help: "Serve Prometheus metrics on ADDR:PORT (e.g. 0.0.0.0:9464).") var metricsListen: String?
@@ -26,9 +34,21 @@ struct MountCommand: ParsableCommand {
   var negativeTimeout: Double = 30
   @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
   @Flag(help: "Mount over a live mount or a non-empty directory, hiding what is there.") var allowNonEmpty = false
+  @Option(
+    help: ArgumentHelp(
+      "The socket of a `nixfs keeper`, which holds the FUSE connection so that a crash or restart of this daemon never breaks a pod.",
+      valueName: "socket"))
+  var keeper: String?
+  @Option(
+    help: "After handing the mount to a successor: exit (0), or wait idle until terminated (in a DaemonSet pod, where an exit would be restarted)."
+  )
+  var afterTakeover: AfterTakeover = .exit
   @Argument(help: "Where to mount the store.") var mountpoint: String
 
-  func validate() throws { try checkLogLevel(logLevel) }
+  func validate() throws {
+    try checkLogLevel(logLevel)
+    guard threads > 0 else { throw ValidationError("--threads \(threads): expected at least 1") }
+  }
 
   func run() throws {
     let logger = bootstrapLogging(level: logLevel, label: "nixfs.mount")
@@ -39,30 +59,155 @@ struct MountCommand: ParsableCommand {
       guard let n = parseSize(maxSize) else { fail("--max-size \(maxSize): expected a size such as 50G") }
       maxBytes = n
     }
+    // Everything that can fail on bad flags or configuration fails here, before a running daemon
+    // is asked for its connection: a successor that cannot serve never stops the one that does.
+    let client: BinaryCacheClient
+    do { client = try cache.client(logger: logger) } catch { fail("\(error)") }
+    var metrics: MetricsEndpoint? = nil
+    if let metricsListen {
+      do { metrics = try MetricsEndpoint(listen: metricsListen, registry: registry) } catch { fail("\(error)") }
+    }
+    let source = connectionSource(logger: logger)
     let store: ChunkStore
     do {
-      store = try ChunkStore(.init(stateDirectory: cache.stateDir, maxStoredBytes: maxBytes))
+      store = try openStore(maxBytes: maxBytes, waitForLock: { if case .adopted = source { true } else { false } }())
     } catch {
       fail("\(error)")
     }
-    let client: BinaryCacheClient
-    do { client = try cache.client(logger: logger) } catch { fail("\(error)") }
     var options = StoreFSOptions()
     options.maxThreads = threads
     options.negativeTimeout = negativeTimeout
     options.allowNonEmpty = allowNonEmpty
     let daemon = Daemon(
       mountpoint: mountpoint, stateDir: cache.stateDir, cache: client, store: store, options: options, logger: logger)
-    var metrics: MetricsEndpoint? = nil
-    if let metricsListen {
-      do { metrics = try MetricsEndpoint(listen: metricsListen, registry: registry) } catch { fail("\(error)") }
-    }
+    let outcome: ServeOutcome
     do {
-      try daemon.run()
+      outcome = try daemon.run(source: source, keeper: keeper)
     } catch {
       fail("\(error)")
     }
     metrics?.stop()
+    if outcome == .handedOver && afterTakeover == .wait { idleAfterTakeover() }
+    // Exit now: a successor waits for the store's lock, and tasks of this daemon have nobody to answer.
+    Glibc.exit(0)
+  }
+
+  /// The connection to serve: the running daemon's (takeover), the keeper's (after a crash), or a
+  /// new mount.
+  func connectionSource(logger: Logger) -> MountSource {
+    let socket = (cache.stateDir as NSString).appendingPathComponent("control.sock")
+    let control = ControlClient(path: socket)
+    if FileManager.default.fileExists(atPath: socket), (try? control.send(.ping, timeout: 2)) != nil {
+      // Tests inject an incompatible successor through this variable.
+      let format = ProcessInfo.processInfo.environment["NIXFS_TEST_HANDOVER_FORMAT"].flatMap(Int.init) ?? Handover.currentFormat
+      let answer: (ControlResponse, Int32?)
+      do {
+        answer = try control.exchange(
+          .takeover(format: format, version: NixFSVersion.string, mountpoint: mountpoint), timeout: 30)
+      } catch {
+        fail("a daemon serves \(cache.stateDir) but the takeover failed: \(error)")
+      }
+      guard let handover = answer.0.handover, let fd = answer.1 else {
+        if let fd = answer.1 { close(fd) }
+        fail("the running daemon refused the takeover: \(answer.0.message ?? "no reason given")")
+      }
+      return .adopted(handover, descriptor: fd)
+    }
+    if let keeper, FileManager.default.fileExists(atPath: keeper) {
+      let k = KeeperClient(path: keeper)
+      if let (r, fd) = try? k.exchange(.give, timeout: 5), let handover = r.handover, let fd {
+        let here = (mountpoint as NSString).standardizingPath
+        if (handover.mountpoint as NSString).standardizingPath == here && Mountpoint.hasNixFSMount(at: here)
+          && handover.format == Handover.currentFormat
+        {
+          logger.info("picking up the FUSE connection the keeper held", metadata: ["connection": "\(handover.connection)"])
+          return .adopted(handover, descriptor: fd)
+        }
+        // Not this mount (another mountpoint, or it was unmounted): let it go, mount afresh.
+        logger.warning(
+          "the keeper held a connection that is not mounted at \(here); releasing it",
+          metadata: ["connection": "\(handover.connection)"])
+        close(fd)
+        _ = try? k.send(.release(connection: handover.connection), timeout: 5)
+      }
+    }
+    return .fresh
+  }
+
+  /// Opens the store; after a takeover, waits for the previous daemon to release its lock.
+  func openStore(maxBytes: UInt64?, waitForLock: Bool) throws(ChunkStoreError) -> ChunkStore {
+    let deadline = Date().addingTimeInterval(waitForLock ? 30 : 0)
+    while true {
+      do {
+        return try ChunkStore(.init(stateDirectory: cache.stateDir, maxStoredBytes: maxBytes))
+      } catch {
+        guard case .locked = error, Date() < deadline else { throw error }
+      }
+      usleep(5_000)
+    }
+  }
+
+  /// Replaces this process with an idle one: the store, its lock and the connection are closed
+  /// (close-on-exec), and kubelet sees a running container until the pod is deleted.
+  func idleAfterTakeover() -> Never {
+    let args = ["nixfs", "idle"]
+    var cArgs = args.map { strdup($0) } + [nil]
+    execv("/proc/self/exe", &cArgs)
+    fail("cannot wait idle after the takeover: \(String(cString: strerror(errno)))")
+  }
+}
+
+/// What a daemon becomes after handing its mount over with `--after-takeover wait`.
+struct IdleCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "idle", abstract: "Wait until terminated (what `nixfs mount --after-takeover wait` becomes).",
+    shouldDisplay: false)
+
+  func run() throws {
+    FileHandle.standardError.write(Data("nixfs: handed the mount over; idle until terminated\n".utf8))
+    var set = sigset_t()
+    sigemptyset(&set)
+    for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&set, s) }
+    pthread_sigmask(SIG_BLOCK, &set, nil)
+    var signal: Int32 = 0
+    sigwait(&set, &signal)
+    Glibc.exit(0)
+  }
+}
+
+/// `nixfs keeper`: holds the FUSE connection for the daemon beside it.
+struct KeeperCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "keeper",
+    abstract: "Hold the node daemon's FUSE connection so that a crash or restart of the daemon never breaks a pod.",
+    discussion: """
+      Run beside `nixfs mount --keeper SOCKET` (in Kubernetes: another container of the same pod, \
+      SOCKET on a shared emptyDir). The keeper only holds a descriptor; it never serves requests. \
+      While it runs, a daemon that dies leaves pods' requests waiting in the kernel until the next \
+      daemon picks the connection up.
+      """)
+
+  @Option(help: "The socket to listen on.") var socket: String
+  @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
+
+  func validate() throws { try checkLogLevel(logLevel) }
+
+  func run() throws {
+    let logger = bootstrapLogging(level: logLevel, label: "nixfs.keeper")
+    let dir = (socket as NSString).deletingLastPathComponent
+    if !dir.isEmpty { try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }
+    // Blocked before any thread starts, so every thread leaves them to sigwait below.
+    var set = sigset_t()
+    sigemptyset(&set)
+    for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&set, s) }
+    pthread_sigmask(SIG_BLOCK, &set, nil)
+    let server: LineServer<KeeperRequest, KeeperResponse>
+    do { server = try Keeper(logger: logger).serve(socketPath: socket) } catch { fail("\(error)") }
+    logger.info("keeper listening", metadata: ["socket": "\(socket)"])
+    var signal: Int32 = 0
+    sigwait(&set, &signal)
+    server.stop()
+    Glibc.exit(0)
   }
 }
 

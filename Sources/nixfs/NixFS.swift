@@ -8,7 +8,7 @@ struct NixFS: AsyncParsableCommand {
     commandName: "nixfs",
     abstract: "A lazy, deduplicated /nix/store for Kubernetes nodes and Linux hosts.",
     version: NixFSVersion.string,
-    subcommands: [MountCommand.self, CSICommand.self, ServeCommand.self, FetchCommand.self] + storeCommands + cacheCommands
+    subcommands: [MountCommand.self, KeeperCommand.self, IdleCommand.self, CSICommand.self, ServeCommand.self, FetchCommand.self] + storeCommands + cacheCommands
       + [NarCommand.self, NarInfoCommand.self]
   )
 }

@@ -18,12 +18,30 @@ final class Node: @unchecked Sendable {
   var csi: BackgroundProcess?
   let socket: String
   let fx: StoreFixture
+  /// `nixfs keeper`, when the node runs one (started before the daemon, stopped after it).
+  let keeper: BackgroundProcess?
+  /// What `nixfs mount` was started with, for successors.
+  let mountArguments: [String]
 
-  init(cache: String? = nil) throws {
+  init(cache: String? = nil, withKeeper: Bool = false) throws {
     fx = try StoreFixture.shared()
     tmp = try TemporaryDirectory("csi")
     server = try CacheServer(directory: cache ?? fx.caches["zstd"]!)
-    store = try MountedStore(mountpoint: tmp.sub("mnt"), stateDir: tmp.sub("state"), arguments: fx.mountArguments(server))
+    var extra: [String] = []
+    if withKeeper {
+      let k = try BackgroundProcess([nixfsBinary, "keeper", "--socket", tmp.sub("keeper/keeper.sock")])
+      keeper = k
+      let deadline = Date().addingTimeInterval(30)
+      while !FileManager.default.fileExists(atPath: tmp.sub("keeper/keeper.sock")) {
+        guard k.isRunning, Date() < deadline else { throw CommandError(argv: k.argv, status: -1, stderr: k.stderr) }
+        usleep(20_000)
+      }
+      extra = ["--keeper", tmp.sub("keeper/keeper.sock")]
+    } else {
+      keeper = nil
+    }
+    mountArguments = fx.mountArguments(server, extra: extra)
+    store = try MountedStore(mountpoint: tmp.sub("mnt"), stateDir: tmp.sub("state"), arguments: mountArguments)
     socket = tmp.sub("plugin/csi.sock")
     try startCSI()
   }
@@ -43,6 +61,13 @@ final class Node: @unchecked Sendable {
   func stopCSI() {
     csi?.stop()
     csi = nil
+  }
+
+  deinit {
+    // The daemon first (with a keeper, SIGTERM leaves the mount to it), then the keeper.
+    csi?.stop()
+    store.stop()
+    keeper?.stop()
   }
 
   func target(_ name: String) -> String { tmp.sub("pods/\(name)/volumes/nix") }

@@ -1,0 +1,110 @@
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Takeover: a new `nixfs mount` on the same state directory and mountpoint takes the FUSE
+/// connection from the running daemon instead of failing, so pods never see the mount go away.
+///
+/// The successor prepares everything that can fail (flags, nix.conf, caches) and then offers a
+/// takeover on the control socket. The running daemon stops reading requests (the kernel queues
+/// them), lets the workers finish what they are in, mutes its replies, and answers with this
+/// record and the /dev/fuse descriptor (SCM_RIGHTS); then it exits, releasing the store's lock.
+/// The successor opens the store, replays the kernel-view journal (what the node ids mean) and
+/// the kernel's INIT request (libfuse needs one to start), asks the kernel to resend what the old
+/// daemon read but never answered (FUSE_NOTIFY_RESEND), and serves from the next request on.
+/// A keeper (`nixfs keeper`) holds a copy of the same record and descriptor, so a crashed daemon's
+/// successor picks the connection up the same way.
+public struct Handover: Codable, Sendable, Equatable {
+  /// Bumped when the record, the journal or the meaning of node ids changes incompatibly.
+  public static let currentFormat = 1
+
+  public var format: Int
+  public var version: String
+  /// Names this connection (and its kernel-view journal) for as long as it lives.
+  public var connection: String
+  /// The kernel's FUSE_INIT request, as its first daemon read it.
+  public var initRequest: Data
+  public var mountpoint: String
+
+  public init(format: Int = Handover.currentFormat, version: String, connection: String, initRequest: Data, mountpoint: String) {
+    self.format = format
+    self.version = version
+    self.connection = connection
+    self.initRequest = initRequest
+    self.mountpoint = mountpoint
+  }
+}
+
+/// The connection a daemon serves: one it mounts itself, or one handed to it with its record.
+public enum MountSource: Sendable {
+  case fresh
+  case adopted(Handover, descriptor: Int32)
+}
+
+/// How serving ended.
+public enum ServeOutcome: Sendable {
+  /// Unmounted (a signal, or `fusermount3 -u` from outside).
+  case unmounted
+  /// Handed to a successor, which now serves the connection.
+  case handedOver
+  /// Stopped on a signal without unmounting: the keeper holds the connection for a successor.
+  case detached
+}
+
+/// Coordinates the serving thread and a takeover request from the control socket.
+final class HandoverGate: @unchecked Sendable {
+  enum Phase: Equatable {
+    case serving, stopping, stopped
+    case decided(handedOver: Bool)
+  }
+
+  private let condition = NSCondition()
+  private var phase = Phase.serving
+
+  /// Called by the serving thread when the session loop returned. Returns whether to run again
+  /// (a handover was attempted and failed), and whether the connection was handed over.
+  func loopEnded() -> (again: Bool, handedOver: Bool) {
+    condition.lock()
+    defer { condition.unlock() }
+    guard phase == .stopping else { return (false, false) }
+    phase = .stopped
+    condition.broadcast()
+    while phase == .stopped { condition.wait() }
+    guard case .decided(let handedOver) = phase else { return (false, false) }
+    phase = .serving
+    return (!handedOver, handedOver)
+  }
+
+  /// Stops the loop through `stop` and waits until it has ended; false if it did not within `timeout`.
+  func stop(timeout: Double, _ stop: () -> Void) -> Bool {
+    condition.lock()
+    guard phase == .serving else {
+      condition.unlock()
+      return false
+    }
+    phase = .stopping
+    condition.unlock()
+    stop()
+    condition.lock()
+    defer { condition.unlock() }
+    let deadline = Date().addingTimeInterval(timeout)
+    while phase == .stopping {
+      if !condition.wait(until: deadline) { break }
+    }
+    if phase == .stopping {
+      // Not stopped in time: serve on (the caller resumes the session).
+      phase = .serving
+      return false
+    }
+    return true
+  }
+
+  func decide(handedOver: Bool) {
+    condition.lock()
+    defer { condition.unlock() }
+    phase = .decided(handedOver: handedOver)
+    condition.broadcast()
+  }
+}
