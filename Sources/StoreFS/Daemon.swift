@@ -23,13 +23,19 @@ final class KeeperHolding: Sendable {
     self.logger = logger
   }
 
-  func start(_ handover: Handover, _ fd: Int32) {
+  /// `record` is nil until the connection has its INIT request (just after a new mount): until
+  /// then the keeper is asked every few milliseconds, afterwards every five seconds.
+  func start(_ record: @escaping @Sendable () -> Handover?, _ fd: Int32) {
     guard let client else { return }
-    connection.withLock { $0 = handover.connection }
     let logger = logger
     let thread = Thread { [self] in
       var warned = false
       while !stopped.load(ordering: .sequentiallyConsistent) {
+        guard let handover = record() else {
+          usleep(2_000)
+          continue
+        }
+        connection.withLock { $0 = handover.connection }
         do {
           let (r, _) = try client.exchange(.hold(handover), descriptor: fd, timeout: 5)
           if !r.ok { throw ControlError(socket: client.path, reason: r.reason ?? "refused") }
@@ -100,7 +106,7 @@ public final class Daemon: Sendable {
     let holding = KeeperHolding(socket: keeper, logger: logger)
     let outcome = try filesystem.serve(
       at: mountpoint, source: source, stateDir: stateDir, keepMountOnSignal: keeper != nil
-    ) { handover, fd in holding.start(handover, fd) }
+    ) { record, fd in holding.start(record, fd) }
     holding.stop(release: outcome == .unmounted)
     return outcome
   }

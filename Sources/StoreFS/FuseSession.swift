@@ -51,8 +51,8 @@ final class FuseSession: @unchecked Sendable {
   {
     self.mountpoint = mountpoint
     session = try Self.newSession(mountpoint: mountpoint, options: options, operations: operations, userdata: userdata)
+    // On a throw from here on, deinit runs (every property is set) and destroys the session.
     guard fuse_session_mount(session, mountpoint) == 0 else {
-      fuse_session_destroy(session)
       throw MountError(mountpoint: mountpoint, reason: "fuse_session_mount failed: is /dev/fuse available, and are you root?")
     }
     fd = fuse_session_fd(session)
@@ -60,8 +60,6 @@ final class FuseSession: @unchecked Sendable {
     // Our own /dev/fuse I/O: parallel lookups (libfuse 3.14 never tells the kernel), and the
     // stop, mute and INIT capture a takeover needs (see the shim).
     guard nixfs_fuse_session_custom_io(session, fd, 1) == 0 else {
-      fuse_session_unmount(session)
-      fuse_session_destroy(session)
       throw MountError(mountpoint: mountpoint, reason: "fuse_session_custom_io failed")
     }
   }
@@ -76,18 +74,20 @@ final class FuseSession: @unchecked Sendable {
     self.fd = fd
     mountedHere = false
     session = try Self.newSession(mountpoint: mountpoint, options: options, operations: operations, userdata: userdata)
+    // On a throw from here on, deinit destroys the session; it must never unmount the live mount.
+    owned = false
     guard nixfs_fuse_session_custom_io(session, fd, 1) == 0 else {
-      fuse_session_destroy(session)
       throw MountError(mountpoint: mountpoint, reason: "fuse_session_custom_io failed on the handed-over descriptor")
     }
     let armed = initRequest.withUnsafeBufferPointer { nixfs_fuse_replay_init($0.baseAddress, Int32($0.count)) }
     guard armed == 0 else {
-      fuse_session_destroy(session)
       throw MountError(mountpoint: mountpoint, reason: "the handed-over INIT request is malformed")
     }
+    owned = true
   }
 
-  /// The kernel's INIT request for this connection (what a successor replays).
+  /// The kernel's INIT request for this connection (what a successor replays); empty until the
+  /// kernel sent it, just after mounting.
   var initRequest: [UInt8] {
     var buf = [UInt8](repeating: 0, count: 512)
     let n = nixfs_fuse_init_request_copy(&buf, Int32(buf.count))

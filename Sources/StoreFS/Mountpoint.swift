@@ -23,9 +23,8 @@ public enum Mountpoint {
       }
       logger.info("created the mountpoint", metadata: ["mountpoint": "\(path)"])
     }
-    if stat(path, &st) != 0 {
-      let e = errno
-      guard e == ENOTCONN else { throw refuse(String(cString: strerror(e))) }
+    if let e = deadMountError(path, &st) {
+      guard e == ENOTCONN || e == ECONNABORTED else { throw refuse(String(cString: strerror(e))) }
       // The FUSE server behind it is gone; only the kernel's mount entry is left. A lazy unmount
       // cannot hurt a reader: every access there already fails.
       guard umount2(path, Int32(MNT_DETACH)) == 0 else {
@@ -46,6 +45,18 @@ public enum Mountpoint {
       throw refuse(
         "the directory is not empty (\(entries.count) entries, e.g. '\(entries.sorted()[0])'); pass --allow-non-empty to mount over it")
     }
+  }
+
+  /// The error of `stat`, or else of opening the directory: a dead FUSE mount may still answer
+  /// `stat` from the kernel's attribute cache (the store's attributes never expire), but opening
+  /// its root always asks the daemon.
+  static func deadMountError(_ path: String, _ st: inout stat) -> Int32? {
+    if stat(path, &st) != 0 { return errno }
+    guard (st.st_mode & S_IFMT) == S_IFDIR else { return nil }
+    let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    if fd < 0 { return errno == ENOTCONN || errno == ECONNABORTED ? errno : nil }
+    close(fd)
+    return nil
   }
 
   /// Whether a nixfs FUSE mount is at `path`, from /proc/self/mountinfo: never touching the path,

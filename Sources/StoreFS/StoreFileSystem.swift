@@ -113,10 +113,11 @@ public final class StoreFileSystem: @unchecked Sendable {
   /// outside, a signal arrives, or a successor takes the connection over. Blocks the calling
   /// thread. `stateDir` holds the kernel-view journal. With `keepMountOnSignal` (a keeper holds
   /// the connection) a signal stops serving without unmounting, so the next daemon picks it up.
-  /// `onServing` runs once the connection is served, with its handover record.
+  /// `onServing` runs once the connection is served, with its descriptor and a function that gives
+  /// its handover record once there is one (a new mount has one when the kernel's INIT arrived).
   public func serve(
     at mountpoint: String, source: MountSource = .fresh, stateDir: String, keepMountOnSignal: Bool = false,
-    onServing: @escaping @Sendable (Handover, Int32) -> Void = { _, _ in }
+    onServing: @escaping @Sendable (_ record: @escaping @Sendable () -> Handover?, Int32) -> Void = { _, _ in }
   ) throws -> ServeOutcome {
     let s: FuseSession
     let connection: String
@@ -169,7 +170,7 @@ public final class StoreFileSystem: @unchecked Sendable {
         s.unmount()
       }
     }
-    onServing(handover(of: s, connection: connection), s.fd)
+    onServing({ [self] in s.initRequest.isEmpty ? nil : handover(of: s, connection: connection) }, s.fd)
     while true {
       let rc = s.run(maxThreads: options.maxThreads)
       let ended = gate.loopEnded()
