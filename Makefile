@@ -9,7 +9,7 @@ DEBS := pkg-config libfuse3-dev fuse3 libzstd-dev liblzma-dev libbz2-dev libsqli
 SWIFT ?= swift
 FUZZ_SECONDS ?= 300
 
-.PHONY: deps build release test demo fuzz bench-formats clean bench-cache bench-store generate-csi bench-csi bench-fs bench-serve \
+.PHONY: deps build release test demo fuzz bench-formats clean bench-cache bench-store generate-csi bench-csi bench-fs bench-serve bench-takeover \
         bench bench-quick bench-deps
 
 deps:
@@ -87,6 +87,12 @@ bench-serve: release
 	@command -v nginx >/dev/null && command -v wrk >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light wrk >/dev/null; }
 	bash bench/serve-bench.sh "$$($(SWIFT) build -c release --show-bin-path)/nixfs"
+
+# The longest pause a reader sees while the node daemon is taken over (10 times) and killed and
+# restarted with a keeper (5 times), against the same reader with no switch. Writes
+# bench/takeover/results/takeover-bench.md.
+bench-takeover: release
+	flock /tmp/nixfs-bench.lock bash bench/takeover-bench.sh "$$($(SWIFT) build -c release --show-bin-path)/nixfs"
 
 # CSI publish latency of a 1,000-path closure from a cache 20 ms away, on a cold node.
 bench-csi: release

@@ -45,48 +45,46 @@ static inline int nixfs_fuse_session_loop_mt(struct fuse_session *se, unsigned i
 #include <fcntl.h>
 #include <sys/eventfd.h>
 
-static uint64_t nixfs_fuse_init_unique = 0;
-static int nixfs_fuse_want_parallel_dirops = 0;
-
+// The state of nixfs's /dev/fuse I/O, shared by every worker thread and the takeover code. It
+// lives in Swift (StoreFS/FuseSession.swift defines the accessor): a `static` variable in this
+// header would be one copy per object file that inlines these functions, and an optimised build
+// does inline them into several.
+//
 // Takeover (see StoreFS/Handover.swift). libfuse's low-level API cannot start a session on a
 // connection another process initialised: a successor would wait for a FUSE_INIT the kernel sent
 // long ago. So the first daemon keeps the kernel's INIT request (`init_request`); a successor's
 // first read returns that request again (`replay`), libfuse initialises from it as the first
-// daemon did, and the reply, which the kernel does not expect, is dropped.
-// (Buffers live in functions: Swift's importer does not emit a header's static arrays. Only
-// StoreFS/FuseSession.swift calls these, so there is one copy of each.)
-static inline unsigned char *nixfs_fuse_init_request_buf(void) {
-  static unsigned char b[512];
-  return b;
-}
-static inline unsigned char *nixfs_fuse_replay_buf(void) {
-  static unsigned char b[512];
-  return b;
-}
-#define nixfs_fuse_init_request (nixfs_fuse_init_request_buf())
-#define nixfs_fuse_replay (nixfs_fuse_replay_buf())
-static int nixfs_fuse_init_request_len = 0;
-static int nixfs_fuse_replay_len = 0;
-static uint64_t nixfs_fuse_replay_unique = 0;
-// An eventfd that, while readable, makes every worker's next read end the session loop without
-// taking a request from the kernel (the handover stops reading; the successor reads on).
-static int nixfs_fuse_stop_fd = -1;
-// Once set, replies are dropped: requests this daemon had read but not answered are the
+// daemon did, and the reply, which the kernel does not expect, is dropped. `stop_fd` is an
+// eventfd that, while readable, makes every worker's next read end the session loop without
+// taking a request from the kernel (the handover stops reading; the successor reads on). Once
+// `muted` is set, replies are dropped: requests this daemon had read but not answered are the
 // successor's, resent to it by the kernel (FUSE_NOTIFY_RESEND).
-static int nixfs_fuse_muted = 0;
+struct nixfs_fuse_io_state {
+  uint64_t init_unique;
+  int want_parallel_dirops;
+  int init_request_len;
+  unsigned char init_request[512];
+  int replay_len;
+  uint64_t replay_unique;
+  unsigned char replay[512];
+  int stop_fd;
+  int muted;
+};
+extern struct nixfs_fuse_io_state *nixfs_fuse_io_state(void);
+#define NIXFS_IO (nixfs_fuse_io_state())
 
 static inline ssize_t nixfs_fuse_io_read(int fd, void *buf, size_t len, void *userdata) {
   (void)userdata;
-  int replay = __atomic_exchange_n(&nixfs_fuse_replay_len, 0, __ATOMIC_SEQ_CST);
+  int replay = __atomic_exchange_n(&NIXFS_IO->replay_len, 0, __ATOMIC_SEQ_CST);
   if (replay > 0 && (size_t)replay <= len) {
-    memcpy(buf, nixfs_fuse_replay, (size_t)replay);
+    memcpy(buf, NIXFS_IO->replay, (size_t)replay);
     return replay;
   }
   // The descriptor is non-blocking (see below): wait in poll, where a stop is seen, never in
   // read, where a worker that lost the race for a request would sleep through it.
   ssize_t n;
   for (;;) {
-    int stop = __atomic_load_n(&nixfs_fuse_stop_fd, __ATOMIC_SEQ_CST);
+    int stop = __atomic_load_n(&NIXFS_IO->stop_fd, __ATOMIC_SEQ_CST);
     struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = stop, .events = POLLIN}};
     int r = poll(p, stop >= 0 ? 2 : 1, -1);
     if (r < 0 && errno == EINTR) continue;
@@ -106,10 +104,10 @@ static inline ssize_t nixfs_fuse_io_read(int fd, void *buf, size_t len, void *us
       uint64_t unique;
       memcpy(&unique, (char *)buf + 8, 8);
       if ((size_t)n <= 512) {
-        memcpy(nixfs_fuse_init_request, buf, (size_t)n);
-        __atomic_store_n(&nixfs_fuse_init_request_len, (int)n, __ATOMIC_SEQ_CST);
+        memcpy(NIXFS_IO->init_request, buf, (size_t)n);
+        __atomic_store_n(&NIXFS_IO->init_request_len, (int)n, __ATOMIC_SEQ_CST);
       }
-      __atomic_store_n(&nixfs_fuse_init_unique, unique, __ATOMIC_SEQ_CST);
+      __atomic_store_n(&NIXFS_IO->init_unique, unique, __ATOMIC_SEQ_CST);
     }
   }
   return n;
@@ -123,26 +121,26 @@ static inline ssize_t nixfs_fuse_iov_total(const struct iovec *iov, int count) {
 
 static inline ssize_t nixfs_fuse_io_writev(int fd, struct iovec *iov, int count, void *userdata) {
   (void)userdata;
-  if (__atomic_load_n(&nixfs_fuse_muted, __ATOMIC_SEQ_CST)) return nixfs_fuse_iov_total(iov, count);
+  if (__atomic_load_n(&NIXFS_IO->muted, __ATOMIC_SEQ_CST)) return nixfs_fuse_iov_total(iov, count);
   if (count >= 1 && iov[0].iov_len == 16) {
     uint64_t unique;
     memcpy(&unique, (char *)iov[0].iov_base + 8, 8);
-    uint64_t replayed = __atomic_load_n(&nixfs_fuse_replay_unique, __ATOMIC_SEQ_CST);
+    uint64_t replayed = __atomic_load_n(&NIXFS_IO->replay_unique, __ATOMIC_SEQ_CST);
     if (replayed != 0 && unique == replayed) {
       // The reply to a replayed INIT: the kernel finished INIT with the first daemon.
-      __atomic_store_n(&nixfs_fuse_replay_unique, 0, __ATOMIC_SEQ_CST);
+      __atomic_store_n(&NIXFS_IO->replay_unique, 0, __ATOMIC_SEQ_CST);
       return nixfs_fuse_iov_total(iov, count);
     }
   }
-  uint64_t init = __atomic_load_n(&nixfs_fuse_init_unique, __ATOMIC_SEQ_CST);
+  uint64_t init = __atomic_load_n(&NIXFS_IO->init_unique, __ATOMIC_SEQ_CST);
   if (init != 0 && count >= 2 && iov[0].iov_len == 16 && iov[1].iov_len >= 16) {
     uint64_t unique;
     int32_t error;
     memcpy(&unique, (char *)iov[0].iov_base + 8, 8);
     memcpy(&error, (char *)iov[0].iov_base + 4, 4);
     if (unique == init && error == 0) {
-      __atomic_store_n(&nixfs_fuse_init_unique, 0, __ATOMIC_SEQ_CST);
-      if (nixfs_fuse_want_parallel_dirops) {
+      __atomic_store_n(&NIXFS_IO->init_unique, 0, __ATOMIC_SEQ_CST);
+      if (NIXFS_IO->want_parallel_dirops) {
         uint32_t flags;
         memcpy(&flags, (char *)iov[1].iov_base + 12, 4);
         flags |= (1u << 18); /* FUSE_PARALLEL_DIROPS */
@@ -156,15 +154,15 @@ static inline ssize_t nixfs_fuse_io_writev(int fd, struct iovec *iov, int count,
 // Route the session's /dev/fuse traffic through the functions above: after fuse_session_mount
 // with the mount's own descriptor, or, for a successor, with the descriptor it was handed.
 static inline int nixfs_fuse_session_custom_io(struct fuse_session *se, int fd, int parallel_dirops) {
-  nixfs_fuse_want_parallel_dirops = parallel_dirops;
+  NIXFS_IO->want_parallel_dirops = parallel_dirops;
   // O_NONBLOCK is shared with every holder of the connection (keeper, successor); all of them
   // read through this function, which waits in poll.
   int flags = fcntl(fd, F_GETFL);
   if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) return -1;
-  if (__atomic_load_n(&nixfs_fuse_stop_fd, __ATOMIC_SEQ_CST) < 0) {
+  if (__atomic_load_n(&NIXFS_IO->stop_fd, __ATOMIC_SEQ_CST) < 0) {
     int e = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (e < 0) return -1;
-    __atomic_store_n(&nixfs_fuse_stop_fd, e, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&NIXFS_IO->stop_fd, e, __ATOMIC_SEQ_CST);
   }
   struct fuse_custom_io io;
   memset(&io, 0, sizeof io);
@@ -175,9 +173,9 @@ static inline int nixfs_fuse_session_custom_io(struct fuse_session *se, int fd, 
 
 // The kernel's INIT request as this daemon (or the one it took over from) received it.
 static inline int nixfs_fuse_init_request_copy(unsigned char *out, int capacity) {
-  int n = __atomic_load_n(&nixfs_fuse_init_request_len, __ATOMIC_SEQ_CST);
+  int n = __atomic_load_n(&NIXFS_IO->init_request_len, __ATOMIC_SEQ_CST);
   if (n <= 0 || n > capacity) return 0;
-  memcpy(out, nixfs_fuse_init_request, (size_t)n);
+  memcpy(out, NIXFS_IO->init_request, (size_t)n);
   return n;
 }
 
@@ -187,31 +185,31 @@ static inline int nixfs_fuse_replay_init(const unsigned char *request, int len) 
   uint32_t opcode;
   memcpy(&opcode, request + 4, 4);
   if (opcode != 26) return -1;
-  memcpy(nixfs_fuse_init_request, request, (size_t)len);
-  __atomic_store_n(&nixfs_fuse_init_request_len, len, __ATOMIC_SEQ_CST);
-  memcpy(nixfs_fuse_replay, request, (size_t)len);
+  memcpy(NIXFS_IO->init_request, request, (size_t)len);
+  __atomic_store_n(&NIXFS_IO->init_request_len, len, __ATOMIC_SEQ_CST);
+  memcpy(NIXFS_IO->replay, request, (size_t)len);
   uint64_t unique;
   memcpy(&unique, request + 8, 8);
-  __atomic_store_n(&nixfs_fuse_replay_unique, unique, __ATOMIC_SEQ_CST);
-  __atomic_store_n(&nixfs_fuse_replay_len, len, __ATOMIC_SEQ_CST);
+  __atomic_store_n(&NIXFS_IO->replay_unique, unique, __ATOMIC_SEQ_CST);
+  __atomic_store_n(&NIXFS_IO->replay_len, len, __ATOMIC_SEQ_CST);
   return 0;
 }
 
 // Makes every worker's read end the session loop (until `nixfs_fuse_resume`).
 static inline void nixfs_fuse_stop(void) {
   uint64_t one = 1;
-  ssize_t n = write(__atomic_load_n(&nixfs_fuse_stop_fd, __ATOMIC_SEQ_CST), &one, sizeof one);
+  ssize_t n = write(__atomic_load_n(&NIXFS_IO->stop_fd, __ATOMIC_SEQ_CST), &one, sizeof one);
   (void)n;
 }
 
 // Undoes a stop and a mute (a handover that failed).
 static inline void nixfs_fuse_resume(void) {
   uint64_t count;
-  ssize_t n = read(__atomic_load_n(&nixfs_fuse_stop_fd, __ATOMIC_SEQ_CST), &count, sizeof count);
+  ssize_t n = read(__atomic_load_n(&NIXFS_IO->stop_fd, __ATOMIC_SEQ_CST), &count, sizeof count);
   (void)n;
-  __atomic_store_n(&nixfs_fuse_muted, 0, __ATOMIC_SEQ_CST);
+  __atomic_store_n(&NIXFS_IO->muted, 0, __ATOMIC_SEQ_CST);
 }
-static inline void nixfs_fuse_set_muted(int muted) { __atomic_store_n(&nixfs_fuse_muted, muted, __ATOMIC_SEQ_CST); }
+static inline void nixfs_fuse_set_muted(int muted) { __atomic_store_n(&NIXFS_IO->muted, muted, __ATOMIC_SEQ_CST); }
 
 // FUSE_NOTIFY_RESEND (Linux 6.9+, notify code 7): the kernel queues every request that was read
 // but not answered again, so the ones a dead or departed daemon held are answered by this one.

@@ -95,7 +95,10 @@ public final class Daemon: Sendable {
   /// Mounts (or serves the connection `source` hands over), serves the control socket, and
   /// blocks until unmounted, signalled, or taken over. With `keeper` (a `nixfs keeper` socket),
   /// the keeper holds a duplicate of the connection, and a signal leaves the mount to it.
-  public func run(source: MountSource = .fresh, keeper: String? = nil) throws -> ServeOutcome {
+  /// `onServing` runs once the connection is served.
+  public func run(source: MountSource = .fresh, keeper: String? = nil, onServing: @escaping @Sendable () -> Void = {})
+    throws -> ServeOutcome
+  {
     let control = try ControlServer(path: controlSocket) { [self] request in
       if case .takeover(let format, let version, let mountpoint) = request {
         return takeover(format: format, version: version, mountpoint: mountpoint)
@@ -106,7 +109,10 @@ public final class Daemon: Sendable {
     let holding = KeeperHolding(socket: keeper, logger: logger)
     let outcome = try filesystem.serve(
       at: mountpoint, source: source, stateDir: stateDir, keepMountOnSignal: keeper != nil
-    ) { record, fd in holding.start(record, fd) }
+    ) { record, fd in
+      holding.start(record, fd)
+      onServing()
+    }
     holding.stop(release: outcome == .unmounted)
     return outcome
   }

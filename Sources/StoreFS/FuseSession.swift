@@ -13,6 +13,18 @@ public struct MountError: Error, CustomStringConvertible {
   public var description: String { "cannot mount \(mountpoint): \(reason)" }
 }
 
+/// The one state of the shim's /dev/fuse I/O (see CFuse3/shim.h), defined here so that every
+/// object file inlining the shim's functions shares it. Zeroed, with no stop eventfd yet.
+nonisolated(unsafe) private let fuseIOState: UnsafeMutablePointer<nixfs_fuse_io_state> = {
+  let p = UnsafeMutablePointer<nixfs_fuse_io_state>.allocate(capacity: 1)
+  UnsafeMutableRawPointer(p).initializeMemory(as: UInt8.self, repeating: 0, count: MemoryLayout<nixfs_fuse_io_state>.size)
+  p.pointee.stop_fd = -1
+  return p
+}()
+
+@_cdecl("nixfs_fuse_io_state")
+func nixfsFuseIOState() -> UnsafeMutablePointer<nixfs_fuse_io_state> { fuseIOState }
+
 /// A low-level libfuse session on one FUSE connection: either mounted here, or adopted from the
 /// daemon that served it before (takeover, or a crash with a keeper holding the descriptor).
 final class FuseSession: @unchecked Sendable {

@@ -43,6 +43,10 @@ struct MountCommand: ParsableCommand {
     help: "After handing the mount to a successor: exit (0), or wait idle until terminated (in a DaemonSet pod, where an exit would be restarted)."
   )
   var afterTakeover: AfterTakeover = .exit
+  @Option(
+    help: ArgumentHelp(
+      "A file that exists while this daemon serves the mount (a readiness probe's test).", valueName: "path"))
+  var readyFile: String?
   @Argument(help: "Where to mount the store.") var mountpoint: String
 
   func validate() throws {
@@ -82,10 +86,14 @@ struct MountCommand: ParsableCommand {
       mountpoint: mountpoint, stateDir: cache.stateDir, cache: client, store: store, options: options, logger: logger)
     let outcome: ServeOutcome
     do {
-      outcome = try daemon.run(source: source, keeper: keeper)
+      outcome = try daemon.run(source: source, keeper: keeper) { [readyFile] in
+        if let readyFile { _ = FileManager.default.createFile(atPath: readyFile, contents: Data("\(getpid())\n".utf8)) }
+      }
     } catch {
+      if let readyFile { unlink(readyFile) }
       fail("\(error)")
     }
+    if let readyFile { unlink(readyFile) }
     metrics?.stop()
     if outcome == .handedOver && afterTakeover == .wait { idleAfterTakeover() }
     // Exit now: a successor waits for the store's lock, and tasks of this daemon have nobody to answer.

@@ -72,11 +72,19 @@ struct Rendered {
     return matches[0]
   }
 
-  func daemonSet() throws -> JSON { try one("DaemonSet") }
-
-  func podSpec() throws -> JSON {
-    try #require(dig(try daemonSet(), "spec", "template", "spec") as? JSON)
+  /// The DaemonSets: `nixfs-node` (the CSI plugin) and `nixfs-mount` (the FUSE daemon and its keeper).
+  func daemonSet(_ name: String = "nixfs-node", sourceLocation: SourceLocation = #_sourceLocation) throws -> JSON {
+    let sets = all("DaemonSet")
+    try #require(sets.count == 2, "expected the DaemonSets nixfs-node and nixfs-mount in \(directory)", sourceLocation: sourceLocation)
+    return try #require(
+      sets.first { dig($0, "metadata", "name") as? String == name }, "no DaemonSet \(name)", sourceLocation: sourceLocation)
   }
+
+  func podSpec(_ name: String = "nixfs-node") throws -> JSON {
+    try #require(dig(try daemonSet(name), "spec", "template", "spec") as? JSON)
+  }
+
+  func mountPodSpec() throws -> JSON { try podSpec("nixfs-mount") }
 }
 
 /// Walks nested objects and arrays: string keys for objects, Int indices for arrays.
@@ -302,44 +310,90 @@ struct DeploymentStructureTests {
     #expect(selector.allSatisfy { podLabels[$0.key] == $0.value })
 
     let account = try r.one("ServiceAccount")
-    let pod = try r.podSpec()
-    #expect(pod["serviceAccountName"] as? String == dig(account, "metadata", "name") as? String)
+    for pod in [try r.podSpec(), try r.mountPodSpec()] {
+      #expect(pod["serviceAccountName"] as? String == dig(account, "metadata", "name") as? String)
+      #expect(pod["automountServiceAccountToken"] as? Bool == false)
+    }
     #expect(account["automountServiceAccountToken"] as? Bool == false)
-    #expect(pod["automountServiceAccountToken"] as? Bool == false)
+    let mountSet = try r.daemonSet("nixfs-mount")
+    let mountSelector = try #require(dig(mountSet, "spec", "selector", "matchLabels") as? [String: String])
+    let mountLabels = try #require(dig(mountSet, "spec", "template", "metadata", "labels") as? [String: String])
+    #expect(mountSelector.allSatisfy { mountLabels[$0.key] == $0.value })
+    // Two DaemonSets, two disjoint selectors.
+    #expect(mountSelector != selector)
     // No RBAC: the node plugin needs none.
     #expect(r.all("Role").isEmpty && r.all("ClusterRole").isEmpty && r.all("ClusterRoleBinding").isEmpty)
   }
 
-  @Test("pod: every node, node-critical, rolling one node at a time")
+  @Test("pods: every node, node-critical; the plugin rolls one node at a time, the mount surges")
   func podScheduling() throws {
     let r = try Rendered(Repo.deploy("kubernetes"))
+    for name in ["nixfs-node", "nixfs-mount"] {
+      let ds = try r.daemonSet(name)
+      let pod = try r.podSpec(name)
+      #expect(pod["priorityClassName"] as? String == "system-node-critical", "\(name)")
+      let tolerations = try #require(pod["tolerations"] as? [JSON])
+      #expect(tolerations.count == 1)
+      #expect(tolerations.first?["operator"] as? String == "Exists")
+      #expect(tolerations.first?["key"] == nil && tolerations.first?["effect"] == nil)
+      #expect(pod["hostPID"] as? Bool == false)
+      #expect(pod["hostNetwork"] as? Bool != true)
+      #expect(pod["terminationGracePeriodSeconds"] as? Int == 30)
+      #expect(dig(ds, "spec", "updateStrategy", "type") as? String == "RollingUpdate")
+    }
     let ds = try r.daemonSet()
-    let pod = try r.podSpec()
-    #expect(pod["priorityClassName"] as? String == "system-node-critical")
-    let tolerations = try #require(pod["tolerations"] as? [JSON])
-    #expect(tolerations.count == 1)
-    #expect(tolerations.first?["operator"] as? String == "Exists")
-    #expect(tolerations.first?["key"] == nil && tolerations.first?["effect"] == nil)
-    #expect(pod["hostPID"] as? Bool == false)
-    #expect(pod["hostNetwork"] as? Bool != true)
-    #expect(pod["terminationGracePeriodSeconds"] as? Int == 30)
-    #expect(dig(ds, "spec", "updateStrategy", "type") as? String == "RollingUpdate")
     #expect(dig(ds, "spec", "updateStrategy", "rollingUpdate", "maxUnavailable") as? Int == 1)
-    let names = ((pod["containers"] as? [JSON]) ?? []).compactMap { $0["name"] as? String }
-    #expect(names == ["nixfs-mount", "nixfs-csi", "node-driver-registrar", "liveness-probe"])
+    let names = ((try r.podSpec()["containers"] as? [JSON]) ?? []).compactMap { $0["name"] as? String }
+    #expect(names == ["nixfs-csi", "node-driver-registrar", "liveness-probe"])
+    // The mount: the new pod beside the old, taking the mount over, before the old one goes.
+    let mount = try r.daemonSet("nixfs-mount")
+    #expect(dig(mount, "spec", "updateStrategy", "rollingUpdate", "maxSurge") as? Int == 1)
+    #expect(dig(mount, "spec", "updateStrategy", "rollingUpdate", "maxUnavailable") as? Int == 0)
+    let mountNames = ((try r.mountPodSpec()["containers"] as? [JSON]) ?? []).compactMap { $0["name"] as? String }
+    #expect(mountNames == ["nixfs-mount", "nixfs-keeper"])
+  }
+
+  @Test("nixfs-keeper: unprivileged, shares its socket and the readiness file with nixfs-mount only")
+  func keeperContainer() throws {
+    let r = try Rendered(Repo.deploy("kubernetes"))
+    let pod = try r.mountPodSpec()
+    let keeper = try container(pod, "nixfs-keeper")
+    let daemon = try container(pod, "nixfs-mount")
+    let socket = try #require(flagValue(argv(keeper), "--socket"))
+    #expect(strings(keeper["command"]).prefix(2) == ["nixfs", "keeper"])
+    #expect(flagValue(argv(daemon), "--keeper") == socket)
+    #expect(flagValue(argv(daemon), "--after-takeover") == "wait")
+    let dir = (socket as NSString).deletingLastPathComponent
+    let a = try mount(pod, keeper, at: dir)
+    let b = try mount(pod, daemon, at: dir)
+    #expect(a.volume["name"] as? String == b.volume["name"] as? String)
+    #expect(a.volume["emptyDir"] != nil, "the socket must be this pod's own, not a hostPath both pods share")
+    // Ready while this pod's daemon serves: the file in the pod's own directory.
+    let ready = try #require(flagValue(argv(daemon), "--ready-file"))
+    #expect((ready as NSString).deletingLastPathComponent == dir)
+    #expect(strings(dig(daemon, "readinessProbe", "exec", "command")) == ["test", "-e", ready])
+    #expect(dig(keeper, "securityContext", "privileged") as? Bool != true)
+    #expect(dig(keeper, "securityContext", "runAsNonRoot") as? Bool == true)
+    #expect(dig(keeper, "securityContext", "readOnlyRootFilesystem") as? Bool == true)
+    #expect(dig(keeper, "securityContext", "allowPrivilegeEscalation") as? Bool == false)
+    #expect(strings(dig(keeper, "securityContext", "capabilities", "drop")) == ["ALL"])
+    #expect(dig(keeper, "resources", "limits", "memory") != nil)
+    // The plugin's pod does not get the keeper's socket.
+    #expect(!(try canonical(try r.podSpec())).contains(socket))
   }
 
   @Test("nixfs-mount: FUSE device, Bidirectional mount root, config, metrics, no CPU limit")
   func mountContainer() throws {
     let r = try Rendered(Repo.deploy("kubernetes"))
-    let pod = try r.podSpec()
+    let pod = try r.mountPodSpec()
     let c = try container(pod, "nixfs-mount")
     #expect(c["image"] as? String == (try kustomizationImage(Repo.deploy("kubernetes/base"))))
     let command = strings(c["command"])
     #expect(
       command == [
         "nixfs", "mount", "--state-dir", "/var/lib/nixfs", "--nix-conf", "/etc/nixfs/nix.conf",
-        "--metrics-listen", "0.0.0.0:9464", "/var/lib/nixfs/mnt",
+        "--metrics-listen", "0.0.0.0:9464", "--keeper", "/run/nixfs-keeper/keeper.sock", "--after-takeover", "wait",
+        "--ready-file", "/run/nixfs-keeper/serving", "/var/lib/nixfs/mnt",
       ])
     #expect(dig(c, "securityContext", "privileged") as? Bool == true)
 
@@ -385,7 +439,7 @@ struct DeploymentStructureTests {
     let r = try Rendered(Repo.deploy("kubernetes"))
     let pod = try r.podSpec()
     let c = try container(pod, "nixfs-csi")
-    let mountContainer = try container(pod, "nixfs-mount")
+    let mountContainer = try container(try r.mountPodSpec(), "nixfs-mount")
     #expect(c["image"] as? String == mountContainer["image"] as? String)
     #expect(
       strings(c["command"]) == [
@@ -460,8 +514,10 @@ struct OverlayTests {
   func setsImage() throws {
     let expected = try kustomizationImage(Repo.deploy(Self.overlay))
     #expect(expected != (try kustomizationImage(Repo.deploy("kubernetes/base"))))
-    let pod = try Rendered(Repo.deploy(Self.overlay)).podSpec()
-    #expect(try container(pod, "nixfs-mount")["image"] as? String == expected)
+    let rendered = try Rendered(Repo.deploy(Self.overlay))
+    let pod = try rendered.podSpec()
+    #expect(try container(rendered.mountPodSpec(), "nixfs-mount")["image"] as? String == expected)
+    #expect(try container(rendered.mountPodSpec(), "nixfs-keeper")["image"] as? String == expected)
     #expect(try container(pod, "nixfs-csi")["image"] as? String == expected)
     #expect(
       try container(pod, "node-driver-registrar")["image"] as? String
@@ -478,17 +534,19 @@ struct OverlayTests {
     // The DaemonSet mounts the replaced ConfigMap (its hashed name changed with its content).
     let base = try Rendered(Repo.deploy("kubernetes")).one("ConfigMap")
     #expect(dig(configMap, "metadata", "name") as? String != dig(base, "metadata", "name") as? String)
-    let pod = try r.podSpec()
+    let pod = try r.mountPodSpec()
     #expect(dig(try volume(pod, "config"), "configMap", "name") as? String == dig(configMap, "metadata", "name") as? String)
   }
 
   @Test("keeps everything else of the base")
   func keepsTheRest() throws {
-    let base = try Rendered(Repo.deploy("kubernetes")).podSpec()
-    let overlay = try Rendered(Repo.deploy(Self.overlay)).podSpec()
+    let baseRender = try Rendered(Repo.deploy("kubernetes"))
+    let overlayRender = try Rendered(Repo.deploy(Self.overlay))
+    let base = try baseRender.podSpec()
+    let overlay = try overlayRender.podSpec()
     for name in ["nixfs-mount", "nixfs-csi"] {
-      let b = try container(base, name)
-      let o = try container(overlay, name)
+      let b = try container(name == "nixfs-mount" ? baseRender.mountPodSpec() : base, name)
+      let o = try container(name == "nixfs-mount" ? overlayRender.mountPodSpec() : overlay, name)
       #expect(strings(b["command"]).count == strings(o["command"]).count, "\(name)")
       #expect(try canonical(b["volumeMounts"]) == (try canonical(o["volumeMounts"])), "\(name)")
     }
@@ -610,7 +668,7 @@ struct ContainerfileTests {
     #expect(runtime.contains("/usr/local/bin/nixfs"))
     #expect(runtime.contains(#"ENTRYPOINT ["nixfs"]"#))
     // The DaemonSet runs `nixfs ...` through PATH.
-    let pod = try Rendered(Repo.deploy("kubernetes")).podSpec()
+    let pod = try Rendered(Repo.deploy("kubernetes")).mountPodSpec()
     #expect(strings(try container(pod, "nixfs-mount")["command"]).first == "nixfs")
   }
 }
@@ -635,8 +693,9 @@ struct ClusterCacheTests {
     #expect(dig(serve, "securityContext", "readOnlyRootFilesystem") as? Bool == true)
     #expect((dig(sts, "spec", "volumeClaimTemplates") as? [Any])?.count == 1)
     // The node pods never see the key.
-    let ds = try rendered.podSpec()
-    #expect(!(try canonical(ds)).contains("nixfs-serve-key"))
+    for ds in [try rendered.podSpec(), try rendered.mountPodSpec()] {
+      #expect(!(try canonical(ds)).contains("nixfs-serve-key"))
+    }
     let services = rendered.all("Service").compactMap { dig($0, "spec", "clusterIP") as? String }
     #expect(services.contains("None"))
   }
