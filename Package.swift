@@ -2,7 +2,8 @@
 import PackageDescription
 
 // Layers, bottom up (a lower layer never imports a higher one):
-//   C shims -> NixFormats (pure) -> cache client -> chunk store -> filesystem -> CSI -> nixfs.
+//   C shims -> NixFormats (pure) -> cache client -> chunk store -> filesystem -> CSI -> nixfs;
+//   NodeControl (the local control protocol) sits beside them, under the filesystem and CSI.
 let strict: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
 
 let package = Package(
@@ -62,11 +63,18 @@ let package = Package(
       ],
       swiftSettings: strict),
 
+    // The node's local control protocol: the control socket (JSON lines, descriptor passing),
+    // the handover record and the keeper, signals. Shared by the daemon and the CSI plugin.
+    .target(
+      name: "NodeControl",
+      dependencies: ["CUnix", .product(name: "Logging", package: "swift-log")],
+      swiftSettings: strict),
+
     // The filesystem: FUSE low-level callbacks, inodes, lazy materialisation, CSI views.
     .target(
       name: "StoreFS",
       dependencies: [
-        "NixFormats", "BinaryCache", "ChunkStore", "CFuse3", "CUnix",
+        "NixFormats", "BinaryCache", "ChunkStore", "CFuse3", "NodeControl",
         .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "CoreMetrics", package: "swift-metrics"),
@@ -78,7 +86,7 @@ let package = Package(
     .target(
       name: "CSINode",
       dependencies: [
-        "NixFormats", "StoreFS",
+        "NixFormats", "NodeControl",
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "GRPCCore", package: "grpc-swift-2"),
@@ -104,7 +112,7 @@ let package = Package(
     .executableTarget(
       name: "nixfs",
       dependencies: [
-        "NixFormats", "BinaryCache", "ChunkStore", "StoreFS", "CSINode", "NixServe",
+        "NixFormats", "BinaryCache", "ChunkStore", "StoreFS", "NodeControl", "CSINode", "NixServe",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "CoreMetrics", package: "swift-metrics"),
@@ -146,7 +154,7 @@ let package = Package(
     .testTarget(
       name: "ChunkStoreTests", dependencies: ["ChunkStore", "TestSupport"], swiftSettings: strict),
     .testTarget(
-      name: "StoreFSTests", dependencies: ["NixFormats", "TestSupport"], swiftSettings: strict),
+      name: "StoreFSTests", dependencies: ["NixFormats", "TestSupport", "StoreFS", "ChunkStore"], swiftSettings: strict),
     .testTarget(
       name: "CSINodeTests",
       dependencies: [

@@ -1,5 +1,5 @@
 import Foundation
-import StoreFS
+import NodeControl
 
 #if canImport(Glibc)
   import Glibc
@@ -46,15 +46,7 @@ enum Mounts {
   }
 
   /// Mount points from /proc/self/mountinfo (field 5), unescaped.
-  static func mountPoints() -> Set<String> {
-    guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
-    var out = Set<String>()
-    for line in text.split(separator: "\n") {
-      let fields = line.split(separator: " ")
-      if fields.count > 4 { out.insert(Mountpoint.unescape(fields[4])) }
-    }
-    return out
-  }
+  static func mountPoints() -> Set<String> { Set(MountInfo.entries().map(\.mountPoint)) }
 
   static func isMountPoint(_ path: String) -> Bool {
     mountPoints().contains((path as NSString).standardizingPath)

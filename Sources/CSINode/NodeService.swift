@@ -2,7 +2,7 @@ import Foundation
 import GRPCCore
 import Logging
 import NixFormats
-import StoreFS
+import NodeControl
 import SwiftProtobuf
 
 #if canImport(Glibc)
@@ -41,7 +41,7 @@ public struct CSIConfiguration: Sendable {
     }
   }
 
-  var controlSocket: String { (stateDir as NSString).appendingPathComponent("control.sock") }
+  var controlSocket: String { ControlSocket.path(stateDir: stateDir) }
 }
 
 /// CSI Identity: who we are, and whether the mount daemon behind us answers.

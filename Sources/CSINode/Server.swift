@@ -2,7 +2,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
-import StoreFS
+import NodeControl
 
 /// Serves the CSI Identity and Node services on a Unix socket until SIGTERM/SIGINT.
 public enum CSIServer {

@@ -4,6 +4,7 @@ import Crypto
 import Foundation
 import Logging
 import NixFormats
+import NodeControl
 import Synchronization
 
 #if canImport(Glibc)
@@ -90,7 +91,7 @@ public final class Daemon: Sendable {
       logger: logger)
   }
 
-  public var controlSocket: String { (stateDir as NSString).appendingPathComponent("control.sock") }
+  public var controlSocket: String { ControlSocket.path(stateDir: stateDir) }
 
   /// Mounts (or serves the connection `source` hands over), serves the control socket, and
   /// blocks until unmounted, signalled, or taken over. With `keeper` (a `nixfs keeper` socket),

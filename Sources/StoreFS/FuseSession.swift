@@ -1,6 +1,7 @@
 import CFuse3
 import Foundation
 import Logging
+import NodeControl
 
 #if canImport(Glibc)
   import Glibc

@@ -1,4 +1,5 @@
 import Foundation
+import NodeControl
 
 #if canImport(Glibc)
   import Glibc
@@ -16,27 +17,6 @@ import Foundation
 /// daemon read but never answered (FUSE_NOTIFY_RESEND), and serves from the next request on.
 /// A keeper (`nixfs keeper`) holds a copy of the same record and descriptor, so a crashed daemon's
 /// successor picks the connection up the same way.
-public struct Handover: Codable, Sendable, Equatable {
-  /// Bumped when the record, the journal or the meaning of node ids changes incompatibly.
-  public static let currentFormat = 1
-
-  public var format: Int
-  public var version: String
-  /// Names this connection (and its kernel-view journal) for as long as it lives.
-  public var connection: String
-  /// The kernel's FUSE_INIT request, as its first daemon read it.
-  public var initRequest: Data
-  public var mountpoint: String
-
-  public init(format: Int = Handover.currentFormat, version: String, connection: String, initRequest: Data, mountpoint: String) {
-    self.format = format
-    self.version = version
-    self.connection = connection
-    self.initRequest = initRequest
-    self.mountpoint = mountpoint
-  }
-}
-
 /// The connection a daemon serves: one it mounts itself, or one handed to it with its record.
 public enum MountSource: Sendable {
   case fresh

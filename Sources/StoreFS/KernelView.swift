@@ -11,6 +11,7 @@
 import ChunkStore
 import Foundation
 import NixFormats
+import NodeControl
 
 #if canImport(Glibc)
   import Glibc

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NodeControl
 
 #if canImport(Glibc)
   import Glibc
@@ -59,33 +60,9 @@ public enum Mountpoint {
     return nil
   }
 
-  /// Whether a nixfs FUSE mount is at `path`, from /proc/self/mountinfo: never touching the path,
-  /// which would hang if the connection is alive with no daemon serving it.
+  /// Whether a nixfs FUSE mount is at `path` (from the mount table: never touching the path).
   public static func hasNixFSMount(at path: String) -> Bool {
     let target = (path as NSString).standardizingPath
-    guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
-    for line in text.split(separator: "\n") {
-      let fields = line.split(separator: " ")
-      guard fields.count > 4, let dash = fields.firstIndex(of: "-"), dash + 1 < fields.count else { continue }
-      if unescape(fields[4]) == target && fields[dash + 1] == "fuse.nixfs" { return true }
-    }
-    return false
-  }
-
-  /// mountinfo escapes space, tab, newline and backslash as \ooo.
-  public static func unescape(_ field: Substring) -> String {
-    var out: [UInt8] = []
-    let b = Array(field.utf8)
-    var i = 0
-    while i < b.count {
-      if b[i] == 0x5c, i + 3 < b.count, let v = UInt8(String(decoding: b[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
-        out.append(v)
-        i += 4
-      } else {
-        out.append(b[i])
-        i += 1
-      }
-    }
-    return String(decoding: out, as: UTF8.self)
+    return MountInfo.entries().contains { $0.mountPoint == target && $0.fileSystemType == "fuse.nixfs" }
   }
 }

@@ -2,6 +2,7 @@ import CFuse3
 import ChunkStore
 import Foundation
 import Logging
+import NodeControl
 import NixFormats
 import Synchronization
 

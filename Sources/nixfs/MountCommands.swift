@@ -5,6 +5,7 @@ import CoreMetrics
 import Foundation
 import Logging
 import NixFormats
+import NodeControl
 import Prometheus
 import StoreFS
 
@@ -103,7 +104,7 @@ struct MountCommand: ParsableCommand {
   /// The connection to serve: the running daemon's (takeover), the keeper's (after a crash), or a
   /// new mount.
   func connectionSource(logger: Logger) -> MountSource {
-    let socket = (cache.stateDir as NSString).appendingPathComponent("control.sock")
+    let socket = ControlSocket.path(stateDir: cache.stateDir)
     let control = ControlClient(path: socket)
     if FileManager.default.fileExists(atPath: socket), (try? control.send(.ping, timeout: 2)) != nil {
       // Tests inject an incompatible successor through this variable.
@@ -233,7 +234,7 @@ struct FetchCommand: AsyncParsableCommand {
     let roots: [StorePath]
     do { roots = try paths.map { try storePathArgument($0) } } catch { fail("\(error)") }
     // A running daemon owns the store: ask it, so its lookups share the downloads.
-    let socket = (cache.stateDir as NSString).appendingPathComponent("control.sock")
+    let socket = ControlSocket.path(stateDir: cache.stateDir)
     if FileManager.default.fileExists(atPath: socket) {
       let client = ControlClient(path: socket)
       if (try? client.send(.ping, timeout: 5)) != nil {

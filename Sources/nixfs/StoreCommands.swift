@@ -2,6 +2,7 @@ import ArgumentParser
 import ChunkStore
 import Foundation
 import NixFormats
+import NodeControl
 import StoreFS
 
 #if canImport(Glibc)
@@ -20,7 +21,7 @@ struct StateOptions: ParsableArguments {
   /// The running daemon on this state directory, if one answers: gc and fsck then go through it
   /// (it holds the store's writer lock).
   func daemon() -> ControlClient? {
-    let socket = (stateDir as NSString).appendingPathComponent("control.sock")
+    let socket = ControlSocket.path(stateDir: stateDir)
     guard FileManager.default.fileExists(atPath: socket) else { return nil }
     let client = ControlClient(path: socket)
     return (try? client.send(.ping, timeout: 5)) != nil ? client : nil

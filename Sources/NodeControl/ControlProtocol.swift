@@ -25,6 +25,12 @@ public enum ControlRequest: Codable, Sendable, Equatable {
   case takeover(format: Int, version: String, mountpoint: String)
 }
 
+/// Where a daemon's control socket is: in its state directory (owner-only, like the directory).
+public enum ControlSocket {
+  public static let fileName = "control.sock"
+  public static func path(stateDir: String) -> String { (stateDir as NSString).appendingPathComponent(fileName) }
+}
+
 /// Why a request failed, in the categories a pod's owner can act on.
 public enum ControlFailure: String, Codable, Sendable {
   case invalidArgument, notFound, untrusted, unavailable, alreadyExists, internalError
@@ -73,6 +79,10 @@ public struct ControlResponse: Codable, Sendable, Equatable {
 public struct ControlError: Error, CustomStringConvertible {
   public let socket: String
   public let reason: String
+  public init(socket: String, reason: String) {
+    self.socket = socket
+    self.reason = reason
+  }
   public var description: String { "control socket \(socket): \(reason)" }
 }
 
@@ -215,7 +225,7 @@ final class ResultBox<Response: Encodable & Sendable>: @unchecked Sendable {
 
 /// A client of a line server; one request at a time.
 public final class LineClient<Request: Encodable & Sendable, Response: Decodable & Sendable>: @unchecked Sendable {
-  let path: String
+  public let path: String
   let lock = NSLock()
 
   public init(path: String) { self.path = path }
@@ -288,7 +298,7 @@ func unixAddress(_ path: String) throws -> sockaddr_un {
 }
 
 /// Writes all of `data`, retrying on EINTR; false on an error or a closed peer.
-func writeAll(_ fd: Int32, _ data: some ContiguousBytes) -> Bool {
+public func writeAll(_ fd: Int32, _ data: some ContiguousBytes) -> Bool {
   data.withUnsafeBytes { buf in
     var off = 0
     while off < buf.count {
