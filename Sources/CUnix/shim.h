@@ -1,8 +1,5 @@
 #ifndef NIXFS_CUNIX_SHIM_H
 #define NIXFS_CUNIX_SHIM_H
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE 1  // accept4
-#endif
 // Unix-socket descriptor passing (SCM_RIGHTS): the CMSG_* macros are not callable from Swift.
 #include <errno.h>
 #include <string.h>
@@ -62,6 +59,8 @@ static inline ssize_t nixfs_recv_with_fd(int sock, void *data, size_t len, int *
 
 
 
-// accept4 is not in Swift's Glibc module.
+// accept4 is declared only under _GNU_SOURCE, and defining that here would make this module's
+// view of the system headers differ from every other module's (clang then refuses to merge them).
+extern int accept4(int fd, struct sockaddr *addr, socklen_t *addr_len, int flags);
 static inline int nixfs_accept_cloexec(int sock) { return accept4(sock, NULL, NULL, SOCK_CLOEXEC); }
 #endif
