@@ -150,7 +150,7 @@ func now() -> Int64 { Int64(Date().timeIntervalSince1970) }
 func preparePrivateDirectory(
   _ path: String,
   stateMarkers: [String] = [
-    "lock", "index.sqlite", "narinfo-cache.sqlite", "packs", "csi-volumes.json", "control.sock", "uploads", "mnt",
+    "lock", "index.sqlite", "narinfo-cache.sqlite", "packs", "csi-volumes.json", "control.sock", "uploads", "mnt", "kernel-view",
   ]
 ) throws(ChunkStoreError) {
   var existed = true
