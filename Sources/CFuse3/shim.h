@@ -44,6 +44,7 @@ static inline int nixfs_fuse_session_loop_mt(struct fuse_session *se, unsigned i
 #include <poll.h>
 #include <fcntl.h>
 #include <sys/eventfd.h>
+#include <sys/epoll.h>
 
 // The state of nixfs's /dev/fuse I/O, shared by every worker thread and the takeover code. It
 // lives in Swift (StoreFS/FuseSession.swift defines the accessor): a `static` variable in this
@@ -68,6 +69,7 @@ struct nixfs_fuse_io_state {
   uint64_t replay_unique;
   unsigned char replay[512];
   int stop_fd;
+  int stopping;
   int muted;
 };
 extern struct nixfs_fuse_io_state *nixfs_fuse_io_state(void);
@@ -80,22 +82,35 @@ static inline ssize_t nixfs_fuse_io_read(int fd, void *buf, size_t len, void *us
     memcpy(buf, NIXFS_IO->replay, (size_t)replay);
     return replay;
   }
-  // The descriptor is non-blocking (see below): wait in poll, where a stop is seen, never in
-  // read, where a worker that lost the race for a request would sleep through it.
+  // The descriptor is non-blocking (see below). A worker reads; when nothing is queued it waits
+  // in its own epoll, where a stop is seen (a worker asleep in read would sleep through it). The
+  // descriptor is registered EPOLLEXCLUSIVE, so a request wakes one waiting worker, as a
+  // blocking read would, not all of them.
+  static __thread int epoll_fd = -1;
   ssize_t n;
   for (;;) {
-    int stop = __atomic_load_n(&NIXFS_IO->stop_fd, __ATOMIC_SEQ_CST);
-    struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = stop, .events = POLLIN}};
-    int r = poll(p, stop >= 0 ? 2 : 1, -1);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return -1;
-    if (stop >= 0 && (p[1].revents & POLLIN)) {
+    if (epoll_fd < 0) {
+      int ep = epoll_create1(EPOLL_CLOEXEC);
+      if (ep < 0) return -1;
+      struct epoll_event request = {.events = EPOLLIN | EPOLLEXCLUSIVE, .data = {.fd = fd}};
+      struct epoll_event stop = {.events = EPOLLIN, .data = {.fd = -1}};
+      if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &request) != 0 ||
+          epoll_ctl(ep, EPOLL_CTL_ADD, __atomic_load_n(&NIXFS_IO->stop_fd, __ATOMIC_SEQ_CST), &stop) != 0) {
+        close(ep);
+        return -1;
+      }
+      epoll_fd = ep;
+    }
+    // Wait first: a worker comes back to an empty queue more often than to a full one, and a
+    // read that finds nothing is a wasted call.
+    struct epoll_event ready[2];
+    if (epoll_wait(epoll_fd, ready, 2, -1) < 0 && errno != EINTR) return -1;
+    if (__atomic_load_n(&NIXFS_IO->stopping, __ATOMIC_SEQ_CST)) {
       errno = ENODEV;  // libfuse ends the loop on ENODEV
       return -1;
     }
     n = read(fd, buf, len);
-    if (n < 0 && errno == EAGAIN) continue;  // another worker took it
-    break;
+    if (n >= 0 || errno != EAGAIN) break;
   }
   if (n >= 16) {
     uint32_t opcode;
@@ -197,6 +212,7 @@ static inline int nixfs_fuse_replay_init(const unsigned char *request, int len) 
 
 // Makes every worker's read end the session loop (until `nixfs_fuse_resume`).
 static inline void nixfs_fuse_stop(void) {
+  __atomic_store_n(&NIXFS_IO->stopping, 1, __ATOMIC_SEQ_CST);
   uint64_t one = 1;
   ssize_t n = write(__atomic_load_n(&NIXFS_IO->stop_fd, __ATOMIC_SEQ_CST), &one, sizeof one);
   (void)n;
@@ -207,6 +223,7 @@ static inline void nixfs_fuse_resume(void) {
   uint64_t count;
   ssize_t n = read(__atomic_load_n(&NIXFS_IO->stop_fd, __ATOMIC_SEQ_CST), &count, sizeof count);
   (void)n;
+  __atomic_store_n(&NIXFS_IO->stopping, 0, __ATOMIC_SEQ_CST);
   __atomic_store_n(&NIXFS_IO->muted, 0, __ATOMIC_SEQ_CST);
 }
 static inline void nixfs_fuse_set_muted(int muted) { __atomic_store_n(&NIXFS_IO->muted, muted, __ATOMIC_SEQ_CST); }

@@ -145,6 +145,9 @@ final class FuseSession: @unchecked Sendable {
     defer { ownershipLock.unlock() }
     guard owned else { return }
     owned = false
+    // Wake the workers waiting in epoll first: libfuse closes its descriptor before unmounting,
+    // and a closed descriptor wakes no epoll.
+    nixfs_fuse_stop()
     if mountedHere {
       fuse_session_unmount(session)
     } else {

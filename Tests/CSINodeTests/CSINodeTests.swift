@@ -51,7 +51,7 @@ final class Node: @unchecked Sendable {
       nixfsBinary, "csi", "--state-dir", store.stateDir, "--endpoint", "unix://\(socket)", "--node-id", "node-1",
     ])
     let deadline = Date().addingTimeInterval(30)
-    while !FileManager.default.fileExists(atPath: socket) {
+    while !acceptsConnections(unixSocket: socket) {
       guard p.isRunning, Date() < deadline else { throw CommandError(argv: p.argv, status: -1, stderr: p.stderr) }
       usleep(20_000)
     }

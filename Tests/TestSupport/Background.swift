@@ -134,3 +134,21 @@ public func isFuseMount(_ path: String) -> Bool {
     return f.count > 4 && f[4] == path && line.contains(" - fuse")
   }
 }
+
+/// True when something accepts connections on the Unix socket at `path` (a socket file alone
+/// may be a stale one, or bound but not yet listening).
+public func acceptsConnections(unixSocket path: String) -> Bool {
+  let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+  guard fd >= 0 else { return false }
+  defer { close(fd) }
+  var addr = sockaddr_un()
+  addr.sun_family = sa_family_t(AF_UNIX)
+  let bytes = Array(path.utf8)
+  guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return false }
+  withUnsafeMutableBytes(of: &addr.sun_path) { buf in
+    for (i, b) in bytes.enumerated() { buf[i] = b }
+  }
+  return withUnsafePointer(to: &addr) {
+    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+  } == 0
+}
