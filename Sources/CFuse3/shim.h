@@ -41,7 +41,6 @@ static inline int nixfs_fuse_session_loop_mt(struct fuse_session *se, unsigned i
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
-#include <poll.h>
 #include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/epoll.h>
@@ -82,10 +81,10 @@ static inline ssize_t nixfs_fuse_io_read(int fd, void *buf, size_t len, void *us
     memcpy(buf, NIXFS_IO->replay, (size_t)replay);
     return replay;
   }
-  // The descriptor is non-blocking (see below). A worker reads; when nothing is queued it waits
-  // in its own epoll, where a stop is seen (a worker asleep in read would sleep through it). The
-  // descriptor is registered EPOLLEXCLUSIVE, so a request wakes one waiting worker, as a
-  // blocking read would, not all of them.
+  // The descriptor is non-blocking (see below). A worker waits in its own epoll, where a stop is
+  // seen (a worker asleep in read would sleep through it), then reads. The descriptor is
+  // registered EPOLLEXCLUSIVE, so a request wakes one waiting worker, as a blocking read would,
+  // not all of them.
   static __thread int epoll_fd = -1;
   ssize_t n;
   for (;;) {
@@ -101,8 +100,8 @@ static inline ssize_t nixfs_fuse_io_read(int fd, void *buf, size_t len, void *us
       }
       epoll_fd = ep;
     }
-    // Wait first: a worker comes back to an empty queue more often than to a full one, and a
-    // read that finds nothing is a wasted call.
+    // Waiting first: a worker comes back to an empty queue more often than to a full one, and
+    // a read that finds nothing is a wasted call.
     struct epoll_event ready[2];
     if (epoll_wait(epoll_fd, ready, 2, -1) < 0 && errno != EINTR) return -1;
     if (__atomic_load_n(&NIXFS_IO->stopping, __ATOMIC_SEQ_CST)) {

@@ -167,7 +167,7 @@ public final class LineServer<Request: Decodable & Sendable, Response: Encodable
 
   func serve(_ client: Int32) {
     defer { close(client) }
-    var reader = LineReader(fd: client, receivingDescriptors: true)
+    var reader = LineReader(fd: client)
     while let line = reader.next() {
       // A descriptor sent with a request (the keeper's `hold`) goes to the handler's request.
       let reply: LineReply<Response>
@@ -270,7 +270,7 @@ public final class LineClient<Request: Encodable & Sendable, Response: Decodable
         writeAll(fd, data)
       }
     guard written else { throw ControlError(socket: path, reason: "write failed") }
-    var reader = LineReader(fd: fd, receivingDescriptors: true)
+    var reader = LineReader(fd: fd)
     guard let line = reader.next() else {
       if let d = reader.descriptor { close(d) }
       throw ControlError(socket: path, reason: "no answer (timed out or daemon exited)")
@@ -314,14 +314,10 @@ public func writeAll(_ fd: Int32, _ data: some ContiguousBytes) -> Bool {
 struct LineReader {
   let fd: Int32
   var buffer: [UInt8] = []
-  /// Take a descriptor sent with the bytes (SCM_RIGHTS); the first one is kept in `descriptor`.
-  let receivingDescriptors: Bool
+  /// The first descriptor sent with the bytes (SCM_RIGHTS); the reader's owner closes it.
   var descriptor: Int32?
 
-  init(fd: Int32, receivingDescriptors: Bool = false) {
-    self.fd = fd
-    self.receivingDescriptors = receivingDescriptors
-  }
+  init(fd: Int32) { self.fd = fd }
 
   mutating func next() -> [UInt8]? {
     while true {
@@ -331,15 +327,10 @@ struct LineReader {
         return line
       }
       var chunk = [UInt8](repeating: 0, count: 65536)
-      let n: Int
-      if receivingDescriptors {
-        var received: Int32 = -1
-        n = nixfs_recv_with_fd(fd, &chunk, chunk.count, &received)
-        if received >= 0 {
-          if descriptor == nil { descriptor = received } else { close(received) }
-        }
-      } else {
-        n = read(fd, &chunk, chunk.count)
+      var received: Int32 = -1
+      let n = nixfs_recv_with_fd(fd, &chunk, chunk.count, &received)
+      if received >= 0 {
+        if descriptor == nil { descriptor = received } else { close(received) }
       }
       if n < 0 && errno == EINTR { continue }
       if n <= 0 { return nil }

@@ -16,7 +16,7 @@ import Synchronization
 final class KeeperHolding: Sendable {
   let client: KeeperClient?
   let logger: Logger
-  let connection = Mutex<String?>(nil)
+  let record = Mutex<(@Sendable () -> Handover?)?>(nil)
   let stopped = Atomic<Bool>(false)
 
   init(socket: String?, logger: Logger) {
@@ -28,6 +28,7 @@ final class KeeperHolding: Sendable {
   /// then the keeper is asked every few milliseconds, afterwards every five seconds.
   func start(_ record: @escaping @Sendable () -> Handover?, _ fd: Int32) {
     guard let client else { return }
+    self.record.withLock { $0 = record }
     let logger = logger
     let thread = Thread { [self] in
       var warned = false
@@ -36,7 +37,6 @@ final class KeeperHolding: Sendable {
           usleep(2_000)
           continue
         }
-        connection.withLock { $0 = handover.connection }
         do {
           let (r, _) = try client.exchange(.hold(handover), descriptor: fd, timeout: 5)
           if !r.ok { throw ControlError(socket: client.path, reason: r.reason ?? "refused") }
@@ -60,8 +60,8 @@ final class KeeperHolding: Sendable {
   /// Stops holding; `release` (a deliberate unmount) also tells the keeper to let go.
   func stop(release: Bool) {
     stopped.store(true, ordering: .sequentiallyConsistent)
-    guard release, let client, let c = connection.withLock({ $0 }) else { return }
-    _ = try? client.send(.release(connection: c), timeout: 5)
+    guard release, let client, let handover = record.withLock({ $0 })?() else { return }
+    _ = try? client.send(.release(connection: handover.connection), timeout: 5)
   }
 }
 

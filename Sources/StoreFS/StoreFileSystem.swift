@@ -410,17 +410,21 @@ public final class StoreFileSystem: @unchecked Sendable {
   }
 
   func instance(_ namespace: UInt32, _ path: StorePath) -> UInt32 {
-    state.withLock { s in
+    let (id, isNew) = state.withLock { s -> (UInt32, Bool) in
       let key = InstanceKey(namespace: namespace, path: path)
-      if let id = s.instanceIDs[key] { return id }
+      if let id = s.instanceIDs[key] { return (id, false) }
       let id = s.nextInstance
       s.nextInstance += 1
       s.instanceIDs[key] = id
       s.instances[id] = key
-      journal?.instance(id, namespace: namespace, path: path)
-      return id
+      return (id, true)
     }
+    // Journalled before the kernel learns the number, but outside the lock: lookups of other
+    // paths must not queue behind a write.
+    if isNew { journal?.instance(id, namespace: namespace, path: path) }
+    return id
   }
+
 
   // MARK: Attributes
 
@@ -463,16 +467,17 @@ public final class StoreFileSystem: @unchecked Sendable {
     -> UInt64
   {
     let number = Inode.fileNumber(content)
-    let clash = state.withLock { s -> Bool in
+    let (clash, changed) = state.withLock { s -> (Bool, Bool) in
       if let known = s.files[number] {
-        if known.content != content { return true }
-        if known.path == path { return false }
+        if known.content != content { return (true, false) }
+        if known.path == path { return (false, false) }
       }
       // The latest path to show this content is the one to pin and re-fetch on open.
       s.files[number] = FileInfo(content: content, size: size, path: path)
-      journal?.file(number, content: content, size: size, path: path)
-      return false
+      return (false, true)
     }
+    // Before the reply, outside the lock (as in `instance`).
+    if changed { journal?.file(number, content: content, size: size, path: path) }
     return clash ? Inode.node(instance: instance, index: index) : Inode.file(content: number, executable: executable)
   }
 
