@@ -12,6 +12,8 @@ public struct Substituter: Sendable, Hashable, CustomStringConvertible {
   public let priority: Int
   /// Position in the configuration: the tie-breaker.
   public let position: Int
+  /// The chunk index it offers (`nixfs/v1`, announced in `nix-cache-info`), if any.
+  public var chunkIndex: String? = nil
   public var description: String { url }
 }
 
@@ -100,6 +102,9 @@ public final class BinaryCacheClient: Sendable {
     }
   }
 
+  /// The keys signatures are checked against (narinfos here; chunk indexes by the chunk store).
+  public var trustedKeys: TrustedKeys { trusted }
+
   /// Whether any key is trusted (a client without one refuses every path).
   public var hasTrustedKeys: Bool { !trusted.keys.isEmpty }
 
@@ -162,7 +167,10 @@ public final class BinaryCacheClient: Sendable {
         logger.error("\(error)")
         return .failure(error)
       }
-      return .success(Substituter(url: base, priority: override ?? info.priority, position: position))
+      return .success(
+        Substituter(
+          url: base, priority: override ?? info.priority, position: position,
+          chunkIndex: info.chunkIndex == ChunkIndexWire.prefix ? info.chunkIndex : nil))
     } catch {
       logger.warning("cannot reach substituter", metadata: ["url": "\(base)", "error": "\(error)"])
       return .failure(error)
@@ -408,23 +416,7 @@ public final class BinaryCacheClient: Sendable {
   /// GETs a small text file (narinfo, nix-cache-info), with retries. nil for a miss: 404, or 403
   /// as S3 answers for absent keys (Nix treats both as "not there").
   func fetchText(_ url: String, limit: Int = 8 << 20) async throws(CacheError) -> String? {
-    try await withRetries(url) { () async throws(CacheError) -> String? in
-      let buffer = Locked<[UInt8]>([])
-      let head = try await transport.get(
-        url,
-        onStart: { _ in buffer.withLock { $0.removeAll() } },
-        onData: { bytes in
-          try buffer.withLock {
-            guard $0.count + bytes.count <= limit else {
-              throw CacheError.sizeMismatch(url: url, field: "size limit", expected: UInt64(limit), actual: UInt64($0.count + bytes.count))
-            }
-            $0.append(contentsOf: bytes)
-          }
-        })
-      if head.status == 404 || head.status == 403 { return nil }
-      guard head.isSuccess else { throw .httpStatus(url: url, status: head.status, attempts: 1) }
-      return String(decoding: buffer.withLock { $0 }, as: UTF8.self)
-    }
+    try await fetchBytes(url, limit: limit).map { String(decoding: $0.bytes, as: UTF8.self) }
   }
 
   /// Runs `body` until it succeeds, fails for good, or runs out of attempts. Waits grow

@@ -8,6 +8,8 @@ struct ResponseHead: Sendable {
   var status: Int
   /// The `Content-Range` header of a 206, if any.
   var contentRange: String?
+  /// Every header, names in lower case.
+  var headers: [String: String] = [:]
   var isSuccess: Bool { (200..<300).contains(status) }
 }
 
@@ -197,7 +199,7 @@ private final class TransferContext: @unchecked Sendable {
   /// Body bytes from libcurl. Returns false to abort the transfer.
   func receive(_ bytes: UnsafeRawBufferPointer) -> Bool {
     if head == nil {
-      let h = ResponseHead(status: currentStatus(), contentRange: headers["content-range"])
+      let h = ResponseHead(status: currentStatus(), contentRange: headers["content-range"], headers: headers)
       head = h
       if h.isSuccess {
         do { try onStart(h) } catch {
@@ -279,7 +281,7 @@ private final class TransferContext: @unchecked Sendable {
     case CURLE_OK:
       if head == nil {
         // An empty body: the callbacks never ran.
-        let h = ResponseHead(status: currentStatus(), contentRange: headers["content-range"])
+        let h = ResponseHead(status: currentStatus(), contentRange: headers["content-range"], headers: headers)
         head = h
         if h.isSuccess {
           do { try onStart(h) } catch {

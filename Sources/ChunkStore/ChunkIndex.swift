@@ -248,7 +248,7 @@ extension ChunkStore {
   private func locateChunk(_ id: ChunkID) throws(ChunkStoreError) -> ChunkLocations.Location? {
     do {
       return try withReader { db -> ChunkLocations.Location? in
-        let s = try db.prepare("SELECT size, stored, codec, pack, offset, data FROM chunks WHERE digest = ?").bind(id)
+        let s = try db.prepare("SELECT size, stored, codec, pack, offset, data FROM chunks WHERE digest = ? AND codec != 2").bind(id)
         guard try s.step() else { return nil }
         let chunk = StoredChunk(size: Int(s.int(0)), zstd: (Codec(rawValue: s.int(2)) ?? .raw) == .zstd, storedSize: Int(s.int(1)))
         let pack: Int64? = s.isNull(3) ? nil : s.int(3)

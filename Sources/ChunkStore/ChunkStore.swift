@@ -104,6 +104,8 @@ public final class ChunkStore: @unchecked Sendable {
   let hasSkipColumn: Bool
 
   let chunkCache: ChunkCache
+  /// Fetched, verified chunks not yet written to a pack (see `accept`).
+  let arriving = ArrivingChunks()
   private let layoutCache = NSLock()
   private var layouts: [ContentID: ContentLayout] = [:]
 
@@ -172,6 +174,7 @@ public final class ChunkStore: @unchecked Sendable {
       codec INTEGER NOT NULL, pack INTEGER, offset INTEGER, data BLOB, refs INTEGER NOT NULL);
     CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(pack, offset) WHERE pack IS NOT NULL;
     CREATE INDEX IF NOT EXISTS chunks_unreferenced ON chunks(id) WHERE refs = 0;
+    CREATE INDEX IF NOT EXISTS chunks_absent ON chunks(id) WHERE codec = 2;
     CREATE TABLE IF NOT EXISTS contents(
       id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, size INTEGER NOT NULL, refs INTEGER NOT NULL,
       skip INTEGER NOT NULL DEFAULT 0);
@@ -232,6 +235,9 @@ public final class ChunkStore: @unchecked Sendable {
     case complete = 1
     /// Known but its data is gone (fsck removed a bad chunk): fetch it again.
     case incomplete = 2
+    /// Materialised from a verified chunk index: tree and chunk lists here, chunks fetched as
+    /// they are read (codec `absent` until then). Served like a complete path; never dumped.
+    case partial = 3
   }
 
   // MARK: Connections
@@ -402,6 +408,9 @@ public final class ChunkStore: @unchecked Sendable {
   public func ingest(_ info: PathInfo) throws(ChunkStoreError) -> Ingest {
     guard writer != nil else { throw .index(path: indexPath, operation: "ingest", message: "store opened read-only") }
     if isComplete(info.storePath) { throw .alreadyComplete(storePath: info.storePath) }
+    // A whole NAR replaces a partial path: its references go first (readers excluded), so the
+    // commit starts from a row with none.
+    if let row = try partialRow(info.storePath) { _ = try evict(row: row, path: info.storePath, keepAsIncomplete: true) }
     try beginIngesting(info.storePath)
     do {
       return try Ingest(store: self, info: info)
@@ -436,9 +445,28 @@ public final class ChunkStore: @unchecked Sendable {
   }
   public func isComplete(_ path: StorePath) -> Bool { isComplete(path.path) }
 
-  public func completePaths() -> [StorePath] {
+  public func completePaths() -> [StorePath] { paths(states: "1") }
+
+  /// Complete and partial paths: what the mount lists.
+  public func servablePaths() -> [StorePath] { paths(states: "1, 3") }
+
+  /// Paths materialised from a chunk index whose chunks are not all here.
+  public func partialPaths() -> [StorePath] { paths(states: "3") }
+
+  public func isPartial(_ path: StorePath) -> Bool { (try? partialRow(path.path)) != nil }
+
+  func partialRow(_ path: String) throws(ChunkStoreError) -> Int64? {
+    try wrap("path state") {
+      try withReader { db in
+        let s = try db.prepare("SELECT id FROM paths WHERE store_path = ? AND state = 3").bind(path)
+        return try s.step() ? s.int(0) : nil
+      }
+    }
+  }
+
+  func paths(states: String) -> [StorePath] {
     (try? withReader { db in
-      let s = try db.prepare("SELECT store_path FROM paths WHERE state = 1 ORDER BY store_path")
+      let s = try db.prepare("SELECT store_path FROM paths WHERE state IN (\(states)) ORDER BY store_path")
       var out: [StorePath] = []
       while try s.step() { if let t = s.text(0), let p = try? StorePath(t) { out.append(p) } }
       return out
@@ -496,12 +524,17 @@ public final class ChunkStore: @unchecked Sendable {
       signatures: sigs, ca: s.text(c + 6))
   }
 
-  /// The tree and metadata of a complete path, without chunk lists: what the filesystem needs.
-  public func tree(of path: StorePath) throws(ChunkStoreError) -> Manifest? {
+  /// The tree and metadata of a complete path, without chunk lists.
+  public func tree(of path: StorePath) throws(ChunkStoreError) -> Manifest? { try tree(of: path, states: "1") }
+
+  /// The tree of a path the filesystem can serve: complete, or partial (chunks fetched on read).
+  public func servableTree(of path: StorePath) throws(ChunkStoreError) -> Manifest? { try tree(of: path, states: "1, 3") }
+
+  func tree(of path: StorePath, states: String) throws(ChunkStoreError) -> Manifest? {
     do {
       return try withReader { db -> Manifest? in
         let s = try db.prepare(
-          "SELECT store_path, nar_hash, nar_size, refs, deriver, sigs, ca, tree FROM paths WHERE store_path = ? AND state = 1"
+          "SELECT store_path, nar_hash, nar_size, refs, deriver, sigs, ca, tree FROM paths WHERE store_path = ? AND state IN (\(states))"
         ).bind(path.path)
         guard try s.step() else { return nil }
         guard let info = info(from: s, at: 0), let blob = s.blob(7), let nodes = Manifest.decodeTree(blob) else {
@@ -644,6 +677,12 @@ public final class ChunkStore: @unchecked Sendable {
   /// path (fsck verifies every chunk).
   func chunkBytes(_ loc: ChunkLocation) throws(ChunkStoreError) -> [UInt8] {
     if let b = chunkCache.get(loc.id) { return b }
+    if loc.codec == .absent {
+      if let b = arriving.bytes(loc.id) { return b }
+      // Fetched since this layout was cached?
+      guard let now = try presentLocation(loc) else { throw .chunkAbsent(chunk: loc.id, size: loc.size) }
+      return try chunkBytes(now)
+    }
     let stored: [UInt8]
     if let pack = loc.pack {
       let fd = try packFD(pack)
@@ -673,6 +712,7 @@ public final class ChunkStore: @unchecked Sendable {
         throw .chunkCorrupt(chunk: loc.id, pack: loc.pack ?? 0, offset: loc.offset, reason: "zstd decompression failed")
       }
       raw = r
+    case .absent: throw .chunkAbsent(chunk: loc.id, size: loc.size)
     }
     guard raw.count == loc.size else {
       throw .chunkCorrupt(chunk: loc.id, pack: loc.pack ?? 0, offset: loc.offset, reason: "wrong size")

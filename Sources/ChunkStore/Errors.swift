@@ -22,6 +22,12 @@ public enum ChunkStoreError: Error, Sendable, Hashable, CustomStringConvertible 
   case chunkCorrupt(chunk: ChunkID, pack: Int64, offset: UInt64, reason: String)
   case manifestCorrupt(storePath: String, reason: String)
   case pinned(storePath: String)
+  /// A partial path's chunk that has not been fetched yet: the filesystem fetches it and reads again.
+  case chunkAbsent(chunk: ChunkID, size: Int)
+  /// Fetched bytes that are not the chunk they were asked for; never stored.
+  case chunkRejected(chunk: ChunkID, source: String, reason: String)
+  /// A chunk index that cannot stand for the path (inconsistent with itself or with the store).
+  case indexRefused(storePath: String, reason: String)
 
   public var description: String {
     switch self {
@@ -48,6 +54,9 @@ public enum ChunkStoreError: Error, Sendable, Hashable, CustomStringConvertible 
       "chunk \(chunk) in pack \(pack) at offset \(off) is corrupt (\(why)); run nixfs fsck --repair"
     case .manifestCorrupt(let p, let why): "\(p): stored manifest is corrupt (\(why)); run nixfs fsck --repair"
     case .pinned(let p): "\(p) is pinned and cannot be removed"
+    case .chunkAbsent(let chunk, let size): "chunk \(chunk) (\(size) bytes) has not been fetched yet"
+    case .chunkRejected(let chunk, let source, let why): "chunk \(chunk) from \(source) refused: \(why); it was not stored"
+    case .indexRefused(let p, let why): "\(p): chunk index refused: \(why)"
     }
   }
 }

@@ -450,7 +450,7 @@ final class ChunkPipeline: @unchecked Sendable {
       store.borrow(id)
       let found: Bool
       do {
-        found = try store.withReader { db in try db.prepare("SELECT 1 FROM chunks WHERE digest = ?").bind(id).step() }
+        found = try store.withReader { db in try db.prepare("SELECT 1 FROM chunks WHERE digest = ? AND codec != 2").bind(id).step() }
       } catch {
         store.giveBack([id])
         throw error as? ChunkStoreError ?? .index(path: store.indexPath, operation: "dedup", message: "\(error)")
@@ -548,7 +548,8 @@ final class ChunkPipeline: @unchecked Sendable {
       try db.transaction {
         let existingPath = try db.prepare("SELECT state FROM paths WHERE store_path = ?").bind(info.storePath)
         if try existingPath.step() {
-          if existingPath.int(0) == ChunkStore.PathState.complete.rawValue {
+          // A complete path, or a partial one registered while this ingest ran (it holds references).
+          if existingPath.int(0) != ChunkStore.PathState.incomplete.rawValue {
             throw ChunkStoreError.alreadyComplete(storePath: info.storePath)
           }
           try db.prepare("DELETE FROM paths WHERE store_path = ?").bind(info.storePath).run()
@@ -595,13 +596,45 @@ final class ChunkPipeline: @unchecked Sendable {
         // concurrent ingest may have committed the same chunk first.
         var rowOf: [ChunkID: Int64] = [:]
         rowOf.reserveCapacity(gained.count)
+        // Chunks a partial path knows but lacks, which this ingest wrote: their rows get the bytes
+        // (and keep their references; new ones come below like any deduplicated chunk's).
+        var filled: Set<ChunkID> = []
+        if try db.prepare("SELECT 1 FROM chunks WHERE codec = 2 LIMIT 1").step() {
+          let fill = try db.prepare(
+            "UPDATE chunks SET stored = ?, codec = ?, pack = ?, offset = ?, data = ? WHERE digest = ? AND codec = 2")
+          for (id, w) in written.sorted(by: { $0.key < $1.key }) {
+            fill.again()
+            switch w.stored {
+            case .inline(let codec, let data):
+              fill.set(1, data.count)
+              fill.set(2, codec.rawValue)
+              fill.setNull(3)
+              fill.set(4, 0)
+              fill.set(5, blob: data)
+            case .pack(let codec, let offset, let stored):
+              fill.set(1, stored)
+              fill.set(2, codec.rawValue)
+              fill.set(3, lease!.id)
+              fill.set(4, offset)
+              fill.setNull(5)
+            }
+            fill.set(6, id)
+            try fill.run()
+            guard db.changes == 1 else { continue }
+            filled.insert(id)
+            switch w.stored {
+            case .inline(_, let data): added += UInt64(data.count)
+            case .pack(_, _, let stored): added += UInt64(stored)
+            }
+          }
+        }
         let insertChunk = try db.prepare(
           """
           INSERT OR IGNORE INTO chunks(digest, size, stored, codec, pack, offset, data, refs)
           VALUES(?, ?, ?, ?, ?, ?, ?, ?)
           """
         )
-        for (id, w) in written.sorted(by: { $0.key < $1.key }) {
+        for (id, w) in written.sorted(by: { $0.key < $1.key }) where !filled.contains(id) {
           guard let refs = gained[id] else {
             // Nothing new uses it: a small-file group whose files were all in the store already.
             if case .pack(_, let offset, let stored) = w.stored { duplicates.append((offset, stored)) }
@@ -647,18 +680,7 @@ final class ChunkPipeline: @unchecked Sendable {
           rowOf[id] = addRefs.int(0)
           _ = try addRefs.step()
         }
-        let insertList = try db.prepare("INSERT INTO content_chunks(content, offset, chunk) VALUES(?, ?, ?)")
-        for (content, contentRow) in newContents {
-          var offset: UInt64 = 0
-          for ref in manifest.chunks[content] ?? [] {
-            insertList.again()
-            insertList.set(1, contentRow)
-            insertList.set(2, offset)
-            insertList.set(3, rowOf[ref.id]!)
-            try insertList.run()
-            offset += UInt64(ref.size)
-          }
-        }
+        try ChunkStore.insertChunkLists(db, newContents, of: manifest, rows: rowOf)
         // Their layouts as stored: the rows were there before this transaction, and no other
         // writer can remove them while it runs.
         for content in knownSingles {
@@ -666,16 +688,7 @@ final class ChunkPipeline: @unchecked Sendable {
           stored.chunks[content] = layout.refs
           stored.slices[content] = layout.slice
         }
-        let t = now()
-        try db.prepare(
-          """
-          INSERT INTO paths(store_path, state, nar_hash, nar_size, refs, deriver, sigs, ca, tree, files, file_bytes,
-            registered, last_access) VALUES(?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-          """
-        ).bind(
-          info.storePath, info.narHash, info.narSize, info.references.joined(separator: " "), info.deriver,
-          info.signatures.joined(separator: "\n"), info.ca, manifest.encodeTree(), fileCount, manifest.fileBytes, t, t
-        ).run()
+        try ChunkStore.insertPath(db, manifest, state: .complete, files: fileCount)
         if let lease {
           try db.prepare("UPDATE packs SET committed = max(committed, ?) WHERE id = ?").bind(packEnd, lease.id).run()
           if let e = sync?.wait(), e != 0 {

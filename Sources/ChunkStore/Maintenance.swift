@@ -27,6 +27,11 @@ public struct StoreStats: Sendable, Hashable, Codable {
   public init() {}
   public var paths = 0
   public var incompletePaths = 0
+  /// Paths materialised from a chunk index, with chunks still to fetch.
+  public var partialPaths = 0
+  /// Chunks those paths know but do not hold yet, and their uncompressed bytes.
+  public var absentChunks = 0
+  public var absentBytes: UInt64 = 0
   public var files = 0
   public var contents = 0
   public var chunks = 0
@@ -102,7 +107,7 @@ extension ChunkStore {
     let candidates: [(Int64, String)] = try wrap("gc candidates") {
       try withWriter { db in
         let pinned = try pinnedPaths(db)
-        let s = try db.prepare("SELECT id, store_path FROM paths WHERE state = 1 ORDER BY last_access, id")
+        let s = try db.prepare("SELECT id, store_path FROM paths WHERE state IN (1, 3) ORDER BY last_access, id")
         var out: [(Int64, String)] = []
         while try s.step() { if let p = s.text(1), !pinned.contains(p) { out.append((s.int(0), p)) } }
         return out
@@ -133,7 +138,7 @@ extension ChunkStore {
     let row: Int64? = try wrap("remove") {
       try withWriter { db in
         if try pinnedPaths(db).contains(path.path) { throw ChunkStoreError.pinned(storePath: path.path) }
-        let s = try db.prepare("SELECT id FROM paths WHERE store_path = ? AND state = 1").bind(path.path)
+        let s = try db.prepare("SELECT id FROM paths WHERE store_path = ? AND state IN (1, 3)").bind(path.path)
         return try s.step() ? s.int(0) : nil
       }
     }
@@ -154,7 +159,7 @@ extension ChunkStore {
           try db.transaction {
             // Re-check under the writer: a pin or touch may have come since the candidate list.
             if !keepAsIncomplete, try pinnedPaths(db).contains(path) { return false }
-            let s = try db.prepare("SELECT tree FROM paths WHERE id = ? AND state = 1").bind(row)
+            let s = try db.prepare("SELECT tree FROM paths WHERE id = ? AND state IN (1, 3)").bind(row)
             guard try s.step() else { return false }
             let nodes = s.blob(0).flatMap(Manifest.decodeTree) ?? []
             var multiplicity: [ContentID: Int] = [:]
@@ -240,6 +245,7 @@ extension ChunkStore {
     var pathsChecked = 0
     var contentsChecked = 0
     var chunksChecked = 0
+    var chunksAbsent = 0
   }
 
   func check() throws(ChunkStoreError) -> FsckReport {
@@ -313,6 +319,11 @@ extension ChunkStore {
         problem("chunk \(digest): reference count \(refs), but \(chunkRefs[row] ?? 0) content references")
       }
       if refs == 0 && chunkRefs[row] == nil && !isBorrowed(digest) { problem("chunk \(digest): orphan (no references)") }
+      if c.int(4) == Codec.absent.rawValue {
+        // A partial path's chunk not fetched yet: nothing to check but its references.
+        scan.chunksAbsent += 1
+        continue
+      }
       let stored: [UInt8]?
       let offset = UInt64(c.int(6))
       let storedSize = Int(c.int(3))
@@ -353,7 +364,7 @@ extension ChunkStore {
     // Content references as the trees say.
     var contentRefs: [SHA256Digest: Int64] = [:]
     var pathContents: [Int64: Set<SHA256Digest>] = [:]
-    let t = try db.prepare("SELECT id, store_path, tree FROM paths WHERE state = 1")
+    let t = try db.prepare("SELECT id, store_path, tree FROM paths WHERE state IN (1, 3)")
     while try t.step() {
       scan.pathsChecked += 1
       guard let blob = t.blob(2), let nodes = Manifest.decodeTree(blob) else {
@@ -449,7 +460,7 @@ extension ChunkStore {
             }
             // Rebuild content refs from the remaining trees.
             var contentRefs: [SHA256Digest: Int64] = [:]
-            let t = try db.prepare("SELECT tree FROM paths WHERE state = 1")
+            let t = try db.prepare("SELECT tree FROM paths WHERE state IN (1, 3)")
             while try t.step() {
               for n in t.blob(0).flatMap(Manifest.decodeTree) ?? [] {
                 if case .regular(let cid, _, _) = n.kind { contentRefs[cid, default: 0] += 1 }
@@ -517,11 +528,17 @@ extension ChunkStore {
         let i = try db.prepare("SELECT COUNT(*) FROM paths WHERE state = 2")
         _ = try i.step()
         st.incompletePaths = Int(i.int(0))
+        let pp = try db.prepare("SELECT COUNT(*) FROM paths WHERE state = 3")
+        _ = try pp.step()
+        st.partialPaths = Int(pp.int(0))
+        let ab = try db.prepare("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM chunks WHERE codec = 2")
+        _ = try ab.step()
+        (st.absentChunks, st.absentBytes) = (Int(ab.int(0)), UInt64(ab.int(1)))
         let c = try db.prepare("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM contents")
         _ = try c.step()
         (st.contents, st.uniqueContentBytes) = (Int(c.int(0)), UInt64(c.int(1)))
         let k = try db.prepare(
-          "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(stored), 0), COALESCE(SUM(pack IS NULL), 0) FROM chunks")
+          "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(stored), 0), COALESCE(SUM(pack IS NULL), 0) FROM chunks WHERE codec != 2")
         _ = try k.step()
         (st.chunks, st.chunkBytes, st.storedBytes, st.inlineChunks) = (Int(k.int(0)), UInt64(k.int(1)), UInt64(k.int(2)), Int(k.int(3)))
         let n = try db.prepare("SELECT COUNT(*) FROM packs")

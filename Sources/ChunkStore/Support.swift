@@ -43,6 +43,8 @@ extension NSLock {
 enum Codec: Int64 {
   case raw = 0
   case zstd = 1
+  /// Known from a verified chunk index but not fetched yet (a partial path's): no bytes here.
+  case absent = 2
 }
 
 /// Compresses with zstd; returns nil when compression saves less than 1/32 of the size, in which

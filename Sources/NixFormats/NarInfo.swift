@@ -193,11 +193,16 @@ public struct NixCacheInfo: Hashable, Sendable {
   public var storeDir: String
   public var wantMassQuery: Bool
   public var priority: Int
+  /// `NixfsChunkIndex`: the chunk index a nixfs serve offers (`nixfs/v1`), absent elsewhere.
+  public var chunkIndex: String?
 
-  public init(storeDir: String = StorePath.defaultStoreDir, wantMassQuery: Bool = false, priority: Int = 50) {
+  public init(
+    storeDir: String = StorePath.defaultStoreDir, wantMassQuery: Bool = false, priority: Int = 50, chunkIndex: String? = nil
+  ) {
     self.storeDir = storeDir
     self.wantMassQuery = wantMassQuery
     self.priority = priority
+    self.chunkIndex = chunkIndex
   }
 
   public init(parsing text: String, source: String = "nix-cache-info") throws(NarInfoError) {
@@ -219,6 +224,7 @@ public struct NixCacheInfo: Hashable, Sendable {
           throw NarInfoError(source: source, line: i + 1, reason: "Priority '\(value)' is not a number")
         }
         priority = p
+      case "NixfsChunkIndex": chunkIndex = value
       default: continue
       }
     }
@@ -227,5 +233,6 @@ public struct NixCacheInfo: Hashable, Sendable {
 
   public var serialized: String {
     "StoreDir: \(storeDir)\nWantMassQuery: \(wantMassQuery ? 1 : 0)\nPriority: \(priority)\n"
+      + (chunkIndex.map { "NixfsChunkIndex: \($0)\n" } ?? "")
   }
 }

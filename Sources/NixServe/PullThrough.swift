@@ -237,6 +237,8 @@ public final class ServeCounters: Sendable {
   public let narBytesServed: Prometheus.Counter
   public let uploads: Prometheus.Counter
   public let chunksServed: Prometheus.Counter
+  public let chunkBytesServed: Prometheus.Counter
+  public let manifestsServed: Prometheus.Counter
   /// Bytes the chunk store keeps on disk, refreshed on every scrape.
   public let storedBytes: Gauge
 
@@ -253,6 +255,8 @@ public final class ServeCounters: Sendable {
     narBytesServed = counter("nar_served_bytes_total", "NAR bytes sent to clients")
     uploads = counter("uploads_total", "paths uploaded, verified and stored")
     chunksServed = counter("chunks_served_total", "chunks sent to clients")
+    chunkBytesServed = counter("chunk_served_bytes_total", "chunk bytes sent to clients, as stored (compressed)")
+    manifestsServed = counter("manifests_served_total", "chunk index documents sent to clients")
     storedBytes = registry.makeGauge(name: "nixfs_serve_store_bytes", help: "bytes the chunk store keeps on disk")
   }
 

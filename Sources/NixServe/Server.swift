@@ -189,6 +189,7 @@ public struct ServeServer: Sendable {
         throw HTTPError(.notFound, message: "no NAR with that hash here\n")
       }
       let document = try ChunkIndex.document(for: manifest, signedBy: key)
+      cache.counters.manifestsServed.increment()
       return Response(
         status: .ok, headers: [.contentType: "application/json", .cacheControl: "public, max-age=31536000, immutable"],
         body: ResponseBody(byteBuffer: ByteBuffer(bytes: document)))
@@ -212,6 +213,7 @@ public struct ServeServer: Sendable {
       }
       guard let (chunk, buffer) = found else { throw HTTPError(.notFound, message: "no such chunk here\n") }
       cache.counters.chunksServed.increment()
+      cache.counters.chunkBytesServed.increment(by: Int64(chunk.storedSize))
       var headers: HTTPFields = [.contentType: "application/octet-stream", .cacheControl: "public, max-age=31536000, immutable"]
       headers[Self.encodingHeader] = chunk.zstd ? "zstd" : "identity"
       headers[Self.sizeHeader] = String(chunk.size)

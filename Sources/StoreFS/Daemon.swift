@@ -87,7 +87,8 @@ public final class Daemon: Sendable {
     var options = options
     options.statfsPath = stateDir
     filesystem = StoreFileSystem(
-      store: store, materialiser: Substitution(cache: cache, store: store, logger: logger), options: options,
+      store: store, materialiser: Substitution(cache: cache, store: store, useChunkIndex: options.useChunkIndex, logger: logger),
+      options: options,
       logger: logger)
   }
 
@@ -259,7 +260,7 @@ public final class Daemon: Sendable {
     var queue = [path]
     var local = true
     while let p = queue.popLast() {
-      guard let tree = try? store.tree(of: p) else {
+      guard let tree = try? store.servableTree(of: p) else {
         local = false
         break
       }

@@ -11,6 +11,13 @@ final class FSMetrics: Sendable {
   /// Uncompressed NAR bytes ingested, and compressed bytes downloaded for them.
   static let narBytesFetched = Counter(label: "nixfs_nar_bytes_fetched_total")
   static let downloadBytes = Counter(label: "nixfs_download_bytes_total")
+  /// Chunk-lazy paths: materialised from a verified chunk index, indexes refused (the NAR was
+  /// fetched instead), chunks fetched and the bytes sent for them, chunks that did not verify.
+  static let pathsFromIndex = Counter(label: "nixfs_paths_from_chunk_index_total")
+  static let indexRefused = Counter(label: "nixfs_chunk_indexes_refused_total")
+  static let chunksFetched = Counter(label: "nixfs_chunks_fetched_total")
+  static let chunkBytesFetched = Counter(label: "nixfs_chunk_download_bytes_total")
+  static let chunksRejected = Counter(label: "nixfs_chunks_rejected_total")
   let fetchSeconds = Timer(label: "nixfs_fetch_duration_seconds")
   /// Store path resolutions: served from the local store, or fetched first.
   let localHits = Counter(label: "nixfs_store_path_resolutions_total", dimensions: [("result", "local")])

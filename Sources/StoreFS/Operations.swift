@@ -335,21 +335,53 @@ extension StoreFileSystem {
   }
 
   func read(_ req: Request, ino: UInt64, size: Int, offset: off_t) {
-    guard let content = file(ino)?.content else {
+    guard let file = file(ino) else {
       return replyError(req, ESTALE, cause: "stale")
     }
+    let sequential = readPattern.record(file.content, offset: UInt64(offset), size: size)
+    do {
+      if try replyRead(req, file.content, size: size, offset: offset) { return }
+    } catch {
+      logger.error("read failed", metadata: ["content": "\(file.content)", "offset": "\(offset)", "error": "\(error)"])
+      return replyError(req, EIO, cause: "read")
+    }
+    // A partial path's chunks are not all here: fetch them (never on this worker), then answer.
+    let ahead = sequential ? Self.readAhead : 0
+    Task {
+      do {
+        for _ in 0..<3 {
+          let refs = try self.store.absentChunks(content: file.content, offset: UInt64(offset), count: size, ahead: ahead)
+          try await self.materialiser.fetchChunks(refs)
+          if try self.replyRead(req, file.content, size: size, offset: offset) { return }
+        }
+        throw MaterialiseFailure.failed("its chunks are still absent after fetching them")
+      } catch {
+        self.logger.error(
+          "cannot fetch the chunks of a read",
+          metadata: ["path": "\(file.path)", "content": "\(file.content)", "offset": "\(offset)", "error": "\(error)"])
+        self.replyError(req, EIO, cause: "fetch")
+      }
+    }
+  }
+
+  /// How far past a sequential read a partial file's chunks are fetched with it.
+  static let readAhead = 2 << 20
+
+  /// Answers a read from the store; false (nothing sent) when a chunk it needs is absent.
+  func replyRead(_ req: Request, _ content: ContentID, size: Int, offset: off_t) throws -> Bool {
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(size, 1), alignment: 16)
     defer { buffer.deallocate() }
+    let n: Int
     do {
-      let n = try store.read(
-        content: content, offset: UInt64(offset), into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<size]))
-      metrics.request("read")
-      metrics.bytesServed.increment(by: Int64(n))
-      _ = fuse_reply_buf(req.raw, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), n)
+      n = try store.read(content: content, offset: UInt64(offset), into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<size]))
     } catch {
-      logger.error("read failed", metadata: ["content": "\(content)", "offset": "\(offset)", "error": "\(error)"])
-      replyError(req, EIO, cause: "read")
+      if case .chunkAbsent = error { return false }
+      throw error
     }
+    metrics.request("read")
+    metrics.bytesServed.increment(by: Int64(n))
+    _ = fuse_reply_buf(req.raw, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), n)
+    return true
   }
 
   // MARK: Directories
@@ -366,7 +398,7 @@ extension StoreFileSystem {
     switch Inode.decode(ino) {
     case .root:
       // What this node has or is fetching; never the caches' contents.
-      var paths = Set(store.completePaths())
+      var paths = Set(store.servablePaths())
       state.withLock { s in paths.formUnion(s.inflight.keys) }
       return .entries(
         paths.sorted().map { p in

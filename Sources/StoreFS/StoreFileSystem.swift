@@ -25,6 +25,8 @@ public struct StoreFSOptions: Sendable {
   public var storeDir: String = StorePath.defaultStoreDir
   /// Mount over a live mount or a non-empty directory (`--allow-non-empty`); refused otherwise.
   public var allowNonEmpty = false
+  /// Materialise paths from signed chunk indexes where offered (chunk-lazy), else whole NARs.
+  public var useChunkIndex = true
   public init() {}
 }
 
@@ -54,6 +56,7 @@ public final class StoreFileSystem: @unchecked Sendable {
   /// What the kernel's node ids mean, for the next daemon on this connection.
   var journal: KernelViewJournal?
   let gate = HandoverGate()
+  let readPattern = ReadPattern()
 
   struct InstanceKey: Hashable {
     let namespace: UInt32  // 0: the store directory; n: view number n
@@ -306,11 +309,11 @@ public final class StoreFileSystem: @unchecked Sendable {
     }
   }
 
-  /// The tree of `path` if it is complete locally, without any network.
+  /// The tree of `path` if it is here (complete, or partial: chunks come as read), without any network.
   func localTree(_ path: StorePath) -> Manifest? {
     if let t = cachedTree(path) { return t }
     do {
-      guard let t = try store.tree(of: path) else { return nil }
+      guard let t = try store.servableTree(of: path) else { return nil }
       remember(path, t)
       return t
     } catch {
@@ -380,7 +383,7 @@ public final class StoreFileSystem: @unchecked Sendable {
         defer { metrics.inflight.decrement() }
         let start = ContinuousClock.now
         do {
-          try await materialiser.materialise(path)
+          try await materialiser.materialise(path, whole: false)
         } catch {
           self.finished(path, negative: { if case MaterialiseFailure.notFound = error { true } else { false } }())
           throw error
@@ -396,9 +399,13 @@ public final class StoreFileSystem: @unchecked Sendable {
 
   /// Materialises `paths` now (`nixfs fetch` through a running daemon), `parallel` at a time,
   /// sharing downloads with concurrent lookups. Returns how many were fetched.
+  /// Partial paths are completed (their missing chunks fetched).
   public func prefetch(_ paths: [StorePath], parallel: Int) async throws -> Int {
-    let missing = paths.filter { localTree($0) == nil }
-    try await inParallel(missing, limit: parallel) { p in try await self.materialisation(of: p).value }
+    let missing = paths.filter { !store.isComplete($0) }
+    try await inParallel(missing, limit: parallel) { p in
+      try await self.materialisation(of: p).value
+      try await self.materialiser.materialise(p, whole: true)
+    }
     return missing.count
   }
 
@@ -546,6 +553,22 @@ public final class StoreFileSystem: @unchecked Sendable {
   }
 
   public var knownInodes: Int { state.withLock { $0.lookups.count } }
+}
+
+/// Where the last read of each file content ended, to tell sequential reads (which fetch ahead
+/// within a partial file) from random ones. Bounded: forgotten wholesale when full.
+final class ReadPattern: Sendable {
+  private let ends = Mutex<[ContentID: UInt64]>([:])
+
+  /// Records a read; true when it starts where the previous read of the content ended.
+  func record(_ content: ContentID, offset: UInt64, size: Int) -> Bool {
+    ends.withLock { e in
+      let sequential = offset > 0 && e[content] == offset
+      if e.count >= 4096 { e.removeAll(keepingCapacity: true) }
+      e[content] = offset + UInt64(size)
+      return sequential
+    }
+  }
 }
 
 /// A FUSE request: replied to exactly once, from whichever thread finishes it.

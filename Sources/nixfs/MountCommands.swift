@@ -35,6 +35,8 @@ struct MountCommand: ParsableCommand {
   var negativeTimeout: Double = 30
   @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
   @Flag(help: "Mount over a live mount or a non-empty directory, hiding what is there.") var allowNonEmpty = false
+  @Flag(help: "Fetch whole NARs even where a substituter offers a signed chunk index (no chunk-lazy paths).")
+  var noChunkIndex = false
   @Option(
     help: ArgumentHelp(
       "The socket of a `nixfs keeper`, which holds the FUSE connection so that a crash or restart of this daemon never breaks a pod.",
@@ -83,6 +85,7 @@ struct MountCommand: ParsableCommand {
     options.maxThreads = threads
     options.negativeTimeout = negativeTimeout
     options.allowNonEmpty = allowNonEmpty
+    options.useChunkIndex = !noChunkIndex
     let daemon = Daemon(
       mountpoint: mountpoint, stateDir: cache.stateDir, cache: client, store: store, options: options, logger: logger)
     let outcome: ServeOutcome

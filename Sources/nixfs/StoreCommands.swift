@@ -194,7 +194,8 @@ struct StatsCommand: ParsableCommand {
     }
     func mib(_ b: UInt64) -> String { String(format: "%.1f MiB", Double(b) / 1048576) }
     print("""
-      paths:             \(s.paths) complete, \(s.incompletePaths) incomplete
+      paths:             \(s.paths) complete, \(s.partialPaths) partial, \(s.incompletePaths) incomplete
+      chunks to fetch:   \(s.absentChunks) (\(mib(s.absentBytes)), of partial paths)
       files:             \(s.files) (\(s.contents) distinct contents)
       chunks:            \(s.chunks) (\(s.inlineChunks) inline in the index) in \(s.packs) packs
       NAR bytes:         \(s.narBytes) (\(mib(s.narBytes)))

@@ -1,0 +1,74 @@
+// The client side of the chunk index wire format (Documentation/serve.md, "Chunk index v1"):
+// signed documents by NarHash and chunks by digest, from substituters that announce them. Nothing
+// here is believed: the chunk store checks documents against trusted keys and chunks against
+// their digests.
+import Foundation
+import NixFormats
+
+/// Names of the chunk index wire format.
+public enum ChunkIndexWire {
+  /// The version this client speaks, as announced in `nix-cache-info` (`NixfsChunkIndex:`).
+  public static let prefix = "nixfs/v1"
+  /// The largest document accepted (a path of millions of files is well under it).
+  public static let documentLimit = 256 << 20
+}
+
+/// One chunk as a substituter sent it: its stored form, unchecked.
+public struct FetchedChunk: Sendable {
+  /// One zstd frame (`X-Nixfs-Encoding: zstd`), else the bytes themselves.
+  public let zstd: Bool
+  public let bytes: [UInt8]
+  /// Where it came from, for error messages.
+  public let url: String
+}
+
+extension BinaryCacheClient {
+  /// The substituters that offer chunk indexes, best first.
+  public func chunkSources() async -> [Substituter] {
+    await substituters().filter { $0.chunkIndex != nil }
+  }
+
+  /// The chunk index document for the NAR of `info`, from the substituter that served the narinfo
+  /// when it offers chunk indexes. Nil when it does not, or has no document for this NAR (404).
+  public func chunkIndexDocument(for info: CachedPathInfo) async throws(CacheError) -> Data? {
+    guard info.substituter.chunkIndex != nil else { return nil }
+    let url = "\(info.substituter.url)/\(ChunkIndexWire.prefix)/manifests/\(info.info.narHash.nix32Digest)"
+    return try await fetchBytes(url, limit: ChunkIndexWire.documentLimit).map { Data($0.bytes) }
+  }
+
+  /// The chunk named `hexDigest` from `source`, whose uncompressed size is `size`: nil when the
+  /// source does not have it. The body is bounded by what `size` bytes can take compressed.
+  public func fetchChunk(_ hexDigest: String, size: Int, from source: Substituter) async throws(CacheError) -> FetchedChunk? {
+    let url = "\(source.url)/\(ChunkIndexWire.prefix)/chunks/\(hexDigest)"
+    // zstd's worst case is the input plus a small frame overhead.
+    let limit = size + size / 128 + (64 << 10)
+    guard let (bytes, headers) = try await fetchBytes(url, limit: limit) else { return nil }
+    let encoding = headers["x-nixfs-encoding"] ?? "identity"
+    guard encoding == "zstd" || encoding == "identity" else {
+      throw .decompression(url: url, compression: encoding, reason: "unknown X-Nixfs-Encoding")
+    }
+    return FetchedChunk(zstd: encoding == "zstd", bytes: bytes, url: url)
+  }
+
+  /// GETs a bounded body with retries; nil on 404 (or 403, as S3 answers for absent keys).
+  func fetchBytes(_ url: String, limit: Int) async throws(CacheError) -> (bytes: [UInt8], headers: [String: String])? {
+    try await withRetries(url) { () async throws(CacheError) -> ([UInt8], [String: String])? in
+      let buffer = Locked<[UInt8]>([])
+      let head = try await transport.get(
+        url,
+        onStart: { _ in buffer.withLock { $0.removeAll() } },
+        onData: { bytes in
+          try buffer.withLock {
+            guard $0.count + bytes.count <= limit else {
+              throw CacheError.sizeMismatch(
+                url: url, field: "size limit", expected: UInt64(limit), actual: UInt64($0.count + bytes.count))
+            }
+            $0.append(contentsOf: bytes)
+          }
+        })
+      if head.status == 404 || head.status == 403 { return nil }
+      guard head.isSuccess else { throw .httpStatus(url: url, status: head.status, attempts: 1) }
+      return (buffer.withLock { $0 }, head.headers)
+    }
+  }
+}

@@ -1,0 +1,206 @@
+import Foundation
+import NixFormats
+import Testing
+import TestSupport
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// A large store path (about 100 MiB) and a small unrelated one, signed and in a zstd cache:
+/// the upstream of a serve that nodes read chunk by chunk.
+final class LargePathFixture: @unchecked Sendable {
+  let tmp: TemporaryDirectory
+  let publicKey: String
+  let big: StorePath
+  let other: StorePath
+  let tree: String
+  let cache: String
+
+  private static let once = OnceFixture { try LargePathFixture() }
+  static func shared() throws -> LargePathFixture { try once.get() }
+
+  init() throws {
+    tmp = try TemporaryDirectory("chunk-lazy-fixture")
+    let nix = NixFixture(in: tmp.path)
+    let (sk, pk) = try nix.generateKey("upstream-1")
+    publicKey = pk
+    tree = tmp.sub("big")
+    try Tree.file("\(tree)/lib/a.so", Tree.bytes(48 << 20, seed: 11))
+    try Tree.file("\(tree)/lib/b.so", Tree.bytes(48 << 20, seed: 12))
+    try Tree.file("\(tree)/bin/tool", Tree.bytes(1 << 20, seed: 13), executable: true)
+    try Tree.file("\(tree)/etc/hello.txt", "hello from a lazy path\n")
+    for i in 0..<40 { try Tree.file("\(tree)/share/doc/\(i).txt", Tree.bytes(1000 + 50 * i, seed: UInt64(100 + i))) }
+    try Tree.symlink("\(tree)/bin/alias", to: "tool")
+    big = try StorePath(nix.add(tree))
+    let o = tmp.sub("other")
+    try Tree.file("\(o)/data", "another path\n")
+    other = try StorePath(nix.add(o))
+    try nix.sign([big.path, other.path], keyFile: sk)
+    cache = tmp.sub("cache")
+    try nix.copy([big.path, other.path], toCache: cache, compression: "zstd")
+  }
+
+  func narInfo(_ path: StorePath) throws -> NarInfo {
+    try NarInfo(parsing: String(contentsOfFile: "\(cache)/\(path.hashPart).narinfo", encoding: .utf8))
+  }
+}
+
+/// Chunk-lazy nodes: a node that trusts a serve's key materialises a path from its signed chunk
+/// index at once and fetches only the chunks that reads touch, each checked against its digest.
+@Suite(.serialized) struct ChunkLazyTests {
+  let fx: LargePathFixture
+  init() throws { fx = try LargePathFixture.shared() }
+
+  /// A serve holding the fixture (pulled through once), its key, and an empty node state.
+  struct Setup {
+    let tmp: TemporaryDirectory
+    let upstream: CacheServer
+    let serve: Serve
+    let serveKey: String
+  }
+
+  func setUp(_ label: String) throws -> Setup {
+    let tmp = try TemporaryDirectory(label)
+    let nix = NixFixture(in: tmp.path)
+    let (sk, pk) = try nix.generateKey("serve-1")
+    let upstream = try CacheServer(directory: fx.cache)
+    let serve = try Serve(upstream: upstream, key: fx.publicKey, stateDir: tmp.sub("serve"), extra: ["--secret-key-file", sk])
+    // The serve holds the path before any node asks (`nixfs-chunk`).
+    #expect(try get("\(serve.url)/\(fx.big.hashPart).narinfo").status == 200)
+    return Setup(tmp: tmp, upstream: upstream, serve: serve, serveKey: pk)
+  }
+
+  func mount(_ s: Setup, trusting keys: [String], extra: [String] = [], mountpoint: String? = nil) throws -> MountedStore {
+    try MountedStore(
+      mountpoint: mountpoint ?? s.tmp.sub("mnt"), stateDir: s.tmp.sub("node"),
+      arguments: ["--substituter", s.serve.url, "--log-level", "info"] + keys.flatMap { ["--trusted-public-key", $0] } + extra)
+  }
+
+  /// A counter's value in the serve's Prometheus text.
+  func metric(_ serve: Serve, _ name: String) throws -> Double {
+    let text = try get("\(serve.url)/metrics").body
+    for line in text.split(separator: "\n") where line.hasPrefix(name + " ") {
+      return Double(line.split(separator: " ")[1]) ?? -1
+    }
+    Issue.record("no \(name) in the serve's metrics")
+    return -1
+  }
+
+  func contents(_ path: String) throws -> [UInt8] { Array(try Data(contentsOf: URL(fileURLWithPath: path))) }
+
+  @Test func aFileOfALargePathFetchesOnlyItsChunks() throws {
+    let s = try setUp("lazy-read")
+    let node = try mount(s, trusting: [fx.publicKey, s.serveKey])
+    defer { node.stop() }
+    let root = node.path(fx.big.baseName)
+    // The tree is there before any data: listing and stat cost no chunk.
+    let names = try FileManager.default.contentsOfDirectory(atPath: "\(root)/lib").sorted()
+    #expect(names == ["a.so", "b.so"])
+    let attrs = try FileManager.default.attributesOfItem(atPath: "\(root)/lib/a.so")
+    #expect((attrs[.size] as? Int) == 48 << 20)
+    #expect(try metric(s.serve, "nixfs_serve_chunk_served_bytes_total") == 0)
+    // One 1 MiB file of a 97 MiB path.
+    #expect(try contents("\(root)/bin/tool") == (try contents("\(fx.tree)/bin/tool")))
+    #expect(try String(contentsOfFile: "\(root)/etc/hello.txt", encoding: .utf8) == "hello from a lazy path\n")
+    let sent = try metric(s.serve, "nixfs_serve_chunk_served_bytes_total")
+    #expect(sent >= 1_048_576 && sent < 1.4 * 1_048_576, "the node fetched \(sent) bytes for 1 MiB of files")
+    #expect(try metric(s.serve, "nixfs_serve_nar_served_bytes_total") == 0, "no NAR may move")
+    // Everything, then the whole path dumps to its signed NarHash.
+    for file in ["lib/a.so", "lib/b.so", "share/doc/7.txt", "share/doc/39.txt"] {
+      #expect(try contents("\(root)/\(file)") == (try contents("\(fx.tree)/\(file)")), "\(file)")
+    }
+    let nar = try NixFixture.dump(root)
+    #expect(NixHash.sha256(nar) == (try fx.narInfo(fx.big)).narHash)
+    // A second read costs nothing: the chunks are in the node's store.
+    let before = try metric(s.serve, "nixfs_serve_chunks_served_total")
+    _ = try NixFixture.dump(root)
+    #expect(try metric(s.serve, "nixfs_serve_chunks_served_total") == before)
+  }
+
+  /// After a restart the partial path and the chunks fetched so far are still there.
+  @Test func fetchedChunksSurviveARestartAndFetchCompletesThePath() throws {
+    let s = try setUp("lazy-restart")
+    let first = try mount(s, trusting: [fx.publicKey, s.serveKey])
+    defer { first.stop() }
+    #expect(try contents(first.path("\(fx.big.baseName)/bin/tool")) == (try contents("\(fx.tree)/bin/tool")))
+    first.stop()
+    let sent = try metric(s.serve, "nixfs_serve_chunks_served_total")
+    // Another mountpoint: the first one's teardown must not touch this mount.
+    let node = try mount(s, trusting: [fx.publicKey, s.serveKey], mountpoint: s.tmp.sub("mnt2"))
+    defer { node.stop() }
+    #expect(try contents(node.path("\(fx.big.baseName)/bin/tool")) == (try contents("\(fx.tree)/bin/tool")))
+    #expect(try metric(s.serve, "nixfs_serve_chunks_served_total") == sent, "the chunks were kept")
+    // `nixfs fetch` through the daemon completes the path: every chunk, then the NarHash.
+    let fetched = try run([nixfsBinary, "fetch", "--state-dir", s.tmp.sub("node"), fx.big.path], check: false)
+    #expect(fetched.status == 0, "\(fetched.stderr)")
+    let stats = try run([nixfsBinary, "stats", "--state-dir", s.tmp.sub("node")], check: false)
+    #expect(stats.text.contains(" 0 partial") && stats.text.contains("chunks to fetch:   0 "), "\(stats.text)")
+    let nar = try NixFixture.dump(node.path(fx.big.baseName))
+    #expect(NixHash.sha256(nar) == (try fx.narInfo(fx.big)).narHash)
+  }
+
+  /// A node that does not trust the serve's key believes its narinfo (upstream-signed) but not its
+  /// chunk index: the path comes whole, as from any cache.
+  @Test func anUntrustedIndexFallsBackToTheWholeNAR() throws {
+    let s = try setUp("lazy-untrusted")
+    let node = try mount(s, trusting: [fx.publicKey])
+    defer { node.stop() }
+    let root = node.path(fx.big.baseName)
+    #expect(try String(contentsOfFile: "\(root)/etc/hello.txt", encoding: .utf8) == "hello from a lazy path\n")
+    #expect(try metric(s.serve, "nixfs_serve_chunk_served_bytes_total") == 0)
+    #expect(try metric(s.serve, "nixfs_serve_nar_served_bytes_total") > 90 * 1024 * 1024)
+    #expect(node.daemon.stderr.contains("chunk index not used"), "\(node.daemon.stderr.suffix(2000))")
+  }
+
+  /// A serve whose stored bytes went bad sends chunks that do not match their digests: the read
+  /// fails with EIO, the bad bytes are never served or kept, and other files still read.
+  @Test func aTamperedChunkIsNeverServed() throws {
+    let s = try setUp("lazy-tamper")
+    // Flip bytes across the serve's pack files: the big files are most of their bytes.
+    let packs = s.tmp.sub("serve") + "/packs"
+    for name in try FileManager.default.contentsOfDirectory(atPath: packs) {
+      let fd = open("\(packs)/\(name)", O_RDWR)
+      #expect(fd >= 0)
+      var st = stat()
+      _ = fstat(fd, &st)
+      var at = Int64(st.st_size) / 8
+      while at < Int64(st.st_size) {
+        var byte: UInt8 = 0
+        _ = pread(fd, &byte, 1, off_t(at))
+        byte ^= 0x5a
+        _ = pwrite(fd, &byte, 1, off_t(at))
+        at += 4 << 20
+      }
+      close(fd)
+    }
+    let node = try mount(s, trusting: [fx.publicKey, s.serveKey])
+    defer { node.stop() }
+    let root = node.path(fx.big.baseName)
+    #expect(throws: (any Error).self) { try contents("\(root)/lib/a.so") }
+    #expect(throws: (any Error).self, "refused bytes must not have been kept") { try contents("\(root)/lib/a.so") }
+    #expect(try String(contentsOfFile: "\(root)/etc/hello.txt", encoding: .utf8) == "hello from a lazy path\n")
+    let log = node.daemon.stderr
+    #expect(log.contains("do not hash to its name") || log.contains("not one zstd frame"), "\(log.suffix(3000))")
+    #expect(log.contains(fx.big.path), "the log names the path")
+  }
+
+  /// The serve dies mid-read: reads of chunks not fetched yet fail with EIO (bounded), chunks
+  /// already here still read, and paths from the next substituter are served.
+  @Test func aDeadServeFailsOnlyTheReadsThatNeedIt() throws {
+    let s = try setUp("lazy-dead")
+    let node = try mount(
+      s, trusting: [fx.publicKey, s.serveKey],
+      extra: ["--substituter", s.upstream.url, "--connect-timeout", "2", "--stall-timeout", "3"])
+    defer { node.stop() }
+    let root = node.path(fx.big.baseName)
+    #expect(try contents("\(root)/bin/tool") == (try contents("\(fx.tree)/bin/tool")))
+    s.serve.process.signal(SIGKILL)
+    _ = s.serve.process.wait(seconds: 10)
+    let start = Date()
+    #expect(throws: (any Error).self) { try contents("\(root)/lib/b.so") }
+    #expect(Date().timeIntervalSince(start) < 60, "the failing read took \(Date().timeIntervalSince(start)) s")
+    #expect(try contents("\(root)/bin/tool") == (try contents("\(fx.tree)/bin/tool")))
+    #expect(try String(contentsOfFile: node.path("\(fx.other.baseName)/data"), encoding: .utf8) == "another path\n")
+  }
+}
