@@ -291,10 +291,19 @@ public final class BinaryCacheClient: Sendable {
 
   /// The narinfos of `roots` and everything they reference, transitively. Lookups run in parallel
   /// (up to `maxConnections` at once) over the transport's kept-alive connections.
+  /// A substituter that offers chunk indexes answers a whole closure in one request
+  /// (`nixfs/v1/closure`); each narinfo in it is checked as if fetched alone, and whatever it
+  /// lacks is looked up as usual.
   public func closure(of roots: [StorePath]) async throws(CacheError) -> [StorePath: CachedPathInfo] {
     var result: [StorePath: CachedPathInfo] = [:]
-    var seen = Set(roots)
-    var pending = Array(Set(roots)).sorted()
+    if let source = await chunkSources().first {
+      for root in roots { result.merge(await closureInOneRequest(root, from: source)) { a, _ in a } }
+    }
+    var seen = Set(roots).union(result.keys)
+    var pending = Array(Set(roots).subtracting(result.keys)).sorted()
+    for info in result.values {
+      for ref in info.info.references where seen.insert(ref).inserted { pending.append(ref) }
+    }
     let width = configuration.maxConnections
     let outcome: CacheError? = await withTaskGroup(of: Result<CachedPathInfo, CacheError>.self) { group in
       var inFlight = 0
@@ -319,6 +328,33 @@ public final class BinaryCacheClient: Sendable {
     }
     if let outcome { throw outcome }
     return result
+  }
+
+  /// The closure of `root` as `source`'s closure endpoint gives it, each narinfo checked (and
+  /// remembered like any other); empty when the request or its answer is unusable.
+  func closureInOneRequest(_ root: StorePath, from source: Substituter) async -> [StorePath: CachedPathInfo] {
+    struct Answer: Decodable { var narinfos: [String: String] }
+    let url = "\(source.url)/\(ChunkIndexWire.prefix)/closure/\(root.hashPart)"
+    let answer: Answer
+    do {
+      guard let got = try await fetchBytes(url, limit: 64 << 20) else { return [:] }
+      answer = try JSONDecoder().decode(Answer.self, from: Data(got.bytes))
+    } catch {
+      logger.warning("closure endpoint not usable; asking path by path", metadata: ["url": "\(url)", "error": "\(error)"])
+      return [:]
+    }
+    var out: [StorePath: CachedPathInfo] = [:]
+    for (hashPart, text) in answer.narinfos {
+      let narinfoURL = "\(source.url)/\(hashPart).narinfo"
+      do throws(CacheError) {
+        let info = try check(text, url: narinfoURL, hashPart: hashPart, path: nil, substituter: source)
+        narinfoCache.store(substituter: source.url, hashPart: hashPart, .present(text))
+        out[info.info.storePath] = info
+      } catch {
+        logger.warning("a narinfo of a closure answer was refused", metadata: ["url": "\(narinfoURL)", "error": "\(error)"])
+      }
+    }
+    return out
   }
 
   // MARK: NAR download

@@ -32,7 +32,8 @@ extension BinaryCacheClient {
   /// when it offers chunk indexes. Nil when it does not, or has no document for this NAR (404).
   public func chunkIndexDocument(for info: CachedPathInfo) async throws(CacheError) -> Data? {
     guard info.substituter.chunkIndex != nil else { return nil }
-    let url = "\(info.substituter.url)/\(ChunkIndexWire.prefix)/manifests/\(info.info.narHash.nix32Digest)"
+    let url =
+      "\(info.substituter.url)/\(ChunkIndexWire.prefix)/manifests/\(info.info.narHash.nix32Digest)?path=\(info.info.storePath.hashPart)"
     return try await fetchBytes(url, limit: ChunkIndexWire.documentLimit).map { Data($0.bytes) }
   }
 

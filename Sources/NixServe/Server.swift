@@ -183,9 +183,20 @@ public struct ServeServer: Sendable {
   /// `GET nixfs/v1/chunks/<SHA-256 hex>`: one chunk as stored (`X-Nixfs-Encoding: zstd` or
   /// `identity`; the digest is of the uncompressed bytes). Both immutable.
   static func addChunkIndex(_ router: Router<BasicRequestContext>, cache: PullThroughCache, key: SecretKey) {
-    router.get("nixfs/v1/manifests/:digest") { _, context -> Response in
+    router.get("nixfs/v1/manifests/:digest") { request, context -> Response in
       let digest = try context.parameters.require("digest")
-      guard let path = cache.heldPath(narHashDigest: digest), let manifest = try? cache.store.manifest(of: path) else {
+      var held = cache.heldPath(narHashDigest: digest)
+      // `?path=<hash part>`: a path not held yet is pulled through first (verified like any),
+      // so a node's first request on a cold serve gets an index rather than a NAR.
+      if held == nil, let hashPart = request.uri.queryParameters.get("path") {
+        do throws(ServeError) {
+          let path = try await cache.path(hashPart: hashPart)
+          if cache.store.pathInfo(of: path)?.narHash == "sha256:" + digest { held = path }
+        } catch {
+          throw Self.httpError(error)
+        }
+      }
+      guard let path = held, let manifest = try? cache.store.manifest(of: path) else {
         throw HTTPError(.notFound, message: "no NAR with that hash here\n")
       }
       let document = try ChunkIndex.document(for: manifest, signedBy: key)

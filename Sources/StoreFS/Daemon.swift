@@ -212,6 +212,7 @@ public final class Daemon: Sendable {
       } catch {
         return .failed(.internalError, "\(path): cannot pin the closure: \(error)")
       }
+      await filesystem.warm(closure)
       let name = Self.viewName(volumeID)
       filesystem.addView(StoreView(id: name, closure: closure, result: path))
       logger.info("view published", metadata: ["volume": "\(volumeID)", "path": "\(path)", "closure": "\(closure.count)"])

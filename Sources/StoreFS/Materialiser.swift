@@ -27,6 +27,9 @@ public protocol Materialiser: Sendable {
   func materialise(_ path: StorePath, whole: Bool) async throws
   /// Fetches chunks partial paths lack into the store, each checked against its digest.
   func fetchChunks(_ refs: [ChunkRef]) async throws
+  /// Makes the path servable from its chunk index if its substituter offers a good one, with no
+  /// NAR download; false when it cannot (the path is then fetched whole when first looked up).
+  func materialiseFromIndex(_ path: StorePath) async -> Bool
 }
 
 /// The real materialiser: narinfo (signature checked) from the caches; then the path's chunk
@@ -121,6 +124,21 @@ public final class Substitution: Materialiser, Sendable {
   }
 
   public func fetchChunks(_ refs: [ChunkRef]) async throws { try await chunks.fetch(refs) }
+
+  public func materialiseFromIndex(_ path: StorePath) async -> Bool {
+    if store.isComplete(path) || store.isPartial(path) { return true }
+    guard useChunkIndex, let info = try? await cache.narInfo(for: path), let manifest = await verifiedIndex(info) else {
+      return false
+    }
+    do {
+      try store.registerPartial(manifest)
+      FSMetrics.pathsFromIndex.increment()
+      return true
+    } catch {
+      logger.warning("chunk index not usable", metadata: ["path": "\(path)", "error": "\(error)"])
+      return false
+    }
+  }
 
   /// Materialises the closures of `roots` eagerly and whole (`nixfs fetch`), `parallel` paths at a time.
   public func fetchClosure(of roots: [StorePath], parallel: Int = 4) async throws -> (paths: Int, fetched: Int, narBytes: UInt64) {

@@ -409,6 +409,20 @@ public final class StoreFileSystem: @unchecked Sendable {
     return missing.count
   }
 
+  /// Before a pod starts: the trees of `paths` from their chunk indexes, `parallel` at a time and
+  /// for at most `seconds`, so the pod's first lookups are local. No NAR is downloaded here.
+  public func warm(_ paths: [StorePath], parallel: Int = 8, seconds: Double = 20) async {
+    let missing = paths.filter { localTree($0) == nil }
+    guard !missing.isEmpty else { return }
+    let materialiser = self.materialiser
+    await withTaskGroup(of: Void.self) { group in
+      group.addTask { try? await inParallel(missing, limit: parallel) { p in _ = await materialiser.materialiseFromIndex(p) } }
+      group.addTask { try? await Task.sleep(nanoseconds: UInt64(seconds * 1e9)) }
+      await group.next()
+      group.cancelAll()
+    }
+  }
+
   func finished(_ path: StorePath, negative: Bool = false) {
     state.withLock { s in
       s.inflight[path] = nil

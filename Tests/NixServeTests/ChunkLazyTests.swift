@@ -60,14 +60,14 @@ final class LargePathFixture: @unchecked Sendable {
     let serveKey: String
   }
 
-  func setUp(_ label: String) throws -> Setup {
+  func setUp(_ label: String, warm: Bool = true) throws -> Setup {
     let tmp = try TemporaryDirectory(label)
     let nix = NixFixture(in: tmp.path)
     let (sk, pk) = try nix.generateKey("serve-1")
     let upstream = try CacheServer(directory: fx.cache)
     let serve = try Serve(upstream: upstream, key: fx.publicKey, stateDir: tmp.sub("serve"), extra: ["--secret-key-file", sk])
     // The serve holds the path before any node asks (`nixfs-chunk`).
-    #expect(try get("\(serve.url)/\(fx.big.hashPart).narinfo").status == 200)
+    if warm { #expect(try get("\(serve.url)/\(fx.big.hashPart).narinfo").status == 200) }
     return Setup(tmp: tmp, upstream: upstream, serve: serve, serveKey: pk)
   }
 
@@ -116,6 +116,39 @@ final class LargePathFixture: @unchecked Sendable {
     let before = try metric(s.serve, "nixfs_serve_chunks_served_total")
     _ = try NixFixture.dump(root)
     #expect(try metric(s.serve, "nixfs_serve_chunks_served_total") == before)
+  }
+
+  /// NodePublishVolume on a cold node, with a cold serve: the closure's narinfos in one request
+  /// (no narinfo request of its own), the serve pulls the path through for its index, and the
+  /// tree is here before the pod looks; no NAR moves to the node.
+  @Test func aPublishMakesTheTreesLocalBeforeThePodLooks() throws {
+    let s = try setUp("lazy-publish", warm: false)
+    let node = try mount(s, trusting: [fx.publicKey, s.serveKey])
+    defer { node.stop() }
+    func publish(_ volume: String, _ path: StorePath) throws -> String {
+      try run(["python3", "-c", """
+        import json, socket, sys
+        s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+        s.sendall((json.dumps({"publish": {"volumeID": sys.argv[3], "storePath": sys.argv[2]}}) + "\\n").encode())
+        print(s.makefile().readline())
+        """, s.tmp.sub("node") + "/control.sock", path.path, volume]).text
+    }
+    let reply = try publish("pod-1", fx.big)
+    #expect(reply.contains("viewPath"), "\(reply)")
+    #expect(try metric(s.serve, "nixfs_serve_manifests_served_total") == 1)
+    #expect(try metric(s.serve, "nixfs_serve_paths_pulled_total") == 1, "pulled through for its index")
+    let stats = try run([nixfsBinary, "stats", "--state-dir", s.tmp.sub("node")]).text
+    #expect(stats.contains("0 complete, 1 partial"), "\(stats)")
+    #expect(try String(contentsOfFile: node.path(".views/pod-1/store/\(fx.big.baseName)/etc/hello.txt"), encoding: .utf8)
+      == "hello from a lazy path\n")
+    #expect(try metric(s.serve, "nixfs_serve_nar_served_bytes_total") == 0)
+    // A path the serve holds: a narinfo request for it would be a hit; the closure request is not.
+    #expect(try get("\(s.serve.url)/\(fx.other.hashPart).narinfo").status == 200)
+    #expect(try get("\(s.serve.url)/\(fx.other.hashPart).narinfo").status == 200)
+    let hits = try metric(s.serve, "nixfs_serve_narinfo_hits_total")
+    #expect(try publish("pod-2", fx.other).contains("viewPath"))
+    #expect(try metric(s.serve, "nixfs_serve_narinfo_hits_total") == hits, "the closure came in one request")
+    #expect(try metric(s.serve, "nixfs_serve_manifests_served_total") == 2)
   }
 
   /// After a restart the partial path and the chunks fetched so far are still there.
