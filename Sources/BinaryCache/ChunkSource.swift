@@ -73,3 +73,46 @@ extension BinaryCacheClient {
     }
   }
 }
+
+/// Startup profiles (`nixfs/v1/profiles/<hash part>`): which chunks pods of a store path read
+/// first, merged by the serve from what nodes report. Only a hint: it chooses what to prefetch.
+public struct StartupProfile: Codable, Sendable, Equatable {
+  public var version = 1
+  /// `[chunk SHA-256 hex, uncompressed size]`, in the order they were first read.
+  public var chunks: [[String]]
+  public init(chunks: [(hex: String, size: Int)]) { self.chunks = chunks.map { [$0.hex, String($0.size)] } }
+
+  /// The entries that are well formed.
+  public var entries: [(hex: String, size: Int)] {
+    chunks.compactMap { c in
+      guard c.count == 2, c[0].utf8.count == 64, let size = Int(c[1]), size > 0 else { return nil }
+      return (c[0], size)
+    }
+  }
+
+  /// The largest profile sent or taken (entries).
+  public static let limit = 65_536
+}
+
+extension BinaryCacheClient {
+  /// The startup profile of `path` from `source`, or nil when it has none or cannot be asked.
+  public func startupProfile(of path: StorePath, from source: Substituter) async -> StartupProfile? {
+    let url = "\(source.url)/\(ChunkIndexWire.prefix)/profiles/\(path.hashPart)"
+    do {
+      guard let got = try await fetchBytes(url, limit: 16 << 20) else { return nil }
+      return try JSONDecoder().decode(StartupProfile.self, from: Data(got.bytes))
+    } catch {
+      logger.debug("no usable startup profile", metadata: ["url": "\(url)", "error": "\(error)"])
+      return nil
+    }
+  }
+
+  /// Reports the chunks pods of `path` read first, for `source` to merge into its profile.
+  public func sendStartupProfile(_ profile: StartupProfile, of path: StorePath, to source: Substituter) async throws(CacheError) {
+    let url = "\(source.url)/\(ChunkIndexWire.prefix)/profiles/\(path.hashPart)"
+    let body = (try? JSONEncoder().encode(profile)).map { [UInt8]($0) } ?? []
+    guard !body.isEmpty else { return }
+    let head = try await transport.get(url, post: body, onStart: { _ in }, onData: { _ in })
+    guard head.isSuccess else { throw .httpStatus(url: url, status: head.status, attempts: 1) }
+  }
+}

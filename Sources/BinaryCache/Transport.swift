@@ -56,13 +56,15 @@ final class Transport: @unchecked Sendable {
   /// `onData` gets the body in order. Both run on a transport thread, never concurrently.
   /// `onEnd` runs there too, after the last byte of a complete 2xx response.
   /// Non-2xx statuses are returned, not thrown; transport failures throw.
+  /// With `post`, the request is a POST of those bytes instead.
   func get(
-    _ url: String, from offset: UInt64 = 0,
+    _ url: String, from offset: UInt64 = 0, post: [UInt8]? = nil,
     onStart: @escaping @Sendable (ResponseHead) throws -> Void,
     onData: @escaping @Sendable (UnsafeRawBufferPointer) throws -> Void,
     onEnd: (@Sendable () throws -> Void)? = nil
   ) async throws(CacheError) -> ResponseHead {
     let context = TransferContext(url: url, settings: settings, onStart: onStart, onData: onData, onEnd: onEnd)
+    context.postBody = post
     let result: Result<ResponseHead, CacheError> = await withTaskCancellationHandler {
       await withCheckedContinuation { continuation in
         submit { easy, errorBuffer in
@@ -140,6 +142,7 @@ private final class TransferContext: @unchecked Sendable {
   var head: ResponseHead? = nil
   var headers: [String: String] = [:]
   var callbackError: (any Error)? = nil
+  var postBody: [UInt8]? = nil
   var isFile: Bool
   /// The stall clock: when the transfer last made `stallBytes` of progress, and how far it was.
   var progressAt = DispatchTime.now()
@@ -258,6 +261,11 @@ private final class TransferContext: @unchecked Sendable {
     if let ca = settings.caFile { _ = nixfs_curl_easy_setopt_str(easy, CURLOPT_CAINFO, ca) }
     // Proxies: libcurl reads http_proxy / https_proxy / all_proxy / no_proxy from the environment.
     if offset > 0 { _ = nixfs_curl_easy_setopt_str(easy, CURLOPT_RANGE, "\(offset)-") }
+    if let body = postBody {
+      // libcurl copies the bytes: nothing here must outlive the call.
+      _ = nixfs_curl_easy_setopt_off(easy, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(body.count))
+      _ = body.withUnsafeBytes { nixfs_curl_easy_setopt_ptr(easy, CURLOPT_COPYPOSTFIELDS, $0.baseAddress) }
+    }
     _ = nixfs_curl_easy_setopt_ptr(easy, CURLOPT_ERRORBUFFER, errorBuffer)
     _ = nixfs_curl_easy_setopt_write(easy, CURLOPT_WRITEFUNCTION, writeCallback)
     _ = nixfs_curl_easy_setopt_ptr(easy, CURLOPT_WRITEDATA, opaque)

@@ -142,6 +142,16 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
 
   /// Which store path the volume attributes ask for: `<system>`, then `storePath`, then `flakeRef`,
   /// then `nixExpr` (the last two need a nix binary on the node).
+  /// `startupProfile: "false"` turns learned prefetch off for a volume (on by default).
+  static func startupProfile(_ attributes: [String: String]) throws -> Bool {
+    switch attributes["startupProfile"] {
+    case nil, "true": return true
+    case "false": return false
+    case let other?:
+      throw fail(.invalidArgument, "volumeAttributes startupProfile is \(LogText.bounded(other, limit: 64)): expected true or false")
+    }
+  }
+
   func requestedPath(_ attributes: [String: String]) throws -> StorePath {
     let text: String
     if let p = attributes[config.system] {
@@ -213,6 +223,7 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
     let target = checkedTarget.path
     let attributes = request.volumeContext.filter { !$0.key.hasPrefix("csi.storage.k8s.io/") }
     let path = try requestedPath(attributes)
+    let startupProfile = try Self.startupProfile(attributes)
     if let existing = records.byTarget(target) {
       guard existing.volumeID == request.volumeID && existing.attributes == attributes else {
         throw Self.fail(
@@ -228,7 +239,8 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
 
     let response: ControlResponse
     do {
-      response = try control.send(.publish(volumeID: request.volumeID, storePath: path.path))
+      response = try control.send(
+        .publish(volumeID: request.volumeID, storePath: path.path, startupProfile: startupProfile))
     } catch {
       throw Self.fail(.unavailable, "\(path): the nixfs mount daemon is not answering (\(error))")
     }
@@ -287,7 +299,7 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
     let mounted = Mounts.mountPoints()
     for r in records.all {
       if mounted.contains(r.targetPath) {
-        _ = try? control.send(.publish(volumeID: r.volumeID, storePath: r.storePath))
+        _ = try? control.send(.publish(volumeID: r.volumeID, storePath: r.storePath, startupProfile: false))
         logger.info("kept", metadata: ["volume": "\(r.volumeID)", "target": "\(r.targetPath)"])
       } else {
         try? unpublish(volumeID: r.volumeID, target: r.targetPath)

@@ -187,6 +187,8 @@ public final class ChunkStore: @unchecked Sendable {
       ca TEXT, tree BLOB, files INTEGER NOT NULL, file_bytes INTEGER NOT NULL,
       registered INTEGER NOT NULL, last_access INTEGER NOT NULL);
     CREATE INDEX IF NOT EXISTS paths_lru ON paths(state, last_access);
+    CREATE TABLE IF NOT EXISTS unverified_slices(chunk BLOB NOT NULL, content BLOB NOT NULL, skip INTEGER NOT NULL,
+      size INTEGER NOT NULL, PRIMARY KEY(chunk, content)) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS pins(store_path TEXT NOT NULL, holder TEXT NOT NULL,
       PRIMARY KEY(store_path, holder)) WITHOUT ROWID;
     """
@@ -324,6 +326,8 @@ public final class ChunkStore: @unchecked Sendable {
       guard let d = s.digest(1), keep[d] == nil else { continue }
       dead.append((s.int(0), s.isNull(2) ? nil : s.int(2), UInt64(s.int(3)), UInt64(s.int(4))))
     }
+    // Packed files of partial paths gone since, whose chunk never came.
+    try db.exec("DELETE FROM unverified_slices WHERE chunk NOT IN (SELECT digest FROM chunks)")
     guard !dead.isEmpty else { return }
     let del = "DELETE FROM chunks WHERE id = ?"
     do {

@@ -122,6 +122,65 @@ extension ChunkStore {
           }
           try Self.insertChunkLists(db, newContents, of: manifest, rows: rowOf)
           try Self.insertPath(db, manifest, state: .partial, files: files)
+          // Packed small files are named by their bytes: checked when their chunk is here.
+          let slice = try db.prepare("INSERT OR IGNORE INTO unverified_slices(chunk, content, skip, size) VALUES(?, ?, ?, ?)")
+          for (content, _) in newContents {
+            guard let skip = manifest.slices[content], let chunk = manifest.chunks[content]?.first else { continue }
+            slice.again()
+            slice.set(1, chunk.id)
+            slice.set(2, content)
+            slice.set(3, Int(skip))
+            slice.set(4, multiplicity[content]!.size)
+            try slice.run()
+          }
+        }
+      }
+    }
+    try checkHeldSlices(of: info.storePath)
+  }
+
+  /// Packed files of a newly registered path whose chunk the store already holds: checked now.
+  /// A mismatch means the index lied about them: the path goes again.
+  func checkHeldSlices(of path: String) throws(ChunkStoreError) {
+    let rows: [(ChunkLocation, ContentID, Int, Int)] = try wrap("slices") {
+      try withReader { db in
+        let s = try db.prepare(
+          "SELECT s.content, s.skip, s.size, ch.id, ch.digest, ch.size, ch.stored, ch.codec, ch.pack, ch.offset "
+            + "FROM unverified_slices s JOIN chunks ch ON ch.digest = s.chunk WHERE ch.codec != 2")
+        var out: [(ChunkLocation, ContentID, Int, Int)] = []
+        while try s.step() {
+          guard let content = s.digest(0), let id = s.digest(4) else { continue }
+          let loc = ChunkLocation(
+            rowID: s.int(3), id: id, size: Int(s.int(5)), stored: Int(s.int(6)), codec: Codec(rawValue: s.int(7)) ?? .raw,
+            pack: s.isNull(8) ? nil : s.int(8), offset: UInt64(s.int(9)))
+          out.append((loc, content, Int(s.int(1)), Int(s.int(2))))
+        }
+        return out
+      }
+    }
+    guard !rows.isEmpty else { return }
+    var bad: ContentID?
+    try gcLock.read { () throws(ChunkStoreError) in
+      for (loc, content, skip, size) in rows where bad == nil {
+        let raw = try chunkBytes(loc)
+        let ok =
+          skip + size <= raw.count
+          && raw.withUnsafeBytes { SHA256Digest.of(UnsafeRawBufferPointer(rebasing: $0[skip..<skip + size])) } == content
+        if !ok { bad = content }
+      }
+    }
+    if let bad {
+      if let row = try partialRow(path) { _ = try evict(row: row, path: path, keepAsIncomplete: false) }
+      throw .indexRefused(storePath: path, reason: "the packed file \(bad) does not match its name")
+    }
+    try wrap("slices") {
+      try withWriter { db in
+        let del = try db.prepare("DELETE FROM unverified_slices WHERE chunk = ? AND content = ?")
+        for (loc, content, _, _) in rows {
+          del.again()
+          del.set(1, loc.id)
+          del.set(2, content)
+          try del.run()
         }
       }
     }
@@ -215,12 +274,7 @@ extension ChunkStore {
   func slices(in id: ChunkID) throws(ChunkStoreError) -> [(content: ContentID, skip: Int, size: Int)] {
     try wrap("slices") {
       try withReader { db in
-        let s = try db.prepare(
-          """
-          SELECT c.digest, c.skip, c.size FROM chunks ch JOIN content_chunks cc ON cc.chunk = ch.id
-          JOIN contents c ON c.id = cc.content WHERE ch.digest = ? AND (c.skip > 0 OR c.size < ch.size)
-          """
-        ).bind(id)
+        let s = try db.prepare("SELECT content, skip, size FROM unverified_slices WHERE chunk = ?").bind(id)
         var out: [(ContentID, Int, Int)] = []
         while try s.step() { if let d = s.digest(0) { out.append((d, Int(s.int(1)), Int(s.int(2)))) } }
         return out
@@ -301,6 +355,13 @@ extension ChunkStore {
             if end > lease.start {
               try db.prepare("UPDATE packs SET committed = max(committed, ?) WHERE id = ?").bind(end, lease.id).run()
             }
+            // Checked in `accept` before they were readable.
+            let verified = try db.prepare("DELETE FROM unverified_slices WHERE chunk = ?")
+            for p in placed {
+              verified.again()
+              verified.set(1, p.id)
+              try verified.run()
+            }
           }
         }
       } catch {
@@ -343,6 +404,20 @@ extension ChunkStore {
       }
       return out
     }
+  }
+
+  /// Those of `refs` that a path here knows but lacks (anything else is never fetched for it).
+  public func absentAmong(_ refs: [ChunkRef]) -> [ChunkRef] {
+    (try? withReader { db in
+      let s = try db.prepare("SELECT 1 FROM chunks WHERE digest = ? AND codec = 2 AND size = ?")
+      return try refs.filter { ref in
+        s.again()
+        s.set(1, ref.id)
+        s.set(2, Int(ref.size))
+        guard try s.step() else { return false }
+        return chunkCache.get(ref.id) == nil && arriving.bytes(ref.id) == nil
+      }
+    }) ?? []
   }
 
   /// Every chunk a partial path still lacks (for `nixfs fetch`, which completes it).

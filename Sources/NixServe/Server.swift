@@ -1,3 +1,4 @@
+import BinaryCache
 import ChunkStore
 import Foundation
 import HTTPTypes
@@ -22,13 +23,16 @@ public struct ServeServer: Sendable {
   public let indexKey: SecretKey?
   /// Where uploads go, and who may make them; nil: uploads are refused.
   public let uploads: (area: UploadArea, credentials: UploadCredentials)?
+  /// Startup profiles nodes report (with the chunk index only).
+  public let profiles: StartupProfiles?
   let logger: Logger
 
   public init(
     cache: PullThroughCache, host: String, port: Int, priority: Int = 30,
     uploads: (area: UploadArea, credentials: UploadCredentials)? = nil, indexKey: SecretKey? = nil,
-    idleTimeout: Double = 60, logger: Logger
+    idleTimeout: Double = 60, profiles: StartupProfiles? = nil, logger: Logger
   ) {
+    self.profiles = profiles
     self.cache = cache
     self.idleTimeout = idleTimeout
     self.indexKey = indexKey
@@ -80,7 +84,7 @@ public struct ServeServer: Sendable {
     router.get(":file", use: narinfo)
     router.head(":file", use: narinfo)
 
-    if let key = indexKey { Self.addChunkIndex(router, cache: cache, key: key) }
+    if let key = indexKey { Self.addChunkIndex(router, cache: cache, key: key, profiles: profiles) }
     router.get("metrics") { _, _ -> Response in
       if let bytes = try? cache.store.storedBytes() { cache.counters.storedBytes.set(Double(bytes)) }
       return Response(
@@ -182,7 +186,10 @@ public struct ServeServer: Sendable {
   /// `GET nixfs/v1/manifests/<NarHash digest, nix32>`: the signed chunk index of a held NAR.
   /// `GET nixfs/v1/chunks/<SHA-256 hex>`: one chunk as stored (`X-Nixfs-Encoding: zstd` or
   /// `identity`; the digest is of the uncompressed bytes). Both immutable.
-  static func addChunkIndex(_ router: Router<BasicRequestContext>, cache: PullThroughCache, key: SecretKey) {
+  static func addChunkIndex(
+    _ router: Router<BasicRequestContext>, cache: PullThroughCache, key: SecretKey, profiles: StartupProfiles?
+  ) {
+    if let profiles { addProfiles(router, profiles) }
     router.get("nixfs/v1/manifests/:digest") { request, context -> Response in
       let digest = try context.parameters.require("digest")
       var held = cache.heldPath(narHashDigest: digest)
@@ -229,6 +236,36 @@ public struct ServeServer: Sendable {
       headers[Self.encodingHeader] = chunk.zstd ? "zstd" : "identity"
       headers[Self.sizeHeader] = String(chunk.size)
       return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: buffer))
+    }
+  }
+
+  /// `GET` and `POST nixfs/v1/profiles/<hash part>`: a store path's startup profile, and a node's
+  /// report of what its pods read first (merged; see `StartupProfiles`).
+  static func addProfiles(_ router: Router<BasicRequestContext>, _ profiles: StartupProfiles) {
+    @Sendable func hashPart(_ context: BasicRequestContext) throws -> String {
+      let hash = try context.parameters.require("hash")
+      guard PullThroughCache.isHashPart(hash) else { throw HTTPError(.badRequest, message: "not a store path hash\n") }
+      return hash
+    }
+    router.get("nixfs/v1/profiles/:hash") { _, context -> Response in
+      guard let profile = profiles.get(try hashPart(context)) else { throw HTTPError(.notFound, message: "no profile\n") }
+      let data = try JSONEncoder().encode(profile)
+      // It grows as nodes report: cacheable only briefly.
+      return Response(
+        status: .ok, headers: [.contentType: "application/json", .cacheControl: "public, max-age=60"],
+        body: ResponseBody(byteBuffer: ByteBuffer(bytes: data)))
+    }
+    router.post("nixfs/v1/profiles/:hash") { request, context -> Response in
+      let hash = try hashPart(context)
+      let body = try await request.body.collect(upTo: 8 << 20)
+      guard let report = try? JSONDecoder().decode(StartupProfile.self, from: Data(buffer: body)), report.version == 1 else {
+        throw HTTPError(.badRequest, message: "not a startup profile (version 1)\n")
+      }
+      let kept: Int
+      do { kept = try profiles.merge(report, into: hash) } catch {
+        throw HTTPError(.internalServerError, message: "cannot keep the profile: \(error)\n")
+      }
+      return Self.text("{\"chunks\":\(kept)}\n", type: "application/json", immutable: false)
     }
   }
 

@@ -10,8 +10,9 @@ import Foundation
 public enum ControlRequest: Codable, Sendable, Equatable {
   case ping
   /// Resolve `storePath`'s closure (narinfos only, no NAR download), pin it, and expose it as a
-  /// view; idempotent for the same volume and path.
-  case publish(volumeID: String, storePath: String)
+  /// view; idempotent for the same volume and path. `startupProfile` (default on): prefetch what
+  /// pods of this path read first, and report what this one reads.
+  case publish(volumeID: String, storePath: String, startupProfile: Bool? = nil)
   case unpublish(volumeID: String)
   case views
   /// Materialise the closures of `storePaths` now (prefetch); answers when done.

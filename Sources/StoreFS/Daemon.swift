@@ -196,7 +196,7 @@ public final class Daemon: Sendable {
       } catch {
         return .failed(.internalError, "\(error)")
       }
-    case .publish(let volumeID, let text):
+    case .publish(let volumeID, let text, let startupProfile):
       let path: StorePath
       do { path = try StorePath(text) } catch { return .failed(.invalidArgument, "\(error)") }
       let closure: [StorePath]
@@ -213,6 +213,7 @@ public final class Daemon: Sendable {
         return .failed(.internalError, "\(path): cannot pin the closure: \(error)")
       }
       await filesystem.warm(closure)
+      if startupProfile ?? true { filesystem.startPod(root: path, closure: closure) }
       let name = Self.viewName(volumeID)
       filesystem.addView(StoreView(id: name, closure: closure, result: path))
       logger.info("view published", metadata: ["volume": "\(volumeID)", "path": "\(path)", "closure": "\(closure.count)"])

@@ -30,6 +30,10 @@ public protocol Materialiser: Sendable {
   /// Makes the path servable from its chunk index if its substituter offers a good one, with no
   /// NAR download; false when it cannot (the path is then fetched whole when first looked up).
   func materialiseFromIndex(_ path: StorePath) async -> Bool
+  /// The chunks pods of `root` read first, as the chunk source learned them (empty: none).
+  func startupProfile(of root: StorePath) async -> [ChunkRef]
+  /// Tells the chunk source what a pod of `root` read first.
+  func reportStartupProfile(_ refs: [ChunkRef], of root: StorePath) async
 }
 
 /// The real materialiser: narinfo (signature checked) from the caches; then the path's chunk
@@ -124,6 +128,26 @@ public final class Substitution: Materialiser, Sendable {
   }
 
   public func fetchChunks(_ refs: [ChunkRef]) async throws { try await chunks.fetch(refs) }
+
+  public func startupProfile(of root: StorePath) async -> [ChunkRef] {
+    guard useChunkIndex, let source = await cache.chunkSources().first,
+      let profile = await cache.startupProfile(of: root, from: source)
+    else { return [] }
+    return profile.entries.prefix(StartupProfile.limit).compactMap { e in
+      ChunkID(hex: e.hex).map { ChunkRef(id: $0, size: UInt32(clamping: e.size)) }
+    }
+  }
+
+  public func reportStartupProfile(_ refs: [ChunkRef], of root: StorePath) async {
+    guard let source = await cache.chunkSources().first else { return }
+    let profile = StartupProfile(chunks: refs.prefix(StartupProfile.limit).map { ($0.id.hex, Int($0.size)) })
+    do {
+      try await cache.sendStartupProfile(profile, of: root, to: source)
+      logger.info("startup profile reported", metadata: ["path": "\(root)", "chunks": "\(refs.count)"])
+    } catch {
+      logger.warning("cannot report a startup profile", metadata: ["path": "\(root)", "error": "\(error)"])
+    }
+  }
 
   public func materialiseFromIndex(_ path: StorePath) async -> Bool {
     if store.isComplete(path) || store.isPartial(path) { return true }

@@ -351,6 +351,7 @@ extension StoreFileSystem {
       do {
         for _ in 0..<3 {
           let refs = try self.store.absentChunks(content: file.content, offset: UInt64(offset), count: size, ahead: ahead)
+          self.startups.record(file.path, refs)
           try await self.materialiser.fetchChunks(refs)
           if try self.replyRead(req, file.content, size: size, offset: offset) { return }
         }

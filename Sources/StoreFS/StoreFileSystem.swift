@@ -27,6 +27,8 @@ public struct StoreFSOptions: Sendable {
   public var allowNonEmpty = false
   /// Materialise paths from signed chunk indexes where offered (chunk-lazy), else whole NARs.
   public var useChunkIndex = true
+  /// How long after a publish the chunks its pod reads count as its startup profile (0: off).
+  public var startupProfileSeconds: Double = 10
   public init() {}
 }
 
@@ -57,6 +59,7 @@ public final class StoreFileSystem: @unchecked Sendable {
   var journal: KernelViewJournal?
   let gate = HandoverGate()
   let readPattern = ReadPattern()
+  let startups = StartupRecorder()
 
   struct InstanceKey: Hashable {
     let namespace: UInt32  // 0: the store directory; n: view number n
@@ -423,6 +426,31 @@ public final class StoreFileSystem: @unchecked Sendable {
     }
   }
 
+  /// A pod of `root` is about to start: prefetch the chunks its path's startup profile names
+  /// (those a partial path here lacks), and record the chunks it fetches in its first seconds,
+  /// to be reported to the chunk source. Both in the background.
+  public func startPod(root: StorePath, closure: [StorePath]) {
+    let seconds = options.startupProfileSeconds
+    guard seconds > 0 else { return }
+    let window = startups.open(root: root, members: Set(closure))
+    let (materialiser, store, logger) = (self.materialiser, self.store, self.logger)
+    Task {
+      let profile = await materialiser.startupProfile(of: root)
+      guard !profile.isEmpty else { return }
+      let absent = store.absentAmong(profile)
+      logger.info(
+        "prefetching a startup profile", metadata: ["path": "\(root)", "chunks": "\(profile.count)", "absent": "\(absent.count)"])
+      do { try await materialiser.fetchChunks(absent) } catch {
+        logger.warning("startup profile prefetch incomplete", metadata: ["path": "\(root)", "error": "\(error)"])
+      }
+    }
+    Task {
+      try? await Task.sleep(nanoseconds: UInt64(seconds * 1e9))
+      let read = startups.close(window)
+      if !read.isEmpty { await materialiser.reportStartupProfile(read, of: root) }
+    }
+  }
+
   func finished(_ path: StorePath, negative: Bool = false) {
     state.withLock { s in
       s.inflight[path] = nil
@@ -583,6 +611,39 @@ final class ReadPattern: Sendable {
       return sequential
     }
   }
+}
+
+/// Chunks pods fetch in their first seconds, per publish: what a startup profile is made of.
+final class StartupRecorder: Sendable {
+  struct Window {
+    let root: StorePath
+    let members: Set<StorePath>
+    var chunks: [ChunkRef] = []
+    var seen: Set<ChunkID> = []
+  }
+  private let state = Mutex<(next: Int, open: [Int: Window])>((0, [:]))
+  /// Chunks one window records at most (a profile holds no more: `StartupProfile.limit`).
+  static let limit = 65_536
+
+  func open(root: StorePath, members: Set<StorePath>) -> Int {
+    state.withLock { s in
+      s.next += 1
+      s.open[s.next] = Window(root: root, members: members)
+      return s.next
+    }
+  }
+
+  /// Chunks a read of a file of `path` had to fetch.
+  func record(_ path: StorePath, _ refs: [ChunkRef]) {
+    state.withLock { s in
+      for (id, var w) in s.open where w.members.contains(path) && w.chunks.count < Self.limit {
+        for r in refs where w.seen.insert(r.id).inserted { w.chunks.append(r) }
+        s.open[id] = w
+      }
+    }
+  }
+
+  func close(_ id: Int) -> [ChunkRef] { state.withLock { $0.open.removeValue(forKey: id)?.chunks ?? [] } }
 }
 
 /// A FUSE request: replied to exactly once, from whichever thread finishes it.

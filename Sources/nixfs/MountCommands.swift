@@ -37,6 +37,8 @@ struct MountCommand: ParsableCommand {
   @Flag(help: "Mount over a live mount or a non-empty directory, hiding what is there.") var allowNonEmpty = false
   @Flag(help: "Fetch whole NARs even where a substituter offers a signed chunk index (no chunk-lazy paths).")
   var noChunkIndex = false
+  @Option(help: "Seconds after a publish whose chunk fetches make the pod's startup profile, reported to the chunk source (0: off).")
+  var startupProfileSeconds: Double = 10
   @Option(
     help: ArgumentHelp(
       "The socket of a `nixfs keeper`, which holds the FUSE connection so that a crash or restart of this daemon never breaks a pod.",
@@ -86,6 +88,7 @@ struct MountCommand: ParsableCommand {
     options.negativeTimeout = negativeTimeout
     options.allowNonEmpty = allowNonEmpty
     options.useChunkIndex = !noChunkIndex
+    options.startupProfileSeconds = startupProfileSeconds
     let daemon = Daemon(
       mountpoint: mountpoint, stateDir: cache.stateDir, cache: client, store: store, options: options, logger: logger)
     let outcome: ServeOutcome

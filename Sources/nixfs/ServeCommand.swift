@@ -77,9 +77,15 @@ struct ServeCommand: AsyncParsableCommand {
         fail("--secret-key-file \(file): \(error)")
       }
     }
+    var profiles: StartupProfiles? = nil
+    if indexKey != nil {
+      do { profiles = try StartupProfiles(stateDirectory: cache.stateDir, store: store, logger: logger) } catch {
+        fail("\(cache.stateDir)/profiles: \(error)")
+      }
+    }
     let server = ServeServer(
       cache: pull, host: host, port: port, priority: priority, uploads: uploads, indexKey: indexKey,
-      idleTimeout: idleTimeout, logger: logger)
+      idleTimeout: idleTimeout, profiles: profiles, logger: logger)
     let shown = host.contains(":") ? "[\(host)]" : host
     do {
       try await server.run { bound in

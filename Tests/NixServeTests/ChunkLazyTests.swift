@@ -71,10 +71,32 @@ final class LargePathFixture: @unchecked Sendable {
     return Setup(tmp: tmp, upstream: upstream, serve: serve, serveKey: pk)
   }
 
-  func mount(_ s: Setup, trusting keys: [String], extra: [String] = [], mountpoint: String? = nil) throws -> MountedStore {
+  func mount(
+    _ s: Setup, trusting keys: [String], extra: [String] = [], mountpoint: String? = nil, state: String = "node"
+  ) throws -> MountedStore {
     try MountedStore(
-      mountpoint: mountpoint ?? s.tmp.sub("mnt"), stateDir: s.tmp.sub("node"),
+      mountpoint: mountpoint ?? s.tmp.sub("mnt"), stateDir: s.tmp.sub(state),
       arguments: ["--substituter", s.serve.url, "--log-level", "info"] + keys.flatMap { ["--trusted-public-key", $0] } + extra)
+  }
+
+  /// What the CSI plugin asks the daemon on NodePublishVolume, over the control socket.
+  func publish(_ s: Setup, _ volume: String, _ path: StorePath, state: String = "node") throws -> String {
+    try run(["python3", "-c", """
+      import json, socket, sys
+      s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+      s.sendall((json.dumps({"publish": {"volumeID": sys.argv[3], "storePath": sys.argv[2]}}) + "\\n").encode())
+      print(s.makefile().readline())
+      """, s.tmp.sub(state) + "/control.sock", path.path, volume]).text
+  }
+
+  /// Polls `condition` for up to `seconds`.
+  func eventually(_ seconds: Double, _ condition: () throws -> Bool) rethrows -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
+      if try condition() { return true }
+      usleep(100_000)
+    }
+    return try condition()
   }
 
   /// A counter's value in the serve's Prometheus text.
@@ -125,14 +147,7 @@ final class LargePathFixture: @unchecked Sendable {
     let s = try setUp("lazy-publish", warm: false)
     let node = try mount(s, trusting: [fx.publicKey, s.serveKey])
     defer { node.stop() }
-    func publish(_ volume: String, _ path: StorePath) throws -> String {
-      try run(["python3", "-c", """
-        import json, socket, sys
-        s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
-        s.sendall((json.dumps({"publish": {"volumeID": sys.argv[3], "storePath": sys.argv[2]}}) + "\\n").encode())
-        print(s.makefile().readline())
-        """, s.tmp.sub("node") + "/control.sock", path.path, volume]).text
-    }
+    func publish(_ volume: String, _ path: StorePath) throws -> String { try self.publish(s, volume, path) }
     let reply = try publish("pod-1", fx.big)
     #expect(reply.contains("viewPath"), "\(reply)")
     #expect(try metric(s.serve, "nixfs_serve_manifests_served_total") == 1)
@@ -149,6 +164,47 @@ final class LargePathFixture: @unchecked Sendable {
     #expect(try publish("pod-2", fx.other).contains("viewPath"))
     #expect(try metric(s.serve, "nixfs_serve_narinfo_hits_total") == hits, "the closure came in one request")
     #expect(try metric(s.serve, "nixfs_serve_manifests_served_total") == 2)
+  }
+
+  /// Learned prefetch: a pod's first reads become the path's startup profile at the serve; a
+  /// cold node publishing the path fetches those chunks before its pod reads anything.
+  @Test func aStartupProfileIsLearnedAndPrefetched() throws {
+    let s = try setUp("lazy-profile")
+    let keys = [fx.publicKey, s.serveKey]
+    let first = try mount(s, trusting: keys, extra: ["--startup-profile-seconds", "1"])
+    defer { first.stop() }
+    #expect(try publish(s, "pod-a", fx.big).contains("viewPath"))
+    let view = first.path(".views/pod-a/store/\(fx.big.baseName)")
+    #expect(try contents("\(view)/bin/tool") == (try contents("\(fx.tree)/bin/tool")))
+    let profileURL = "\(s.serve.url)/nixfs/v1/profiles/\(fx.big.hashPart)"
+    #expect(try eventually(10) { try get(profileURL).status == 200 }, "no profile was reported")
+    let profile = try JSONSerialization.jsonObject(with: Data(try get(profileURL).body.utf8)) as? [String: Any]
+    let entries = (profile?["chunks"] as? [[String]]) ?? []
+    #expect(entries.count >= 8, "\(entries.count) chunks for a 1 MiB file")
+    first.stop()
+
+    let second = try mount(s, trusting: keys, mountpoint: s.tmp.sub("mnt2"), state: "node2")
+    defer { second.stop() }
+    let before = try metric(s.serve, "nixfs_serve_chunk_served_bytes_total")
+    #expect(try publish(s, "pod-b", fx.big, state: "node2").contains("viewPath"))
+    #expect(
+      try eventually(10) { try metric(s.serve, "nixfs_serve_chunk_served_bytes_total") - before >= 1_048_576 },
+      "the profile's chunks were not prefetched")
+    let prefetched = try metric(s.serve, "nixfs_serve_chunks_served_total")
+    #expect(try contents(second.path(".views/pod-b/store/\(fx.big.baseName)/bin/tool")) == (try contents("\(fx.tree)/bin/tool")))
+    #expect(try metric(s.serve, "nixfs_serve_chunks_served_total") == prefetched, "the pod's reads were all prefetched")
+
+    // Reports are untrusted: malformed ones are refused, chunks the serve does not hold dropped.
+    let post = """
+      import sys, urllib.request, urllib.error
+      try:
+          r = urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), method="POST")); print(r.status, r.read().decode())
+      except urllib.error.HTTPError as e:
+          print(e.code)
+      """
+    #expect(try run(["python3", "-c", post, profileURL, "junk"]).trimmed == "400")
+    let foreign = "{\"version\":1,\"chunks\":[[\"\(String(repeating: "ab", count: 32))\",\"100\"]]}"
+    #expect(try run(["python3", "-c", post, profileURL, foreign]).trimmed.contains("\"chunks\":\(entries.count)"))
   }
 
   /// After a restart the partial path and the chunks fetched so far are still there.

@@ -132,21 +132,25 @@ class CSI:
 class Node:
     """One node's nixfs: the mount daemon and the CSI plugin on a state directory."""
 
-    def __init__(self, h: "Harness", state: str):
+    def __init__(self, h: "Harness", state: str, substituters=None, keys=None, name: str = "", csi: bool = True):
         self.h, self.state = h, state
-        self.mnt = os.path.join(h.work, "mnt")
-        self.sock = os.path.join(h.work, "csi.sock")
+        self.mnt = os.path.join(h.work, "mnt" + name)
+        self.sock = os.path.join(h.work, f"csi{name}.sock")
         os.makedirs(self.mnt, exist_ok=True)
         logf = open(os.path.join(h.work, "daemons.log"), "a")
         common = ["--state-dir", state]
+        caches = [a for url in (substituters or [h.cache.url]) for a in ("--substituter", url)]
+        trusted = [a for k in (keys or [h.fx["public_key"]]) for a in ("--trusted-public-key", k)]
         self.mount = subprocess.Popen(
-            [h.nixfs, "mount", *common, "--substituter", h.cache.url, "--trusted-public-key", h.fx["public_key"],
-             "--log-level", "warning", self.mnt], stdout=logf, stderr=logf)
+            [h.nixfs, "mount", *common, *caches, *trusted, "--log-level", "warning", self.mnt], stdout=logf, stderr=logf)
         deadline = time.monotonic() + 30
         while not os.path.ismount(self.mnt):
             if self.mount.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"nixfs mount did not come up (see {h.work}/daemons.log)")
             time.sleep(0.02)
+        self.csi_proc = None
+        if not csi:
+            return
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         self.csi_proc = subprocess.Popen(
@@ -158,17 +162,21 @@ class Node:
             time.sleep(0.02)
         self.csi = CSI(h.stubs, self.sock)
 
+    def procs(self) -> list:
+        return [p for p in (self.csi_proc, self.mount) if p]
+
     def cpu(self) -> float:
-        return proc_cpu(self.mount.pid) + proc_cpu(self.csi_proc.pid)
+        return sum(proc_cpu(p.pid) for p in self.procs())
 
     def rss(self) -> int:
-        return proc_hwm(self.mount.pid) + proc_hwm(self.csi_proc.pid)
+        return sum(proc_hwm(p.pid) for p in self.procs())
 
     def stop(self) -> None:
-        self.csi.close()
-        for p in (self.csi_proc, self.mount):
+        if self.csi_proc:
+            self.csi.close()
+        for p in self.procs():
             p.send_signal(signal.SIGTERM)
-        for p in (self.csi_proc, self.mount):
+        for p in self.procs():
             try:
                 p.wait(30)
             except subprocess.TimeoutExpired:

@@ -57,7 +57,8 @@ class Link:
 
 
 class Cache:
-    def __init__(self, root: str, profile: Profile):
+    def __init__(self, root: str, profile: Profile, listen: str = "127.0.0.1"):
+        self.listen = listen  # 0.0.0.0: also reachable from other network namespaces
         self.root = os.path.realpath(root)
         self.profile = profile
         self.lock = threading.Lock()
@@ -140,7 +141,7 @@ class Cache:
             self._loop = asyncio.get_running_loop()
             self._stop = self._loop.create_future()
             self.link = Link(self.profile.bytes_per_second)
-            server = await asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=512)
+            server = await asyncio.start_server(self._handle, self.listen, 0, backlog=512)
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()
             await self._stop
