@@ -9,7 +9,7 @@ DEBS := pkg-config libfuse3-dev fuse3 libzstd-dev liblzma-dev libbz2-dev libsqli
 SWIFT ?= swift
 FUZZ_SECONDS ?= 300
 
-.PHONY: deps build release test demo fuzz bench-formats clean bench-cache bench-store generate-csi bench-csi bench-fs bench-serve bench-takeover \
+.PHONY: deps build release test demo fuzz bench-formats clean bench-cache bench-store generate-csi bench-csi bench-fs bench-serve bench-takeover bench-chunk \
         bench bench-quick bench-deps
 
 deps:
@@ -121,6 +121,13 @@ bench-deps:
 bench: release bench-deps
 	python3 bench/coldstart/harness.py --nixfs "$$($(SWIFT) build -c release --show-bin-path)/nixfs" \
 	  --runs 5 --out Documentation --command "make bench"
+
+# Chunk-lazy nodes behind an in-cluster `nixfs serve` (Documentation/benchmarks-chunk.md): eager,
+# nixfs-cold, nixfs-chunk, nixfs-chunk-profiled, nixfs-chunk-first, and 1-8 nodes at once; the serve
+# in its own network namespace. About 15 minutes after the release build.
+bench-chunk: release bench-deps
+	flock /tmp/nixfs-bench.lock python3 bench/coldstart/chunk.py --nixfs "$$($(SWIFT) build -c release --show-bin-path)/nixfs" \
+	  --runs 3 --out Documentation
 
 bench-quick: release bench-deps
 	python3 bench/coldstart/harness.py --nixfs "$$($(SWIFT) build -c release --show-bin-path)/nixfs" \

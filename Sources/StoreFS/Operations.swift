@@ -338,7 +338,6 @@ extension StoreFileSystem {
     guard let file = file(ino) else {
       return replyError(req, ESTALE, cause: "stale")
     }
-    let sequential = readPattern.record(file.content, offset: UInt64(offset), size: size)
     do {
       if try replyRead(req, file.content, size: size, offset: offset) { return }
     } catch {
@@ -346,7 +345,7 @@ extension StoreFileSystem {
       return replyError(req, EIO, cause: "read")
     }
     // A partial path's chunks are not all here: fetch them (never on this worker), then answer.
-    let ahead = sequential ? Self.readAhead : 0
+    let ahead = readPattern.miss(file.content, offset: UInt64(offset), size: size, ahead: Self.readAhead) ? Self.readAhead : 0
     Task {
       do {
         for _ in 0..<3 {

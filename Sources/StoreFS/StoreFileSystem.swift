@@ -597,17 +597,21 @@ public final class StoreFileSystem: @unchecked Sendable {
   public var knownInodes: Int { state.withLock { $0.lookups.count } }
 }
 
-/// Where the last read of each file content ended, to tell sequential reads (which fetch ahead
-/// within a partial file) from random ones. Bounded: forgotten wholesale when full.
+/// Where the last miss of each partial file content was, to tell sequential reads (which fetch
+/// ahead within the file) from random ones. Only misses are recorded: reads of chunks that are
+/// here cost nothing. Bounded: forgotten wholesale when full.
 final class ReadPattern: Sendable {
-  private let ends = Mutex<[ContentID: UInt64]>([:])
+  private let last = Mutex<[ContentID: (start: UInt64, end: UInt64)]>([:])
 
-  /// Records a read; true when it starts where the previous read of the content ended.
-  func record(_ content: ContentID, offset: UInt64, size: Int) -> Bool {
-    ends.withLock { e in
-      let sequential = offset > 0 && e[content] == offset
-      if e.count >= 4096 { e.removeAll(keepingCapacity: true) }
-      e[content] = offset + UInt64(size)
+  /// Records a miss; true when it starts after the previous miss of the content and within what
+  /// that one fetched (its bytes, plus `ahead` if it was sequential), as a sequential reader's
+  /// next miss does.
+  func miss(_ content: ContentID, offset: UInt64, size: Int, ahead: Int) -> Bool {
+    last.withLock { m in
+      // The last chunk fetched may reach up to a chunk's size past what was asked for.
+      let sequential = m[content].map { offset > $0.start && offset <= $0.end + (1 << 20) } ?? false
+      if m.count >= 4096 { m.removeAll(keepingCapacity: true) }
+      m[content] = (offset, offset + UInt64(size) + UInt64(sequential ? ahead : 0))
       return sequential
     }
   }

@@ -242,6 +242,37 @@ final class LargePathFixture: @unchecked Sendable {
     #expect(node.daemon.stderr.contains("chunk index not used"), "\(node.daemon.stderr.suffix(2000))")
   }
 
+  /// An index altered on the way (a lying HTTP cache in front of the serve, here a static copy of
+  /// what the serve sent with one byte of the manifest changed) is refused: the path comes whole.
+  @Test func aTamperedIndexFallsBackToTheWholeNAR() throws {
+    let s = try setUp("lazy-tampered-index")
+    let info = try fx.narInfo(fx.big)
+    let lying = s.tmp.sub("lying")
+    try run(["cp", "-a", fx.cache, lying])
+    try "StoreDir: /nix/store\nPriority: 30\nNixfsChunkIndex: nixfs/v1\n".write(
+      toFile: "\(lying)/nix-cache-info", atomically: true, encoding: .utf8)
+    var document = try run([
+      "python3", "-c", "import sys, urllib.request; sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1]).read())",
+      "\(s.serve.url)/nixfs/v1/manifests/\(info.narHash.nix32Digest)",
+    ]).stdout
+    // One file of the tree becomes executable: still well-formed, no longer what was signed.
+    let text = String(decoding: document, as: UTF8.self)
+    let altered = text.replacingOccurrences(of: "\\\"executable\\\":false", with: "\\\"executable\\\":true")
+    #expect(altered != text, "the document has no file to alter")
+    document = Array(altered.utf8)
+    try Tree.file("\(lying)/nixfs/v1/manifests/\(info.narHash.nix32Digest)", document)
+    let cache = try CacheServer(directory: lying)
+    let node = try MountedStore(
+      mountpoint: s.tmp.sub("mnt"), stateDir: s.tmp.sub("node"),
+      arguments: ["--substituter", cache.url, "--trusted-public-key", fx.publicKey, "--trusted-public-key", s.serveKey])
+    defer { node.stop() }
+    #expect(try contents(node.path("\(fx.big.baseName)/bin/tool")) == (try contents("\(fx.tree)/bin/tool")))
+    #expect(cache.requests.contains { $0.hasPrefix("/nixfs/v1/manifests/") }, "the index was asked for")
+    #expect(!cache.requests.contains { $0.hasPrefix("/nixfs/v1/chunks/") }, "no chunk of a refused index is fetched")
+    #expect(StoreFixture.narRequests(cache).count == 1, "the path came whole")
+    #expect(node.daemon.stderr.contains("chunk index not used"), "\(node.daemon.stderr.suffix(2000))")
+  }
+
   /// A serve whose stored bytes went bad sends chunks that do not match their digests: the read
   /// fails with EIO, the bad bytes are never served or kept, and other files still read.
   @Test func aTamperedChunkIsNeverServed() throws {

@@ -12,6 +12,8 @@ Modes, each from an empty node and a dropped page cache, side by side in one run
   eager              `nix copy --from UPSTREAM`, then run (the anchor: what nix-csi does)
   nixfs-cold         nixfs straight from the upstream, whole NARs (today's nixfs)
   nixfs-chunk        through the serve, which already holds the closure
+  nixfs-chunk-profiled  the same, once the serve has the path's startup profile (learned from the
+                     nixfs-chunk pod just before): the node prefetches it at publish
   nixfs-chunk-first  through a serve that is cold too (it pulls each path once, then indexes it)
 and N = 1, 2, 4, 8 nodes (separate mounts and state dirs) starting the same closure
 at once through one cold serve: upstream egress and per-node start time."""
@@ -22,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -33,7 +36,8 @@ import netsim  # noqa: E402
 from harness import Pod, drop_caches, log  # noqa: E402
 
 CLUSTER = netsim.Profile("cluster-10gbit", rtt_ms=0.2, mbit=10000)
-MODES = ["eager", "nixfs-cold", "nixfs-chunk", "nixfs-chunk-first"]
+MODES = ["eager", "nixfs-cold", "nixfs-chunk", "nixfs-chunk-profiled", "nixfs-chunk-first"]
+PROFILE_SECONDS = 5
 
 
 class ClusterNet:
@@ -99,6 +103,17 @@ class Serve:
         for p in closure:
             urllib.request.urlopen(f"{self.url}/{os.path.basename(p)[:32]}.narinfo", timeout=600).read()
 
+    def wait_profile(self, app: str, seconds: float) -> bool:
+        url = f"{self.url}/nixfs/v1/profiles/{os.path.basename(app)[:32]}"
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url, timeout=10).read()
+                return True
+            except Exception:
+                time.sleep(0.2)
+        return False
+
     def requests(self) -> int:
         """Chunk and index requests answered so far."""
         text = urllib.request.urlopen(f"{self.url}/metrics", timeout=30).read().decode()
@@ -146,22 +161,34 @@ class ChunkBench:
             f"{c.bytes / 2**20:7.1f} MiB" + (f", in-cluster {proxy_bytes / 2**20:7.1f} MiB" if proxy_bytes is not None else "")
             + (f", node fetched {fetched / 2**20:7.1f} MiB" if fetched is not None else ""))
 
-    def chunk_mode(self, name, wl, profile, run, warm: bool, sk: str, pk: str) -> None:
+    def chunk_modes(self, name, wl, profile, run, warm: bool, sk: str, pk: str) -> None:
+        """nixfs-chunk (then nixfs-chunk-profiled, on the same serve, once the first pod's startup
+        profile is there) with a warm serve; nixfs-chunk-first with a cold one."""
         h = self.h
         serve = Serve(h, h.fresh("serve-state"), sk)
         try:
             if warm:
                 serve.warm(wl["closure"])
-            requests0 = serve.requests()
-            state = h.fresh("state")
-            h.node = harness.Node(h, state, substituters=[serve.url, h.cache.url], keys=[h.fx["public_key"], pk])
-            drop_caches()
-            before = self.net.received()
-            sample = h.nixfs_pod(wl)
-            time.sleep(0.3)  # chunks arriving are written off the read path
-            sample["serve_requests"] = serve.requests() - requests0
-            self.record(name, profile, "nixfs-chunk" if warm else "nixfs-chunk-first", run, sample,
-                        proxy_bytes=self.net.received() - before, fetched=self.chunk_bytes(state))
+            modes = ["nixfs-chunk", "nixfs-chunk-profiled"] if warm else ["nixfs-chunk-first"]
+            for mode in modes:
+                if mode == "nixfs-chunk-profiled" and not serve.wait_profile(wl["app"], 30):
+                    log(f"{name}: no startup profile reached the serve: skipping {mode}")
+                    continue
+                state = h.fresh("state")
+                h.node = harness.Node(h, state, substituters=[serve.url, h.cache.url], keys=[h.fx["public_key"], pk],
+                                      extra=["--startup-profile-seconds", str(PROFILE_SECONDS)])
+                drop_caches()
+                requests0 = serve.requests()
+                before = self.net.received()
+                sample = h.nixfs_pod(wl)
+                time.sleep(0.3)  # chunks arriving are written off the read path
+                sample["serve_requests"] = serve.requests() - requests0
+                self.record(name, profile, mode, run, sample, proxy_bytes=self.net.received() - before,
+                            fetched=self.chunk_bytes(state))
+                if mode == "nixfs-chunk":
+                    time.sleep(PROFILE_SECONDS)  # the profile is reported when the window closes
+                h.node.stop()
+                h.node = None
         finally:
             if h.node:
                 h.node.stop()
@@ -183,10 +210,23 @@ class ChunkBench:
                     h.cache.reset()
                     t0 = time.monotonic()
                     pods = [Pod(node.mnt, "/nix/store", wl["app"]) for node in nodes]
-                    walls = []
-                    for p in pods:
-                        p.wait(wl["expect"])
-                        walls.append(time.monotonic() - t0)
+                    walls = [0.0] * n
+                    errors = []
+
+                    def wait(k):
+                        try:
+                            pods[k].wait(wl["expect"])
+                        except Exception as e:  # reported below, after every pod ended
+                            errors.append(e)
+                        walls[k] = time.monotonic() - t0
+
+                    waiters = [threading.Thread(target=wait, args=(k,)) for k in range(n)]
+                    for w in waiters:
+                        w.start()
+                    for w in waiters:
+                        w.join()
+                    if errors:
+                        raise errors[0]
                     c = h.cache.counters()
                     self.results["nodes"].append({"workload": name, "profile": profile, "n": n, "run": run,
                                                   "walls": walls, "upstream_bytes": c.bytes,
@@ -217,8 +257,8 @@ class ChunkBench:
                         self.record(name, pname, "nixfs-cold", run, h.nixfs_pod(wl))
                         h.node.stop()
                         h.node = None
-                        self.chunk_mode(name, wl, pname, run, True, sk, pk)
-                        self.chunk_mode(name, wl, pname, run, False, sk, pk)
+                        self.chunk_modes(name, wl, pname, run, True, sk, pk)
+                        self.chunk_modes(name, wl, pname, run, False, sk, pk)
                     if name not in self.results["read"]:
                         h.bytes_read(name, wl)
                         self.results["read"][name] = h.results["read"][name]
@@ -264,7 +304,8 @@ def markdown(results) -> str:
                 if not rs:
                     continue
                 walls = [r["wall"] for r in rs]
-                link = {"rtt_ms": CLUSTER.rtt_ms, "mbit": CLUSTER.mbit} if mode == "nixfs-chunk" else cfg["profiles"][profile]
+                link = ({"rtt_ms": CLUSTER.rtt_ms, "mbit": CLUSTER.mbit} if mode in ("nixfs-chunk", "nixfs-chunk-profiled")
+                        else cfg["profiles"][profile])
                 b = bound(results, w, link, ratio)
                 fetched = med([r["fetched_bytes"] for r in rs]) if "fetched_bytes" in rs[0] else None
                 cl = med([r["cluster_bytes"] for r in rs]) if "cluster_bytes" in rs[0] else None

@@ -132,7 +132,8 @@ class CSI:
 class Node:
     """One node's nixfs: the mount daemon and the CSI plugin on a state directory."""
 
-    def __init__(self, h: "Harness", state: str, substituters=None, keys=None, name: str = "", csi: bool = True):
+    def __init__(self, h: "Harness", state: str, substituters=None, keys=None, name: str = "", csi: bool = True,
+                 extra=()):
         self.h, self.state = h, state
         self.mnt = os.path.join(h.work, "mnt" + name)
         self.sock = os.path.join(h.work, f"csi{name}.sock")
@@ -142,7 +143,8 @@ class Node:
         caches = [a for url in (substituters or [h.cache.url]) for a in ("--substituter", url)]
         trusted = [a for k in (keys or [h.fx["public_key"]]) for a in ("--trusted-public-key", k)]
         self.mount = subprocess.Popen(
-            [h.nixfs, "mount", *common, *caches, *trusted, "--log-level", "warning", self.mnt], stdout=logf, stderr=logf)
+            [h.nixfs, "mount", *common, *caches, *trusted, *extra, "--log-level", "warning", self.mnt], stdout=logf,
+            stderr=logf)
         deadline = time.monotonic() + 30
         while not os.path.ismount(self.mnt):
             if self.mount.poll() is not None or time.monotonic() > deadline:
