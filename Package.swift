@@ -114,6 +114,7 @@ let package = Package(
       dependencies: [
         "NixFormats", "BinaryCache", "ChunkStore", "StoreFS", "NodeControl", "CSINode", "NixServe",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        .product(name: "Hummingbird", package: "hummingbird"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "CoreMetrics", package: "swift-metrics"),
         .product(name: "Prometheus", package: "swift-prometheus"),

@@ -20,11 +20,12 @@ struct CSICommand: AsyncParsableCommand {
   var system: String?
   @Option(help: "A nix binary, to evaluate flakeRef and nixExpr volume attributes.") var nix: String?
   @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
+  @Option(help: "Log lines as text, or as one JSON object each (json).") var logFormat: LogFormat = .text
 
   func validate() throws { try checkLogLevel(logLevel) }
 
   func run() async throws {
-    let logger = bootstrapLogging(level: logLevel, label: "nixfs.csi")
+    let logger = bootstrapLogging(level: logLevel, label: "nixfs.csi", format: logFormat)
     guard let node = nodeID ?? ProcessInfo.processInfo.environment["NODE_NAME"], !node.isEmpty else {
       fail("no node ID: pass --node-id or set NODE_NAME")
     }

@@ -1,66 +1,65 @@
 import Foundation
+import Hummingbird
+import Logging
 import Prometheus
+import Synchronization
 
-#if canImport(Glibc)
-  import Glibc
-#endif
-
-/// A minimal HTTP endpoint answering every GET with the Prometheus text exposition.
-final class MetricsEndpoint: @unchecked Sendable {
+/// The mount daemon's metrics endpoint, on the HTTP stack `nixfs serve` uses: `/metrics` (and
+/// any other path) answers the Prometheus text exposition, `/healthz` answers `ok`. A connection
+/// idle for 30 s is closed, so a client that connects and says nothing holds up no scrape.
+/// IPv4, IPv6 (`[::]:9464` listens on both, as Linux does by default) and `*:PORT`.
+final class MetricsEndpoint: Sendable {
   struct Failure: Error, CustomStringConvertible {
     let address: String
     let reason: String
     var description: String { "cannot serve metrics on \(address): \(reason)" }
   }
 
-  let fd: Int32
-  let registry: PrometheusCollectorRegistry
+  private let task: Task<Void, Never>
 
-  init(listen address: String, registry: PrometheusCollectorRegistry) throws {
-    self.registry = registry
-    guard let colon = address.lastIndex(of: ":"), let port = UInt16(address[address.index(after: colon)...]) else {
-      throw Failure(address: address, reason: "expected HOST:PORT")
-    }
+  /// Parses `HOST:PORT`, `[V6]:PORT` or `*:PORT`.
+  static func parse(_ address: String) throws(Failure) -> (host: String, port: Int) {
+    guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]), (0...65535).contains(port)
+    else { throw Failure(address: address, reason: "expected HOST:PORT") }
     var host = String(address[..<colon])
-    if host.isEmpty || host == "*" { host = "0.0.0.0" }
-    fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    var one: Int32 = 1
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-    var addr = sockaddr_in()
-    addr.sin_family = sa_family_t(AF_INET)
-    addr.sin_port = port.bigEndian
-    guard inet_pton(AF_INET, host, &addr.sin_addr) == 1 else { throw Failure(address: address, reason: "bad IPv4 address") }
-    let ok = withUnsafePointer(to: &addr) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-    }
-    guard ok == 0, listen(fd, 16) == 0 else {
-      close(fd)
-      throw Failure(address: address, reason: String(cString: strerror(errno)))
-    }
-    let t = Thread { [self] in loop() }
-    t.name = "nixfs-metrics"
-    t.start()
+    if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+    if host.isEmpty || host == "*" { host = "::" }
+    return (host, port)
   }
 
-  func loop() {
-    while true {
-      let c = accept(fd, nil, nil)
-      if c < 0 {
-        if errno == EINTR { continue }
-        return
+  /// Binds at once: a bad or busy address throws here, before anything is mounted.
+  init(listen address: String, registry: PrometheusCollectorRegistry, logger: Logger) throws {
+    let (host, port) = try Self.parse(address)
+    let router = Router()
+    let metrics: @Sendable (Request, BasicRequestContext) async throws -> Response = { _, _ in
+      Response(
+        status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
+        body: ResponseBody(byteBuffer: ByteBuffer(bytes: registry.emitToBuffer())))
+    }
+    router.get("healthz") { _, _ in "ok\n" }
+    router.get("/", use: metrics)
+    router.get("**", use: metrics)
+    let started = DispatchSemaphore(value: 0)
+    let outcome = Mutex<String?>(nil)
+    let app = Application(
+      router: router,
+      server: .http1(configuration: .init(idleTimeout: .seconds(30))),
+      configuration: .init(address: .hostname(host, port: port), serverName: "nixfs-metrics"),
+      onServerRunning: { _ in started.signal() },
+      logger: logger)
+    // `run`, not `runService`: the daemon handles its own signals.
+    task = Task {
+      do { try await app.run() } catch {
+        outcome.withLock { $0 = "\(error)" }
+        started.signal()
       }
-      var buf = [UInt8](repeating: 0, count: 4096)
-      _ = read(c, &buf, buf.count)
-      let body = registry.emitToBuffer()
-      let head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: \(body.count)\r\nConnection: close\r\n\r\n"
-      let out = Array(head.utf8) + body
-      _ = out.withUnsafeBytes { write(c, $0.baseAddress, $0.count) }
-      close(c)
     }
+    guard started.wait(timeout: .now() + 10) == .success else {
+      task.cancel()
+      throw Failure(address: address, reason: "the listener did not start")
+    }
+    if let why = outcome.withLock({ $0 }) { throw Failure(address: address, reason: why) }
   }
 
-  func stop() {
-    shutdown(fd, Int32(SHUT_RDWR))
-    close(fd)
-  }
+  func stop() { task.cancel() }
 }

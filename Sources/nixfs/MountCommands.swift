@@ -8,6 +8,7 @@ import NixFormats
 import NodeControl
 import Prometheus
 import StoreFS
+import Synchronization
 
 struct MountCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
@@ -34,6 +35,7 @@ struct MountCommand: ParsableCommand {
   @Option(help: "Seconds the kernel and the daemon remember that a path is in no cache.")
   var negativeTimeout: Double = 30
   @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
+  @Option(help: "Log lines as text, or as one JSON object each (json).") var logFormat: LogFormat = .text
   @Flag(help: "Mount over a live mount or a non-empty directory, hiding what is there.") var allowNonEmpty = false
   @Flag(help: "Fetch whole NARs even where a substituter offers a signed chunk index (no chunk-lazy paths).")
   var noChunkIndex = false
@@ -60,7 +62,7 @@ struct MountCommand: ParsableCommand {
   }
 
   func run() throws {
-    let logger = bootstrapLogging(level: logLevel, label: "nixfs.mount")
+    let logger = bootstrapLogging(level: logLevel, label: "nixfs.mount", format: logFormat)
     let registry = PrometheusCollectorRegistry()
     MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
     var maxBytes: UInt64? = nil
@@ -72,11 +74,35 @@ struct MountCommand: ParsableCommand {
     // is asked for its connection: a successor that cannot serve never stops the one that does.
     let client: BinaryCacheClient
     do { client = try cache.client(logger: logger) } catch { fail("\(error)") }
-    var metrics: MetricsEndpoint? = nil
     if let metricsListen {
-      do { metrics = try MetricsEndpoint(listen: metricsListen, registry: registry) } catch { fail("\(error)") }
+      do { _ = try MetricsEndpoint.parse(metricsListen) } catch { fail("\(error)") }
     }
     let source = connectionSource(logger: logger)
+    // A new mount binds now (a busy port fails before anything is mounted); a successor only once
+    // the daemon it took over from has let go of the port.
+    let metrics = Mutex<MetricsEndpoint?>(nil)
+    if let metricsListen {
+      if case .fresh = source {
+        do { try metrics.withLock { $0 = try MetricsEndpoint(listen: metricsListen, registry: registry, logger: logger) } } catch {
+          fail("\(error)")
+        }
+      } else {
+        Thread.detachNewThread {
+          var last = ""
+          for _ in 0..<60 {
+            do {
+              let endpoint = try MetricsEndpoint(listen: metricsListen, registry: registry, logger: logger)
+              metrics.withLock { $0 = endpoint }
+              return
+            } catch {
+              last = "\(error)"
+              usleep(250_000)
+            }
+          }
+          logger.error("serving without metrics", metadata: ["error": "\(last)"])
+        }
+      }
+    }
     let store: ChunkStore
     do {
       store = try openStore(maxBytes: maxBytes, waitForLock: { if case .adopted = source { true } else { false } }())
@@ -91,17 +117,29 @@ struct MountCommand: ParsableCommand {
     options.startupProfileSeconds = startupProfileSeconds
     let daemon = Daemon(
       mountpoint: mountpoint, stateDir: cache.stateDir, cache: client, store: store, options: options, logger: logger)
+    // One line that says what this daemon is and runs with, for whoever reads the log first.
+    logger.info(
+      "nixfs mount starting",
+      metadata: [
+        "version": "\(NixFSVersion.string)", "mountpoint": "\(mountpoint)", "state_dir": "\(cache.stateDir)",
+        "substituters": "\(client.configuration.substituters.joined(separator: " "))",
+        "trusted_keys": "\(client.configuration.trustedPublicKeys.map { $0.split(separator: ":").first.map(String.init) ?? "?" }.joined(separator: " "))",
+        "max_size": "\(maxBytes.map(String.init) ?? "unlimited")", "chunk_index": "\(!noChunkIndex)",
+        "source": "\({ if case .fresh = source { "new mount" } else { "taken over" } }())",
+      ])
     let outcome: ServeOutcome
     do {
       outcome = try daemon.run(source: source, keeper: keeper) { [readyFile] in
         if let readyFile { _ = FileManager.default.createFile(atPath: readyFile, contents: Data("\(getpid())\n".utf8)) }
+        SystemdNotify.send("READY=1\nMAINPID=\(getpid())\nSTATUS=serving \(mountpoint)")
       }
     } catch {
       if let readyFile { unlink(readyFile) }
       fail("\(error)")
     }
     if let readyFile { unlink(readyFile) }
-    metrics?.stop()
+    SystemdNotify.send("STOPPING=1")
+    metrics.withLock { $0?.stop() }
     if outcome == .handedOver && afterTakeover == .wait { idleAfterTakeover() }
     // Exit now: a successor waits for the store's lock, and tasks of this daemon have nobody to answer.
     Glibc.exit(0)
@@ -204,11 +242,12 @@ struct KeeperCommand: ParsableCommand {
 
   @Option(help: "The socket to listen on.") var socket: String
   @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
+  @Option(help: "Log lines as text, or as one JSON object each (json).") var logFormat: LogFormat = .text
 
   func validate() throws { try checkLogLevel(logLevel) }
 
   func run() throws {
-    let logger = bootstrapLogging(level: logLevel, label: "nixfs.keeper")
+    let logger = bootstrapLogging(level: logLevel, label: "nixfs.keeper", format: logFormat)
     let dir = (socket as NSString).deletingLastPathComponent
     if !dir.isEmpty { try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }
     // Blocked before any thread starts, so every thread leaves them to sigwait below.
@@ -285,12 +324,3 @@ func checkLogLevel(_ level: String) throws {
 }
 
 /// Logs to stderr, one line per event with its metadata (structured, greppable).
-func bootstrapLogging(level: String, label: String) -> Logger {
-  let lvl = Logger.Level(rawValue: level) ?? .info
-  LoggingSystem.bootstrap { label in
-    var h = StreamLogHandler.standardError(label: label)
-    h.logLevel = lvl
-    return h
-  }
-  return Logger(label: label)
-}

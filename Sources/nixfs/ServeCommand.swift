@@ -33,11 +33,12 @@ struct ServeCommand: AsyncParsableCommand {
   @Option(help: "Sign chunk indexes with this key (Nix's format, as from nix-store --generate-binary-cache-key); without it, no chunk index is offered.")
   var secretKeyFile: String?
   @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
+  @Option(help: "Log lines as text, or as one JSON object each (json).") var logFormat: LogFormat = .text
 
   func validate() throws { try checkLogLevel(logLevel) }
 
   func run() async throws {
-    let logger = bootstrapLogging(level: logLevel, label: "nixfs.serve")
+    let logger = bootstrapLogging(level: logLevel, label: "nixfs.serve", format: logFormat)
     guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]),
       (0...65535).contains(port)
     else { fail("--listen \(listen): expected HOST:PORT") }

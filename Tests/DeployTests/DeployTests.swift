@@ -392,7 +392,8 @@ struct DeploymentStructureTests {
     #expect(
       command == [
         "nixfs", "mount", "--state-dir", "/var/lib/nixfs", "--nix-conf", "/etc/nixfs/nix.conf",
-        "--metrics-listen", "0.0.0.0:9464", "--keeper", "/run/nixfs-keeper/keeper.sock", "--after-takeover", "wait",
+        "--metrics-listen", "0.0.0.0:9464", "--max-size", "20G", "--keeper", "/run/nixfs-keeper/keeper.sock",
+        "--after-takeover", "wait",
         "--ready-file", "/run/nixfs-keeper/serving", "/var/lib/nixfs/mnt",
       ])
     #expect(dig(c, "securityContext", "privileged") as? Bool == true)
@@ -425,6 +426,9 @@ struct DeploymentStructureTests {
     let metrics = try #require(ports.first { $0["name"] as? String == "metrics" })
     #expect(metrics["containerPort"] as? Int == 9464)
     #expect(flagValue(command, "--metrics-listen")?.hasSuffix(":\(metrics["containerPort"] as? Int ?? -1)") == true)
+    // A disk budget by default, where the docs' patch expects it.
+    #expect(flagValue(command, "--max-size") == "20G")
+    #expect(command.firstIndex(of: "--max-size") == 8, "Documentation/kubernetes.md patches command/9")
 
     #expect(dig(c, "resources", "requests", "cpu") != nil)
     #expect(dig(c, "resources", "requests", "memory") != nil)

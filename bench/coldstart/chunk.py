@@ -15,6 +15,8 @@ Modes, each from an empty node and a dropped page cache, side by side in one run
   nixfs-chunk-profiled  the same, once the serve has the path's startup profile (learned from the
                      nixfs-chunk pod just before): the node prefetches it at publish
   nixfs-chunk-first  through a serve that is cold too (it pulls each path once, then indexes it)
+  nixfs-chunk-warm   the floor of the others: the profiled node restarted, with the chunks the program
+                     reads all local, page cache dropped (what nixfs-warm is in benchmarks.md)
 and N = 1, 2, 4, 8 nodes (separate mounts and state dirs) starting the same closure
 at once through one cold serve: upstream egress and per-node start time."""
 
@@ -36,7 +38,7 @@ import netsim  # noqa: E402
 from harness import Pod, drop_caches, log  # noqa: E402
 
 CLUSTER = netsim.Profile("cluster-10gbit", rtt_ms=0.2, mbit=10000)
-MODES = ["eager", "nixfs-cold", "nixfs-chunk", "nixfs-chunk-profiled", "nixfs-chunk-first"]
+MODES = ["eager", "nixfs-cold", "nixfs-chunk", "nixfs-chunk-profiled", "nixfs-chunk-first", "nixfs-chunk-warm"]
 PROFILE_SECONDS = 5
 
 
@@ -189,6 +191,16 @@ class ChunkBench:
                     time.sleep(PROFILE_SECONDS)  # the profile is reported when the window closes
                 h.node.stop()
                 h.node = None
+                if mode == "nixfs-chunk-profiled":
+                    # The floor: the same node restarted, every chunk the program reads now local.
+                    h.node = harness.Node(h, state, substituters=[serve.url, h.cache.url], keys=[h.fx["public_key"], pk])
+                    drop_caches()
+                    requests0 = serve.requests()
+                    sample = h.nixfs_pod(wl)
+                    sample["serve_requests"] = serve.requests() - requests0
+                    self.record(name, profile, "nixfs-chunk-warm", run, sample)
+                    h.node.stop()
+                    h.node = None
         finally:
             if h.node:
                 h.node.stop()
@@ -304,7 +316,8 @@ def markdown(results) -> str:
                 if not rs:
                     continue
                 walls = [r["wall"] for r in rs]
-                link = ({"rtt_ms": CLUSTER.rtt_ms, "mbit": CLUSTER.mbit} if mode in ("nixfs-chunk", "nixfs-chunk-profiled")
+                link = ({"rtt_ms": CLUSTER.rtt_ms, "mbit": CLUSTER.mbit}
+                        if mode in ("nixfs-chunk", "nixfs-chunk-profiled", "nixfs-chunk-warm")
                         else cfg["profiles"][profile])
                 b = bound(results, w, link, ratio)
                 fetched = med([r["fetched_bytes"] for r in rs]) if "fetched_bytes" in rs[0] else None
@@ -338,6 +351,36 @@ def markdown(results) -> str:
     return "\n".join(out) + "\n"
 
 
+def plot(results, out_dir) -> str:
+    """One bar chart: wall time per workload, upstream and mode, with each one's bound."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ""
+    cfg = results["config"]
+    groups = [(w, p) for p in cfg["profiles"] for w in cfg["workloads"]]
+    fig, ax = plt.subplots(figsize=(10, 4.4))
+    width = 0.8 / len(MODES)
+    for i, mode in enumerate(MODES):
+        meds = []
+        for w, p in groups:
+            walls = [r["wall"] for r in results["runs"] if r["workload"] == w and r["profile"] == p and r["mode"] == mode]
+            meds.append(statistics.median(walls) if walls else 0)
+        ax.bar([k + (i - len(MODES) / 2 + 0.5) * width for k in range(len(groups))], meds, width, label=mode)
+    ax.set_xticks(range(len(groups)), [f"{w}\n{p}" for w, p in groups])
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds until the program has finished")
+    ax.set_title("Cold start through nixfs serve (median of runs)")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    name = "chunk.png"
+    fig.savefig(os.path.join(out_dir, "benchmarks", name), dpi=110)
+    plt.close(fig)
+    return name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nixfs", default=os.path.join(harness.REPO, ".build/release/nixfs"))
@@ -367,8 +410,12 @@ def main() -> None:
     os.makedirs(os.path.join(args.out, "benchmarks"), exist_ok=True)
     with open(os.path.join(args.out, "benchmarks", "chunk.json"), "w") as f:
         json.dump(r, f, indent=1)
+    image = plot(r, args.out)
+    text = markdown(r)
+    if image:
+        text = text.replace("\n| workload | upstream |", f"\n![cold start through nixfs serve](benchmarks/{image})\n\n| workload | upstream |", 1)
     with open(os.path.join(args.out, "benchmarks-chunk.md"), "w") as f:
-        f.write(markdown(r))
+        f.write(text)
     log(f"results: {args.out}/benchmarks-chunk.md")
 
 

@@ -1,0 +1,107 @@
+import Foundation
+import Testing
+import TestSupport
+
+/// The mount daemon's metrics endpoint: Prometheus text, a health path, IPv4 and IPv6, and a
+/// client that connects and says nothing does not hold up a scrape.
+@Suite(.serialized) struct MetricsEndpointTests {
+  let fx: StoreFixture
+  init() throws { fx = try StoreFixture.shared() }
+
+  /// A port nothing listens on right now.
+  func freePort() throws -> Int {
+    Int(try run(["python3", "-c", "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"]).trimmed)!
+  }
+
+  /// (status, body) of a GET with a 10 s timeout, while another client holds an idle connection.
+  func get(_ url: String, holdingIdle: (host: String, port: Int)? = nil) throws -> (Int, String) {
+    let script = """
+      import socket, sys, urllib.request
+      if len(sys.argv) > 2:
+          idle = socket.create_connection((sys.argv[2], int(sys.argv[3])))  # connects, says nothing
+      r = urllib.request.urlopen(sys.argv[1], timeout=10)
+      print(r.status); sys.stdout.write(r.read().decode())
+      """
+    let extra = holdingIdle.map { [$0.host, String($0.port)] } ?? []
+    let out = try run(["python3", "-c", script, url] + extra).text
+    let nl = out.firstIndex(of: "\n") ?? out.endIndex
+    return (Int(out[..<nl]) ?? -1, nl < out.endIndex ? String(out[out.index(after: nl)...]) : "")
+  }
+
+  @Test func metricsHealthAndBothAddressFamilies() throws {
+    let tmp = try TemporaryDirectory("metrics")
+    let server = try CacheServer(directory: fx.caches["zstd"]!)
+    let port = try freePort()
+    let node = try MountedStore(
+      mountpoint: tmp.sub("mnt"), stateDir: tmp.sub("state"),
+      arguments: fx.mountArguments(server, extra: ["--metrics-listen", "[::]:\(port)"]))
+    defer { node.stop() }
+    #expect(FileManager.default.contents(atPath: node.path("\(fx.paths["kinds"]!.baseName)/hello.txt")) != nil)
+    let (status, body) = try get("http://127.0.0.1:\(port)/metrics", holdingIdle: ("127.0.0.1", port))
+    #expect(status == 200)
+    #expect(body.contains("nixfs_fuse_requests_total"), "\(body.prefix(500))")
+    #expect(body.contains("nixfs_store_path_resolutions_total"))
+    #expect(try get("http://[::1]:\(port)/healthz") == (200, "ok\n"))
+    // Any other path answers the metrics too, as scrapers configured for `/` expect.
+    #expect(try get("http://127.0.0.1:\(port)/").1.contains("nixfs_fuse_requests_total"))
+  }
+
+  @Test func aBadOrBusyAddressIsOneLine() throws {
+    let tmp = try TemporaryDirectory("metrics-bad")
+    let server = try CacheServer(directory: fx.caches["zstd"]!)
+    for (address, says) in [("nonsense", "expected HOST:PORT"), ("127.0.0.1:\(server.port)", "cannot serve metrics on")] {
+      let r = try run(
+        [nixfsBinary, "mount", "--state-dir", tmp.sub("state")] + fx.mountArguments(server, extra: ["--metrics-listen", address])
+          + [tmp.sub("mnt")], check: false)
+      #expect(r.status == 1)
+      let lines = r.stderr.split(separator: "\n").filter { $0.hasPrefix("nixfs: error:") }
+      #expect(lines.count == 1 && lines[0].contains(says), "\(r.stderr)")
+      #expect(!isFuseMount(tmp.sub("mnt")))
+    }
+  }
+}
+
+/// Running under systemd (`Type=notify`) and feeding a log collector.
+@Suite(.serialized) struct HostIntegrationTests {
+  let fx: StoreFixture
+  init() throws { fx = try StoreFixture.shared() }
+
+  @Test func readinessReachesSystemdAndLogsCanBeJSON() throws {
+    let tmp = try TemporaryDirectory("notify")
+    let server = try CacheServer(directory: fx.caches["zstd"]!)
+    let socket = tmp.sub("notify.sock")
+    // systemd's side: a datagram socket that prints what it gets, a message a line.
+    let listener = try BackgroundProcess([
+      "python3", "-u", "-c",
+      """
+      import socket, sys
+      s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.bind(sys.argv[1]); print("bound", flush=True)
+      while True: print(s.recv(4096).decode().replace("\\n", " "), flush=True)
+      """,
+      socket,
+    ])
+    defer { listener.stop() }
+    #expect(listener.readLine() == "bound")
+    try Tree.directory(tmp.sub("mnt"))
+    let daemon = try BackgroundProcess(
+      [nixfsBinary, "mount", "--state-dir", tmp.sub("state"), "--log-format", "json"] + fx.mountArguments(server)
+        + [tmp.sub("mnt")], environment: ["NOTIFY_SOCKET": socket])
+    defer {
+      daemon.stop()
+      _ = try? run(["fusermount3", "-u", "-z", tmp.sub("mnt")], check: false)
+    }
+    let ready = listener.readLine() ?? ""
+    #expect(ready.contains("READY=1") && ready.contains("MAINPID=\(daemon.pid)"), "\(ready)")
+    #expect(isFuseMount(tmp.sub("mnt")), "ready only once mounted")
+    daemon.stop()
+    #expect(listener.readLine()?.contains("STOPPING=1") == true)
+    // Every log line is one JSON object with the fields collectors key on.
+    let lines = daemon.stderr.split(separator: "\n")
+    #expect(!lines.isEmpty)
+    for line in lines {
+      let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any]
+      #expect(object?["time"] is String && object?["level"] is String && object?["message"] is String, "\(line)")
+    }
+    #expect(lines.contains { $0.contains("\"message\":\"nixfs mount starting\"") && $0.contains("\"substituters\"") })
+  }
+}
