@@ -24,6 +24,70 @@ public enum ControlRequest: Codable, Sendable, Equatable {
   /// A successor `nixfs mount` asks for the FUSE connection (see Handover.swift). The answer
   /// carries the /dev/fuse descriptor; the daemon exits once it is sent.
   case takeover(format: Int, version: String, mountpoint: String)
+  /// What the daemon is, runs with and holds (`nixfs status`).
+  case status
+}
+
+/// `nixfs status`: a running daemon's account of itself.
+public struct DaemonStatus: Codable, Sendable, Equatable {
+  /// One setting in effect, and where its value came from: `flag`, `nix.conf`, or `default`.
+  public struct Setting: Codable, Sendable, Equatable {
+    public var name: String
+    public var value: String
+    public var source: String
+    public init(name: String, value: String, source: String) {
+      self.name = name
+      self.value = value
+      self.source = source
+    }
+  }
+  public struct Substituter: Codable, Sendable, Equatable {
+    public var url: String
+    public var priority: Int
+    /// `nixfs/v1` when it offers chunk indexes.
+    public var chunkIndex: String?
+    public init(url: String, priority: Int, chunkIndex: String?) {
+      self.url = url
+      self.priority = priority
+      self.chunkIndex = chunkIndex
+    }
+  }
+  public var version: String
+  public var pid: Int32
+  public var mountpoint: String
+  public var stateDir: String
+  public var settings: [Setting]
+  /// Those that answered; the others are in `unreachable`.
+  public var substituters: [Substituter]
+  public var unreachable: [String]
+  /// Published volumes (view names).
+  public var views: [String]
+  public var fetchesInFlight: [String]
+  public var paths: Int
+  public var partialPaths: Int
+  public var storedBytes: UInt64
+  public var budgetBytes: UInt64?
+  public var chunksToFetch: Int
+  public init(
+    version: String, pid: Int32, mountpoint: String, stateDir: String, settings: [Setting], substituters: [Substituter],
+    unreachable: [String], views: [String], fetchesInFlight: [String], paths: Int, partialPaths: Int,
+    storedBytes: UInt64, budgetBytes: UInt64?, chunksToFetch: Int
+  ) {
+    self.version = version
+    self.pid = pid
+    self.mountpoint = mountpoint
+    self.stateDir = stateDir
+    self.settings = settings
+    self.substituters = substituters
+    self.unreachable = unreachable
+    self.views = views
+    self.fetchesInFlight = fetchesInFlight
+    self.paths = paths
+    self.partialPaths = partialPaths
+    self.storedBytes = storedBytes
+    self.budgetBytes = budgetBytes
+    self.chunksToFetch = chunksToFetch
+  }
 }
 
 /// Where a daemon's control socket is: in its state directory (owner-only, like the directory).
@@ -54,6 +118,8 @@ public struct ControlResponse: Codable, Sendable, Equatable {
   public var consistent: Bool?
   /// For `takeover`: the connection's record (its descriptor comes with the line).
   public var handover: Handover?
+  /// For `status`.
+  public var status: DaemonStatus?
 
   public init(
     failure: ControlFailure? = nil, message: String? = nil, viewPath: String? = nil, closure: [String]? = nil,
@@ -71,6 +137,8 @@ public struct ControlResponse: Codable, Sendable, Equatable {
     self.views = views
     self.fetched = fetched
   }
+
+  public init(status: DaemonStatus) { self.status = status }
 
   public static func failed(_ failure: ControlFailure, _ message: String) -> ControlResponse {
     ControlResponse(failure: failure, message: message)

@@ -74,11 +74,14 @@ public final class Daemon: Sendable {
   let store: ChunkStore
   public let filesystem: StoreFileSystem
   let logger: Logger
+  /// The settings in effect and where each came from, for `nixfs status`.
+  public let settings: [DaemonStatus.Setting]
 
   public init(
     mountpoint: String, stateDir: String, cache: BinaryCacheClient, store: ChunkStore, options: StoreFSOptions,
-    logger: Logger
+    settings: [DaemonStatus.Setting] = [], logger: Logger
   ) {
+    self.settings = settings
     self.mountpoint = (mountpoint as NSString).standardizingPath
     self.stateDir = stateDir
     self.cache = cache
@@ -189,6 +192,8 @@ public final class Daemon: Sendable {
       }
     case .takeover:
       return .failed(.invalidArgument, "a takeover needs the control socket's descriptor passing")
+    case .status:
+      return ControlResponse(status: await status())
     case .fsck:
       do {
         let r = try await blockingWork { try self.store.fsck(repair: false) }
@@ -220,6 +225,21 @@ public final class Daemon: Sendable {
       return ControlResponse(
         viewPath: "\(mountpoint)/\(StoreFileSystem.viewsDirName)/\(name)", closure: closure.map(\.path))
     }
+  }
+
+  func status() async -> DaemonStatus {
+    let usable = await cache.substituters()
+    let reached = Set(usable.map(\.url))
+    let unreachable = cache.configuration.substituters.filter { url in
+      !reached.contains(String(url.split(separator: "?").first ?? "").trimmingCharacters(in: CharacterSet(charactersIn: "/")))
+    }
+    let stats = try? store.stats()
+    return DaemonStatus(
+      version: NixFSVersion.string, pid: getpid(), mountpoint: mountpoint, stateDir: stateDir, settings: settings,
+      substituters: usable.map { DaemonStatus.Substituter(url: $0.url, priority: $0.priority, chunkIndex: $0.chunkIndex) },
+      unreachable: unreachable, views: filesystem.viewIDs(), fetchesInFlight: filesystem.fetchesInFlight().map(\.path),
+      paths: stats?.paths ?? 0, partialPaths: stats?.partialPaths ?? 0, storedBytes: (try? store.storedBytes()) ?? 0,
+      budgetBytes: store.configuration.maxStoredBytes, chunksToFetch: stats?.absentChunks ?? 0)
   }
 
   /// What `nixfs gc` prints, from the daemon or from a store it opened itself.

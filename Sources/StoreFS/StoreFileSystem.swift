@@ -275,6 +275,9 @@ public final class StoreFileSystem: @unchecked Sendable {
 
   public func viewIDs() -> [String] { state.withLock { Array($0.views.keys).sorted() } }
 
+  /// Store paths being fetched now.
+  public func fetchesInFlight() -> [StorePath] { state.withLock { Array($0.inflight.keys).sorted() } }
+
   // MARK: Trees and materialisation
 
   func count(_ op: String) { metrics.request(op) }

@@ -3,6 +3,7 @@ import BinaryCache
 import Foundation
 import Logging
 import NixFormats
+import NodeControl
 
 /// Subcommands of the cache client layer.
 let cacheCommands: [any ParsableCommand.Type] = [PathInfoCommand.self, ProbeCommand.self]
@@ -75,6 +76,30 @@ struct CacheOptions: ParsableArguments {
     if let negativeTTL { config.narinfoCacheNegativeTTL = negativeTTL }
     config.stateDirectory = stateDir
     return config
+  }
+
+  /// The cache settings in effect, each with where it came from (`nixfs status`).
+  func settings() throws -> [DaemonStatus.Setting] {
+    let config = try configuration()
+    let conf = nixConf.flatMap { try? NixConf.load(file: $0) } ?? [:]
+    func from(_ flag: Bool, _ keys: String...) -> String {
+      flag ? "flag" : keys.contains { conf[$0] != nil } ? "nix.conf \(nixConf ?? "")" : "default"
+    }
+    return [
+      .init(name: "substituters", value: config.substituters.joined(separator: " "), source: from(!substituters.isEmpty, "substituters", "extra-substituters")),
+      .init(
+        name: "trusted-public-keys", value: config.trustedPublicKeys.map { String($0.split(separator: ":").first ?? "") }.joined(separator: " "),
+        source: from(!trustedPublicKeys.isEmpty, "trusted-public-keys", "extra-trusted-public-keys")),
+      .init(name: "require-sigs", value: "\(config.requireSignatures)", source: from(noRequireSigs, "require-sigs")),
+      .init(name: "netrc-file", value: config.netrcFile ?? "", source: from(netrcFile != nil, "netrc-file")),
+      .init(name: "connect-timeout", value: "\(config.connectTimeout)", source: from(connectTimeout != nil, "connect-timeout")),
+      .init(name: "stalled-download-timeout", value: "\(config.stallTimeout)", source: from(stallTimeout != nil, "stalled-download-timeout")),
+      .init(name: "low-speed-limit", value: "\(config.lowSpeedLimit)", source: from(lowSpeedLimit != nil)),
+      .init(name: "narinfo-cache-positive-ttl", value: "\(config.narinfoCachePositiveTTL)", source: from(positiveTTL != nil, "narinfo-cache-positive-ttl")),
+      .init(name: "narinfo-cache-negative-ttl", value: "\(config.narinfoCacheNegativeTTL)", source: from(negativeTTL != nil, "narinfo-cache-negative-ttl")),
+      .init(name: "http-connections", value: "\(config.maxConnections)", source: from(false, "http-connections")),
+      .init(name: "download-attempts", value: "\(config.maxAttempts)", source: from(false, "download-attempts")),
+    ]
   }
 
   func client(logger: Logger = Logger(label: "nixfs.cache")) throws -> BinaryCacheClient {

@@ -115,8 +115,16 @@ struct MountCommand: ParsableCommand {
     options.allowNonEmpty = allowNonEmpty
     options.useChunkIndex = !noChunkIndex
     options.startupProfileSeconds = startupProfileSeconds
+    let own: [DaemonStatus.Setting] = [
+      .init(name: "max-size", value: maxSize ?? "unlimited", source: maxSize == nil ? "default" : "flag"),
+      .init(name: "chunk-index", value: noChunkIndex ? "off" : "on", source: noChunkIndex ? "flag" : "default"),
+      .init(name: "startup-profile-seconds", value: "\(startupProfileSeconds)", source: startupProfileSeconds == 10 ? "default" : "flag"),
+      .init(name: "keeper", value: keeper ?? "none", source: keeper == nil ? "default" : "flag"),
+      .init(name: "threads", value: "\(threads)", source: threads == 16 ? "default" : "flag"),
+    ]
     let daemon = Daemon(
-      mountpoint: mountpoint, stateDir: cache.stateDir, cache: client, store: store, options: options, logger: logger)
+      mountpoint: mountpoint, stateDir: cache.stateDir, cache: client, store: store, options: options,
+      settings: ((try? cache.settings()) ?? []) + own, logger: logger)
     // One line that says what this daemon is and runs with, for whoever reads the log first.
     logger.info(
       "nixfs mount starting",

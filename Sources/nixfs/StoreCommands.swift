@@ -11,8 +11,50 @@ import StoreFS
 
 /// Subcommands of the chunk store layer.
 let storeCommands: [any ParsableCommand.Type] = [
-  IngestCommand.self, DumpCommand.self, GCCommand.self, FsckCommand.self, StatsCommand.self,
+  IngestCommand.self, DumpCommand.self, GCCommand.self, FsckCommand.self, StatsCommand.self, StatusCommand.self,
 ]
+
+/// `nixfs status`: what the running daemon on a state directory is, runs with, and holds.
+struct StatusCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "status",
+    abstract: "The running daemon: version, settings and where each came from, caches, views, fetches, store usage.")
+  @OptionGroup var state: StateOptions
+  @Flag(help: "Print JSON.") var json = false
+
+  func run() throws {
+    guard let daemon = state.daemon() else {
+      fail("no nixfs mount daemon answers on \(ControlSocket.path(stateDir: state.stateDir)) (is it running with --state-dir \(state.stateDir)?)")
+    }
+    let r: ControlResponse
+    do { r = try daemon.send(.status, timeout: 60) } catch { fail("\(error)") }
+    guard let s = r.status else { fail("the daemon did not report its status: \(r.message ?? "an older nixfs?")") }
+    if json {
+      let enc = JSONEncoder()
+      enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+      print(String(decoding: try enc.encode(s), as: UTF8.self))
+      return
+    }
+    func mib(_ b: UInt64) -> String { String(format: "%.1f MiB", Double(b) / 1048576) }
+    print("nixfs \(s.version), pid \(s.pid), serving \(s.mountpoint) from \(s.stateDir)")
+    print("store:      \(s.paths) complete and \(s.partialPaths) partial paths, \(mib(s.storedBytes)) stored"
+      + (s.budgetBytes.map { " of \(mib($0)) (\(Int(Double(s.storedBytes) / Double(max($0, 1)) * 100))%)" } ?? ", no budget")
+      + (s.chunksToFetch > 0 ? "; \(s.chunksToFetch) chunks of partial paths not fetched yet" : ""))
+    print("volumes:    \(s.views.count)\(s.views.isEmpty ? "" : ": " + s.views.joined(separator: " "))")
+    print("fetching:   \(s.fetchesInFlight.isEmpty ? "nothing" : s.fetchesInFlight.joined(separator: " "))")
+    print("caches:")
+    for c in s.substituters {
+      print("  \(c.url) (priority \(c.priority)\(c.chunkIndex.map { ", chunk index \($0)" } ?? ""))")
+    }
+    for u in s.unreachable { print("  \(u) (not answering)") }
+    print("settings:")
+    let width = s.settings.map(\.name.count).max() ?? 0
+    for setting in s.settings {
+      let name = setting.name.padding(toLength: width, withPad: " ", startingAt: 0)
+      print("  \(name)  \(setting.value.isEmpty ? "(none)" : setting.value)  [\(setting.source)]")
+    }
+  }
+}
 
 struct StateOptions: ParsableArguments {
   @Option(help: "The node's state directory (index and chunk packs).")

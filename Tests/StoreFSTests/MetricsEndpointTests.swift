@@ -105,3 +105,41 @@ import TestSupport
     #expect(lines.contains { $0.contains("\"message\":\"nixfs mount starting\"") && $0.contains("\"substituters\"") })
   }
 }
+
+/// `nixfs status`: what the running daemon runs with, where each setting came from, what it holds.
+@Suite(.serialized) struct StatusTests {
+  let fx: StoreFixture
+  init() throws { fx = try StoreFixture.shared() }
+
+  @Test func statusReportsSettingsWithTheirSourcesAndTheStore() throws {
+    let tmp = try TemporaryDirectory("status")
+    let server = try CacheServer(directory: fx.caches["zstd"]!)
+    try "substituters = \(server.url) http://127.0.0.1:9\nnarinfo-cache-negative-ttl = 7\n".write(
+      toFile: tmp.sub("nix.conf"), atomically: true, encoding: .utf8)
+    let node = try MountedStore(
+      mountpoint: tmp.sub("mnt"), stateDir: tmp.sub("state"),
+      arguments: ["--nix-conf", tmp.sub("nix.conf"), "--trusted-public-key", fx.publicKey, "--max-size", "1G"])
+    defer { node.stop() }
+    #expect(FileManager.default.contents(atPath: node.path("\(fx.paths["kinds"]!.baseName)/hello.txt")) != nil)
+    let out = try run([nixfsBinary, "status", "--state-dir", tmp.sub("state"), "--json"]).stdout
+    let status = try #require(try JSONSerialization.jsonObject(with: Data(out)) as? [String: Any])
+    let settings = Dictionary(
+      uniqueKeysWithValues: ((status["settings"] as? [[String: String]]) ?? []).map { ($0["name"] ?? "", $0) })
+    #expect(settings["substituters"]?["source"]?.hasPrefix("nix.conf") == true, "\(settings)")
+    #expect(settings["trusted-public-keys"]?["source"] == "flag")
+    #expect(settings["trusted-public-keys"]?["value"] == "fs-test-1")
+    #expect(settings["narinfo-cache-negative-ttl"]?["value"] == "7.0")
+    #expect(settings["require-sigs"]?["source"] == "default")
+    #expect(settings["max-size"]?["value"] == "1G")
+    #expect(status["budgetBytes"] as? Int == 1 << 30)
+    #expect((status["paths"] as? Int ?? 0) >= 1)
+    #expect((status["substituters"] as? [[String: Any]])?.first?["url"] as? String == server.url)
+    #expect((status["unreachable"] as? [String]) == ["http://127.0.0.1:9"])
+    // The text form says the same in lines a person reads.
+    let text = try run([nixfsBinary, "status", "--state-dir", tmp.sub("state")]).text
+    #expect(text.contains("serving \(tmp.sub("mnt"))") && text.contains("(not answering)"), "\(text)")
+    // No daemon: one line saying so.
+    let none = try run([nixfsBinary, "status", "--state-dir", tmp.sub("nothing")], check: false)
+    #expect(none.status == 1 && none.stderr.contains("no nixfs mount daemon answers"))
+  }
+}
