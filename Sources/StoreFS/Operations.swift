@@ -1,4 +1,3 @@
-import CFuse3
 import ChunkStore
 import Foundation
 import NixFormats
@@ -6,83 +5,6 @@ import NixFormats
 #if canImport(Glibc)
   import Glibc
 #endif
-
-/// The libfuse low-level callbacks. Each resolves its `StoreFileSystem` from the request's
-/// userdata and returns quickly: anything that needs the network replies later from a task.
-extension StoreFileSystem {
-  static func fs(_ req: fuse_req_t?) -> StoreFileSystem {
-    Unmanaged<StoreFileSystem>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
-  }
-
-  static let operations: fuse_lowlevel_ops = {
-    var ops = fuse_lowlevel_ops()
-    ops.`init` = { userdata, conn in
-      guard let conn else { return }
-      // Large requests, symlink caching, and kernel-side parallel lookups.
-      conn.pointee.max_write = 1 << 20
-      conn.pointee.max_readahead = 1 << 20
-      for cap in [FUSE_CAP_CACHE_SYMLINKS, FUSE_CAP_PARALLEL_DIROPS, FUSE_CAP_ASYNC_READ] {
-        if conn.pointee.capable & UInt32(cap) != 0 { conn.pointee.want |= UInt32(cap) }
-      }
-      // The store never changes under a path: never drop cached pages on attribute refresh.
-      conn.pointee.want &= ~UInt32(FUSE_CAP_AUTO_INVAL_DATA)
-    }
-    ops.lookup = { req, parent, name in
-      guard let req, let name else { return }
-      fs(req).lookup(Request(req), parent: parent, name: UnsafeRawBufferPointer(start: name, count: strlen(name)))
-    }
-    ops.forget = { req, ino, n in
-      fs(req).forget(ino, n)
-      fuse_reply_none(req)
-    }
-    ops.forget_multi = { req, count, forgets in
-      let fs = fs(req)
-      if let forgets {
-        for i in 0..<count { fs.forget(forgets[i].ino, forgets[i].nlookup) }
-      }
-      fuse_reply_none(req)
-    }
-    ops.getattr = { req, ino, _ in
-      guard let req else { return }
-      fs(req).getattr(Request(req), ino: ino)
-    }
-    ops.readlink = { req, ino in
-      guard let req else { return }
-      fs(req).readlink(Request(req), ino: ino)
-    }
-    ops.open = { req, ino, fi in
-      guard let req, let fi else { return }
-      fs(req).open(Request(req), ino: ino, fi: fi)
-    }
-    ops.read = { req, ino, size, offset, _ in
-      guard let req else { return }
-      fs(req).read(Request(req), ino: ino, size: size, offset: offset)
-    }
-    ops.release = { req, _, fi in
-      guard let req else { return }
-      fs(req).release(handle: fi?.pointee.fh ?? 0)
-      _ = fuse_reply_err(req, 0)
-    }
-    ops.opendir = { req, ino, fi in
-      guard let req, let fi else { return }
-      fs(req).opendir(Request(req), ino: ino, fi: fi)
-    }
-    ops.readdir = { req, ino, size, offset, fi in
-      guard let req else { return }
-      fs(req).readdir(Request(req), ino: ino, size: size, offset: offset, handle: fi?.pointee.fh ?? 0)
-    }
-    ops.releasedir = { req, _, fi in
-      guard let req else { return }
-      fs(req).releaseDirectory(handle: fi?.pointee.fh ?? 0)
-      _ = fuse_reply_err(req, 0)
-    }
-    ops.statfs = { req, _ in
-      guard let req else { return }
-      fs(req).statfs(Request(req))
-    }
-    return ops
-  }()
-}
 
 /// A directory listing entry: name, inode (for d_ino) and type bits.
 struct DirectoryEntry {
@@ -150,7 +72,7 @@ extension StoreFileSystem {
   }
 
   /// Replies with the root of `path` as seen in `namespace`, materialising it if needed.
-  func resolve(_ req: Request, namespace: UInt32, path: StorePath) {
+  func resolve(_ req: any Replier, namespace: UInt32, path: StorePath) {
     withTree(path, req, resolution: true) { tree in
       self.store.touch(path)
       let (ino, st) = self.entry(tree, path: path, instance: self.instance(namespace, path), index: 0)
@@ -158,7 +80,7 @@ extension StoreFileSystem {
     }
   }
 
-  func lookup(_ req: Request, parent: UInt64, name: UnsafeRawBufferPointer) {
+  func lookup(_ req: any Replier, parent: UInt64, name: UnsafeRawBufferPointer) {
     count("lookup")
     switch Inode.decode(parent) {
     case .root:
@@ -181,9 +103,7 @@ extension StoreFileSystem {
         guard let child = tree.lookup(Int(index), name) else {
           if case .directory = tree.nodes[Int(index)].kind {
             // Immutable: a missing name stays missing.
-            var e = fuse_entry_param()
-            e.entry_timeout = self.options.entryTimeout
-            _ = fuse_reply_entry(req.raw, &e)
+            req.entry(ino: 0, attr: stat(), timeout: self.options.entryTimeout)
           } else {
             self.replyError(req, ENOTDIR, cause: "client")
           }
@@ -199,7 +119,7 @@ extension StoreFileSystem {
     }
   }
 
-  func lookupVirtual(_ req: Request, _ parent: VirtualNode, name: UnsafeRawBufferPointer) {
+  func lookupVirtual(_ req: any Replier, _ parent: VirtualNode, name: UnsafeRawBufferPointer) {
     let text = String(decoding: name, as: UTF8.self)
     var child: VirtualNode? = nil
     switch parent {
@@ -222,14 +142,13 @@ extension StoreFileSystem {
     }
     guard let child, let st = virtualAttributes(child) else {
       // Views come and go: do not let the kernel cache their absence.
-      var e = fuse_entry_param()
-      _ = fuse_reply_entry(req.raw, &e)
+      req.entry(ino: 0, attr: stat(), timeout: 0)
       return
     }
     replyEntry(req, ino: child.ino, attr: st)
   }
 
-  func getattr(_ req: Request, ino: UInt64) {
+  func getattr(_ req: any Replier, ino: UInt64) {
     count("getattr")
     switch Inode.decode(ino) {
     case .root:
@@ -250,35 +169,30 @@ extension StoreFileSystem {
     }
   }
 
-  func readlink(_ req: Request, ino: UInt64) {
+  func readlink(_ req: any Replier, ino: UInt64) {
     count("readlink")
     switch Inode.decode(ino) {
     case .virtual(let n):
       guard case .viewResult(let v) = VirtualNode(n), let view = view(number: v) else {
         return replyError(req, EINVAL, cause: "client")
       }
-      let target = resultTarget(view)
-      _ = (target + [0]).withUnsafeBufferPointer { buf in
-        buf.withMemoryRebound(to: CChar.self) { fuse_reply_readlink(req.raw, $0.baseAddress) }
-      }
+      req.symlink(resultTarget(view))
     case .node(let instance, let index):
       guard let key = state.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
       withTree(key.path, req) { tree in
         guard case .symlink(let target) = tree.nodes[Int(index)].kind else {
           return self.replyError(req, EINVAL, cause: "client")
         }
-        _ = (target + [0]).withUnsafeBufferPointer { buf in
-          buf.withMemoryRebound(to: CChar.self) { fuse_reply_readlink(req.raw, $0.baseAddress) }
-        }
+        req.symlink(target)
       }
     default:
       replyError(req, EINVAL, cause: "client")
     }
   }
 
-  func open(_ req: Request, ino: UInt64, fi: UnsafeMutablePointer<fuse_file_info>) {
+  func open(_ req: any Replier, ino: UInt64, flags: Int32) {
     count("open")
-    if fi.pointee.flags & O_ACCMODE != O_RDONLY { return replyError(req, EROFS, cause: "client") }
+    if flags & O_ACCMODE != O_RDONLY { return replyError(req, EROFS, cause: "client") }
     guard let file = file(ino) else { return replyError(req, EISDIR, cause: "client") }
     let path = file.path
     // Pin the path while a file of it is open, so GC cannot take its chunks away.
@@ -289,28 +203,14 @@ extension StoreFileSystem {
       s.openHandles[h] = path
       return h
     }
-    fi.pointee.fh = handle
-    nixfs_fuse_fi_set_cache(fi, 1, 0)
     // GC may have evicted the path while the kernel still holds its entries (long timeouts):
     // fetch it again before the open succeeds, so reads find their chunks.
     if store.evictions > 0, localTree(path) == nil {
-      let copy = UnsafeMutablePointer<fuse_file_info>.allocate(capacity: 1)
-      copy.initialize(to: fi.pointee)  // libfuse's fi lives on its stack: keep a copy for the reply
-      let box = OpenReply(copy)
       logger.info("re-fetching an evicted path on open", metadata: ["path": "\(path)"])
-      withTree(path, req) { _ in
-        _ = fuse_reply_open(req.raw, box.fi)
-        box.fi.deallocate()
-      }
+      withTree(path, req) { _ in req.opened(handle: handle, keepCache: true, cacheDirectory: false) }
       return
     }
-    _ = fuse_reply_open(req.raw, fi)
-  }
-
-  /// A copied `fuse_file_info` carried to an asynchronous open reply.
-  final class OpenReply: @unchecked Sendable {
-    let fi: UnsafeMutablePointer<fuse_file_info>
-    init(_ fi: UnsafeMutablePointer<fuse_file_info>) { self.fi = fi }
+    req.opened(handle: handle, keepCache: true, cacheDirectory: false)
   }
 
   func release(handle: UInt64) {
@@ -334,7 +234,7 @@ extension StoreFileSystem {
     }
   }
 
-  func read(_ req: Request, ino: UInt64, size: Int, offset: off_t) {
+  func read(_ req: any Replier, ino: UInt64, size: Int, offset: off_t) {
     guard let file = file(ino) else {
       return replyError(req, ESTALE, cause: "stale")
     }
@@ -368,7 +268,7 @@ extension StoreFileSystem {
   static let readAhead = 2 << 20
 
   /// Answers a read from the store; false (nothing sent) when a chunk it needs is absent.
-  func replyRead(_ req: Request, _ content: ContentID, size: Int, offset: off_t) throws -> Bool {
+  func replyRead(_ req: any Replier, _ content: ContentID, size: Int, offset: off_t) throws -> Bool {
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(size, 1), alignment: 16)
     defer { buffer.deallocate() }
     let n: Int
@@ -380,7 +280,7 @@ extension StoreFileSystem {
     }
     metrics.request("read")
     metrics.bytesServed.increment(by: Int64(n))
-    _ = fuse_reply_buf(req.raw, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), n)
+    req.bytes(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
     return true
   }
 
@@ -438,30 +338,30 @@ extension StoreFileSystem {
     }
   }
 
-  func opendir(_ req: Request, ino: UInt64, fi: UnsafeMutablePointer<fuse_file_info>) {
+  func opendir(_ req: any Replier, ino: UInt64) {
     count("opendir")
     switch listing(ino) {
     case .error(let e, let cause):
-      return replyError(req, e, cause: cause)
+      replyError(req, e, cause: cause)
     case .tree:
       // Immutable: the kernel may cache the listing and pages for good.
-      nixfs_fuse_fi_set_cache(fi, 1, 1)
+      req.opened(handle: 0, keepCache: true, cacheDirectory: true)
     case .entries(let listing):
-      fi.pointee.fh = state.withLock { s -> UInt64 in
+      let handle = state.withLock { s -> UInt64 in
         let h = s.nextHandle
         s.nextHandle += 1
         s.dirListings[h] = listing
         return h
       }
+      req.opened(handle: handle, keepCache: false, cacheDirectory: false)
     }
-    _ = fuse_reply_open(req.raw, fi)
   }
 
   func releaseDirectory(handle: UInt64) {
     _ = state.withLock { $0.dirListings.removeValue(forKey: handle) }
   }
 
-  func readdir(_ req: Request, ino: UInt64, size: Int, offset: off_t, handle: UInt64) {
+  func readdir(_ req: any Replier, ino: UInt64, size: Int, offset: off_t, handle: UInt64) {
     count("readdir")
     if case .node(let instance, let index) = Inode.decode(ino) {
       guard let key = state.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
@@ -494,50 +394,15 @@ extension StoreFileSystem {
     replyListing(req, ino: ino, listing, size: size, offset: offset)
   }
 
-  /// Packs entries from `offset` (0 and 1 are "." and "..") into at most `size` bytes.
-  func replyListing(_ req: Request, ino: UInt64, _ listing: [DirectoryEntry], size: Int, offset: off_t) {
-    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(size, 1), alignment: 16)
-    defer { buffer.deallocate() }
-    var used = 0
-    var index = Int(offset)
-    let total = listing.count + 2
-    while index < total {
-      let name: [UInt8]
-      var st = stat()
-      switch index {
-      case 0:
-        name = Array(".".utf8)
-        st.st_ino = UInt(ino)
-        st.st_mode = S_IFDIR
-      case 1:
-        name = Array("..".utf8)
-        st.st_ino = UInt(Inode.root)
-        st.st_mode = S_IFDIR
-      default:
-        let e = listing[index - 2]
-        name = e.name
-        st.st_ino = UInt(e.ino)
-        st.st_mode = e.mode
-      }
-      let needed = (name + [0]).withUnsafeBufferPointer { n in
-        n.withMemoryRebound(to: CChar.self) { cname in
-          fuse_add_direntry(
-            req.raw, buffer.baseAddress!.advanced(by: used).assumingMemoryBound(to: CChar.self), size - used,
-            cname.baseAddress, &st, off_t(index + 1))
-        }
-      }
-      if needed > size - used { break }
-      used += needed
-      index += 1
-    }
-    _ = fuse_reply_buf(req.raw, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), used)
+  func replyListing(_ req: any Replier, ino: UInt64, _ listing: [DirectoryEntry], size: Int, offset: off_t) {
+    req.listing(listing, directory: ino, offset: Int(offset), size: size)
   }
 
-  func statfs(_ req: Request) {
+  func statfs(_ req: any Replier) {
     var vfs = statvfs()
     if statvfs(options.statfsPath, &vfs) != 0 { vfs = Glibc.statvfs() }
     vfs.f_namemax = 255
     vfs.f_flag |= UInt(ST_RDONLY)
-    _ = fuse_reply_statfs(req.raw, &vfs)
+    req.filesystem(vfs)
   }
 }

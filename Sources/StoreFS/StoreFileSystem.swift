@@ -1,4 +1,3 @@
-import CFuse3
 import ChunkStore
 import Foundation
 import Logging
@@ -106,120 +105,6 @@ public final class StoreFileSystem: @unchecked Sendable {
     self.logger = logger
     self.state = Mutex(State())
   }
-
-  // MARK: Mounting
-
-  /// The session options: read-only, nosuid, nodev (the store is immutable and never setuid).
-  var sessionOptions: [String] {
-    var opts = ["ro", "nosuid", "nodev", "fsname=nixfs", "subtype=nixfs", "default_permissions"]
-    if getuid() == 0 { opts.append("allow_other") }
-    return opts
-  }
-
-  /// Mounts at `mountpoint` (or serves the connection `source` hands over) until unmounted from
-  /// outside, a signal arrives, or a successor takes the connection over. Blocks the calling
-  /// thread. `stateDir` holds the kernel-view journal. With `keepMountOnSignal` (a keeper holds
-  /// the connection) a signal stops serving without unmounting, so the next daemon picks it up.
-  /// `onServing` runs once the connection is served, with its descriptor and a function that gives
-  /// its handover record once there is one (a new mount has one when the kernel's INIT arrived).
-  public func serve(
-    at mountpoint: String, source: MountSource = .fresh, stateDir: String, keepMountOnSignal: Bool = false,
-    onServing: @escaping @Sendable (_ record: @escaping @Sendable () -> Handover?, Int32) -> Void = { _, _ in }
-  ) throws -> ServeOutcome {
-    let s: FuseSession
-    let connection: String
-    switch source {
-    case .fresh:
-      try Mountpoint.prepare(mountpoint, allowNonEmpty: options.allowNonEmpty, logger: logger)
-      connection = UUID().uuidString.lowercased()
-      journal = try KernelViewJournal.create(stateDir: stateDir, connection: connection)
-      s = try FuseSession(
-        mountpoint: mountpoint, options: sessionOptions, operations: Self.operations,
-        userdata: Unmanaged.passUnretained(self).toOpaque())
-      logger.info("mounted", metadata: ["mountpoint": "\(mountpoint)", "connection": "\(connection)"])
-    case .adopted(let handover, let fd):
-      connection = handover.connection
-      var view = KernelViewState()
-      do {
-        view = try KernelViewJournal.load(stateDir: stateDir, connection: connection, storeDir: options.storeDir)
-      } catch {
-        // Serve anyway: nodes the kernel knows from before answer ESTALE, new lookups work.
-        logger.error("cannot replay the kernel view", metadata: ["error": "\(error)"])
-      }
-      view.generation += 1
-      restore(view)
-      journal = try KernelViewJournal.create(stateDir: stateDir, connection: connection, state: view)
-      s = try FuseSession(
-        adopting: fd, initRequest: [UInt8](handover.initRequest), mountpoint: mountpoint, options: sessionOptions,
-        operations: Self.operations, userdata: Unmanaged.passUnretained(self).toOpaque())
-      if let why = s.resendUnanswered() {
-        logger.warning(
-          "the kernel cannot resend requests the previous daemon left unanswered (needs Linux 6.9+); they stay blocked",
-          metadata: ["error": "\(why)"])
-      }
-      logger.info(
-        "took over the FUSE connection",
-        metadata: [
-          "mountpoint": "\(mountpoint)", "connection": "\(connection)", "from_version": "\(handover.version)",
-          "generation": "\(view.generation)", "inodes": "\(view.files.count + view.instances.count)",
-        ])
-    }
-    session = s
-    defer { session = nil }
-    let detaching = Atomic<Bool>(false)
-    TerminationSignals.onTermination { [logger] in
-      if keepMountOnSignal {
-        logger.info("stopping without unmounting: the keeper holds the connection for the next daemon")
-        detaching.store(true, ordering: .sequentiallyConsistent)
-        s.stop()
-      } else {
-        s.exit()
-        s.unmount()
-      }
-    }
-    onServing({ [self] in s.initRequest.isEmpty ? nil : handover(of: s, connection: connection) }, s.fd)
-    while true {
-      let rc = s.run(maxThreads: options.maxThreads)
-      let ended = gate.loopEnded()
-      if ended.again {
-        logger.warning("the takeover failed: serving on")
-        s.resume()
-        continue
-      }
-      if ended.handedOver {
-        s.relinquish()
-        logger.info("handed the FUSE connection over", metadata: ["mountpoint": "\(mountpoint)"])
-        return .handedOver
-      }
-      if detaching.load(ordering: .sequentiallyConsistent) {
-        s.mute()
-        s.relinquish()
-        return .detached
-      }
-      s.unmount()
-      logger.info("unmounted", metadata: ["mountpoint": "\(mountpoint)", "status": "\(rc)"])
-      return .unmounted
-    }
-  }
-
-  func handover(of s: FuseSession, connection: String) -> Handover {
-    Handover(version: NixFSVersion.string, connection: connection, initRequest: Data(s.initRequest), mountpoint: s.mountpoint)
-  }
-
-  /// For a successor: stops reading requests, waits for the workers to finish theirs, mutes the
-  /// rest, and returns the connection's record and descriptor. Then `finishHandover` says whether
-  /// the successor got them (else this daemon serves on).
-  public func handOver(timeout: Double = 10) -> (Handover, Int32)? {
-    guard let s = session, let journal else { return nil }
-    guard gate.stop(timeout: timeout, { s.stop() }) else {
-      s.resume()
-      return nil
-    }
-    s.mute()
-    return (handover(of: s, connection: journal.connection), s.fd)
-  }
-
-  public func finishHandover(succeeded: Bool) { gate.decide(handedOver: succeeded) }
 
   /// Loads what the previous daemon told the kernel, so its node ids keep their meaning.
   func restore(_ view: KernelViewState) {
@@ -333,7 +218,7 @@ public final class StoreFileSystem: @unchecked Sendable {
   /// worker never waits for the network.
   /// `resolution` marks a store path lookup, counted in the local/fetched hit-ratio metric.
   func withTree(
-    _ path: StorePath, _ req: Request, resolution: Bool = false, _ body: @escaping @Sendable (Manifest) -> Void
+    _ path: StorePath, _ req: any Replier, resolution: Bool = false, _ body: @escaping @Sendable (Manifest) -> Void
   ) {
     if let t = localTree(path) {
       if resolution { metrics.localHits.increment() }
@@ -547,39 +432,30 @@ public final class StoreFileSystem: @unchecked Sendable {
 
   // MARK: Replies
 
-  func replyEntry(_ req: Request, ino: UInt64, attr: stat) {
-    var e = fuse_entry_param()
-    e.ino = ino
-    e.attr = attr
-    e.attr_timeout = options.entryTimeout
-    e.entry_timeout = options.entryTimeout
+  func replyEntry(_ req: any Replier, ino: UInt64, attr: stat) {
     if ino != Inode.root && Inode.decode(ino) != .invalid {
       if case .virtual = Inode.decode(ino) {} else {
         state.withLock { $0.lookups[ino, default: 0] += 1 }
       }
     }
-    if fuse_reply_entry(req.raw, &e) != 0 {
+    if !req.entry(ino: ino, attr: attr, timeout: options.entryTimeout) {
       // The kernel did not take the reference (interrupted): undo the count.
       forget(ino, 1)
     }
   }
 
   /// "No such entry", cached by the kernel for the negative timeout.
-  func replyNegative(_ req: Request) {
-    var e = fuse_entry_param()
-    e.ino = 0
-    e.entry_timeout = options.negativeTimeout
-    _ = fuse_reply_entry(req.raw, &e)
+  func replyNegative(_ req: any Replier) {
+    req.entry(ino: 0, attr: stat(), timeout: options.negativeTimeout)
   }
 
-  func replyError(_ req: Request, _ errno: Int32, cause: String) {
+  func replyError(_ req: any Replier, _ errno: Int32, cause: String) {
     metrics.error(cause)
-    _ = fuse_reply_err(req.raw, errno)
+    req.error(errno)
   }
 
-  func replyAttr(_ req: Request, _ st: stat) {
-    var st = st
-    _ = fuse_reply_attr(req.raw, &st, options.entryTimeout)
+  func replyAttr(_ req: any Replier, _ st: stat) {
+    req.attributes(st, timeout: options.entryTimeout)
   }
 
   func forget(_ ino: UInt64, _ n: UInt64) {
@@ -653,11 +529,6 @@ final class StartupRecorder: Sendable {
   func close(_ id: Int) -> [ChunkRef] { state.withLock { $0.open.removeValue(forKey: id)?.chunks ?? [] } }
 }
 
-/// A FUSE request: replied to exactly once, from whichever thread finishes it.
-struct Request: @unchecked Sendable {
-  let raw: fuse_req_t
-  init(_ raw: fuse_req_t) { self.raw = raw }
-}
 
 extension Duration {
   var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }

@@ -1,0 +1,22 @@
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// How the filesystem core answers one kernel request. Exactly one method is called, once, from
+/// whichever thread finishes the request (a FUSE worker, or a task after a fetch). The FUSE
+/// adapter turns it into `fuse_reply_*`; tests record it.
+protocol Replier: Sendable {
+  /// A name resolved (`ino` non-zero) or known to be missing (`ino` 0), for the kernel to cache
+  /// for `timeout` seconds. False when the kernel did not take it (the request was interrupted).
+  @discardableResult func entry(ino: UInt64, attr: stat, timeout: Double) -> Bool
+  func attributes(_ attr: stat, timeout: Double)
+  func error(_ errno: Int32)
+  func bytes(_ data: UnsafeRawBufferPointer)
+  func symlink(_ target: [UInt8])
+  /// An open file or directory: its handle, and whether the kernel may keep its pages
+  /// (`keepCache`) and its listing (`cacheDirectory`) across opens.
+  func opened(handle: UInt64, keepCache: Bool, cacheDirectory: Bool)
+  /// A directory's entries from `offset` on (0 and 1 are "." and ".."), at most `size` bytes of them.
+  func listing(_ entries: [DirectoryEntry], directory: UInt64, offset: Int, size: Int)
+  func filesystem(_ vfs: statvfs)
+}
