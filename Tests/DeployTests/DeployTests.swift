@@ -486,6 +486,17 @@ struct DeploymentStructureTests {
     let pod = try Rendered(Repo.deploy("kubernetes")).podSpec()
     let registrar = try container(pod, "node-driver-registrar")
     #expect(registrar["image"] as? String == "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.13.0")
+    // The registrar's own health endpoint, probed; both sidecars unprivileged.
+    #expect(flagValue(argv(registrar), "--http-endpoint") == ":9809")
+    #expect(dig(registrar, "livenessProbe", "httpGet", "path") as? String == "/healthz")
+    let regPorts = (registrar["ports"] as? [JSON]) ?? []
+    #expect(regPorts.contains { $0["name"] as? String == "healthz-reg" && $0["containerPort"] as? Int == 9809 })
+    for sidecar in [registrar, try container(pod, "liveness-probe")] {
+      #expect(dig(sidecar, "securityContext", "allowPrivilegeEscalation") as? Bool == false)
+      #expect(dig(sidecar, "securityContext", "readOnlyRootFilesystem") as? Bool == true)
+      #expect((dig(sidecar, "securityContext", "capabilities", "drop") as? [String]) == ["ALL"])
+      #expect(dig(sidecar, "securityContext", "privileged") == nil)
+    }
     let registration = try mount(pod, registrar, at: "/registration")
     #expect(dig(registration.volume, "hostPath", "path") as? String == "/var/lib/kubelet/plugins_registry")
     #expect(dig(registration.volume, "hostPath", "type") as? String == "Directory")
@@ -644,6 +655,7 @@ struct ContainerfileTests {
     #expect(try Self.text().contains("ARG SWIFT_IMAGE=docker.io/library/swift:6."))
     #expect(stages[0].hasPrefix("FROM ${SWIFT_IMAGE}"))
     #expect(stages[0].contains("--static-swift-stdlib") && stages[0].contains("--product nixfs"))
+    #expect(stages[0].contains("strip /out/nixfs"), "the image's binary is stripped")
     let manifest = try String(contentsOfFile: "\(Repo.root)/Package.swift", encoding: .utf8)
     // .apt(["libfuse3-dev", "fuse3"]) → libfuse3-dev, fuse3
     let apt = try NSRegularExpression(pattern: #"\.apt\(\[([^\]]*)\]\)"#)
