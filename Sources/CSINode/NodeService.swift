@@ -3,7 +3,14 @@ import GRPCCore
 import Logging
 import NixFormats
 import NodeControl
+import Subprocess
 import SwiftProtobuf
+
+#if canImport(System)
+  import System
+#else
+  import SystemPackage
+#endif
 
 #if canImport(Glibc)
   import Glibc
@@ -17,6 +24,8 @@ public struct CSIConfiguration: Sendable {
   public var system: String
   /// A `nix` binary to evaluate `flakeRef` / `nixExpr` attributes; nil disables them.
   public var nixBinary: String?
+  /// How long one `nix eval` of a flakeRef or nixExpr attribute may take.
+  public var evaluationTimeout: Double = 120
   public var storeDir: String = StorePath.defaultStoreDir
 
   public init(driverName: String, nodeID: String, stateDir: String, system: String, nixBinary: String?) {
@@ -152,16 +161,19 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
     }
   }
 
-  func requestedPath(_ attributes: [String: String]) throws -> StorePath {
+  /// The store path a volume asks for. Evaluating a flakeRef or nixExpr runs `nix eval` (bounded
+  /// by `evaluationTimeout`), so this is called before the publish queue: one slow evaluation
+  /// never holds up the node's other publishes.
+  func requestedPath(_ attributes: [String: String]) async throws -> StorePath {
     let text: String
     if let p = attributes[config.system] {
       text = p
     } else if let p = attributes["storePath"] {
       text = p
     } else if let flake = attributes["flakeRef"] {
-      text = try evaluate(["eval", "--raw", flake], what: "flakeRef \(flake)")
+      text = try await evaluate(["eval", "--raw", flake], what: "flakeRef \(flake)")
     } else if let expr = attributes["nixExpr"] {
-      text = try evaluate(["eval", "--raw", "--impure", "--expr", "(\(expr)).outPath"], what: "nixExpr")
+      text = try await evaluate(["eval", "--raw", "--impure", "--expr", "(\(expr)).outPath"], what: "nixExpr")
     } else {
       let systems = attributes.keys.filter { $0.hasSuffix("-linux") || $0.hasSuffix("-darwin") }.sorted()
       let hint = systems.isEmpty ? "" : " (this node is \(config.system); the volume names \(systems.joined(separator: ", ")))"
@@ -174,26 +186,54 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
     }
   }
 
-  func evaluate(_ args: [String], what: String) throws -> String {
+  /// `nix ARGS` through swift-subprocess: both outputs read as they come (a chatty stderr cannot
+  /// block it), at most `evaluationTimeout` seconds (then the process is killed). A failure says
+  /// Nix's `error:` line; network failures are Unavailable (kubelet retries), others
+  /// InvalidArgument.
+  func evaluate(_ args: [String], what: String) async throws -> String {
     guard let nix = config.nixBinary else {
       throw Self.fail(.failedPrecondition, "\(what) needs a nix binary on the node (start nixfs csi with --nix PATH); use a \(config.system) or storePath attribute instead")
     }
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: nix)
-    p.arguments = ["--extra-experimental-features", "nix-command flakes"] + args
-    let out = Pipe()
-    let err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    do { try p.run() } catch { throw Self.fail(.failedPrecondition, "cannot run \(nix): \(error)") }
-    let data = out.fileHandleForReading.readDataToEndOfFile()
-    let errText = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    p.waitUntilExit()
-    guard p.terminationStatus == 0 else {
-      let line = errText.split(separator: "\n").last.map(String.init) ?? "exit \(p.terminationStatus)"
-      throw Self.fail(.invalidArgument, "cannot evaluate \(what): \(line)")
+    struct Outcome: Sendable {
+      let success: Bool
+      let status: String
+      let output: String
+      let errors: String
     }
-    return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    let timeout = config.evaluationTimeout
+    let outcome: Outcome?
+    do {
+      outcome = try await withThrowingTaskGroup(of: Outcome?.self) { group in
+        group.addTask {
+          let r = try await Subprocess.run(
+            .path(FilePath(nix)), arguments: Arguments(["--extra-experimental-features", "nix-command flakes"] + args),
+            output: .string(limit: 4 << 20), error: .string(limit: 4 << 20))
+          return Outcome(
+            success: r.terminationStatus.isSuccess, status: "\(r.terminationStatus)", output: r.standardOutput,
+            errors: r.standardError)
+        }
+        group.addTask {
+          try await Task.sleep(nanoseconds: UInt64(timeout * 1e9))
+          return nil
+        }
+        let first = try await group.next() ?? nil
+        group.cancelAll()
+        return first
+      }
+    } catch {
+      throw Self.fail(.failedPrecondition, "cannot run \(nix): \(error)")
+    }
+    guard let outcome else {
+      throw Self.fail(.deadlineExceeded, "cannot evaluate \(what): nix did not finish within \(Int(timeout)) s (--evaluation-timeout)")
+    }
+    guard outcome.success else {
+      let lines = outcome.errors.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }
+      let line = lines.first { $0.hasPrefix("error:") } ?? lines.last ?? "nix exited with \(outcome.status)"
+      let network = ["unable to download", "Could not resolve host", "Couldn't connect", "Connection refused", "timed out", "HTTP error"]
+        .contains { outcome.errors.contains($0) }
+      throw Self.fail(network ? .unavailable : .invalidArgument, "cannot evaluate \(what): \(line)")
+    }
+    return outcome.output.trimmingCharacters(in: .whitespacesAndNewlines)
   }
 
   static func code(_ failure: ControlFailure?) -> RPCError.Code {
@@ -210,10 +250,14 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
   public func nodePublishVolume(request: Csi_V1_NodePublishVolumeRequest, context: ServerContext) async throws
     -> Csi_V1_NodePublishVolumeResponse
   {
-    try await serially { try self.publish(request) }
+    // The cheap checks before an evaluation that may take seconds.
+    try Self.checkVolumeID(request.volumeID)
+    _ = try Self.checkTarget(request.targetPath)
+    let path = try await requestedPath(request.volumeContext.filter { !$0.key.hasPrefix("csi.storage.k8s.io/") })
+    return try await serially { try self.publish(request, path: path) }
   }
 
-  func publish(_ request: Csi_V1_NodePublishVolumeRequest) throws -> Csi_V1_NodePublishVolumeResponse {
+  func publish(_ request: Csi_V1_NodePublishVolumeRequest, path: StorePath) throws -> Csi_V1_NodePublishVolumeResponse {
     try Self.checkVolumeID(request.volumeID)
     let checkedTarget = try Self.checkTarget(request.targetPath)
     guard request.hasVolumeCapability else { throw Self.fail(.invalidArgument, "volume_capability is required") }
@@ -222,7 +266,6 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
     }
     let target = checkedTarget.path
     let attributes = request.volumeContext.filter { !$0.key.hasPrefix("csi.storage.k8s.io/") }
-    let path = try requestedPath(attributes)
     let startupProfile = try Self.startupProfile(attributes)
     if let existing = records.byTarget(target) {
       guard existing.volumeID == request.volumeID && existing.attributes == attributes else {

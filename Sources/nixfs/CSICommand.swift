@@ -19,19 +19,25 @@ struct CSICommand: AsyncParsableCommand {
   @Option(help: "The Nix system whose volume attribute names the store path (default: detected).")
   var system: String?
   @Option(help: "A nix binary, to evaluate flakeRef and nixExpr volume attributes.") var nix: String?
+  @Option(help: "Seconds one evaluation of a flakeRef or nixExpr may take (then DeadlineExceeded).")
+  var evaluationTimeout: Double = 120
   @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
   @Option(help: "Log lines as text, or as one JSON object each (json).") var logFormat: LogFormat = .text
 
-  func validate() throws { try checkLogLevel(logLevel) }
+  func validate() throws {
+    try checkLogLevel(logLevel)
+    guard evaluationTimeout > 0 else { throw ValidationError("--evaluation-timeout \(evaluationTimeout): expected a positive number of seconds") }
+  }
 
   func run() async throws {
     let logger = bootstrapLogging(level: logLevel, label: "nixfs.csi", format: logFormat)
     guard let node = nodeID ?? ProcessInfo.processInfo.environment["NODE_NAME"], !node.isEmpty else {
       fail("no node ID: pass --node-id or set NODE_NAME")
     }
-    let config = CSIConfiguration(
+    var config = CSIConfiguration(
       driverName: driverName, nodeID: node, stateDir: stateDir, system: system ?? CSIConfiguration.detectSystem(),
       nixBinary: nix)
+    config.evaluationTimeout = evaluationTimeout
     do {
       try await CSIServer.run(config: config, endpoint: endpoint, logger: logger)
     } catch {

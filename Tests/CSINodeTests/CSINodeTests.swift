@@ -23,7 +23,11 @@ final class Node: @unchecked Sendable {
   /// What `nixfs mount` was started with, for successors.
   let mountArguments: [String]
 
-  init(cache: String? = nil, withKeeper: Bool = false) throws {
+  /// Extra `nixfs csi` arguments (the plugin runs with the project's Nix settings).
+  let csiArguments: [String]
+
+  init(cache: String? = nil, withKeeper: Bool = false, csiArguments: [String] = []) throws {
+    self.csiArguments = csiArguments
     fx = try StoreFixture.shared()
     tmp = try TemporaryDirectory("csi")
     server = try CacheServer(directory: cache ?? fx.caches["zstd"]!)
@@ -47,9 +51,9 @@ final class Node: @unchecked Sendable {
   }
 
   func startCSI() throws {
-    let p = try BackgroundProcess([
-      nixfsBinary, "csi", "--state-dir", store.stateDir, "--endpoint", "unix://\(socket)", "--node-id", "node-1",
-    ])
+    let p = try BackgroundProcess(
+      [nixfsBinary, "csi", "--state-dir", store.stateDir, "--endpoint", "unix://\(socket)", "--node-id", "node-1"]
+        + csiArguments, environment: NixFixture.environment)
     let deadline = Date().addingTimeInterval(30)
     while !acceptsConnections(unixSocket: socket) {
       guard p.isRunning, Date() < deadline else { throw CommandError(argv: p.argv, status: -1, stderr: p.stderr) }
@@ -314,4 +318,62 @@ func code(_ body: () async throws -> Void) async -> RPCError.Code? {
 func isMountPoint(_ path: String) -> Bool {
   guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
   return text.split(separator: "\n").contains { $0.split(separator: " ").count > 4 && $0.split(separator: " ")[4] == path }
+}
+
+/// flakeRef and nixExpr volumes: `nix eval` runs off the publish queue, bounded in time, with
+/// Nix's own error line in the answer, and stderr read as it comes.
+@Suite(.serialized) struct EvaluationTests {
+  let fx: StoreFixture
+  init() throws { fx = try StoreFixture.shared() }
+
+  func message(_ body: () async throws -> Void) async -> (RPCError.Code?, String) {
+    do {
+      try await body()
+      return (nil, "")
+    } catch let e as RPCError {
+      return (e.code, e.message)
+    } catch {
+      return (nil, "\(error)")
+    }
+  }
+
+  @Test func slowFailingAndChattyEvaluations() async throws {
+    let node = try Node(csiArguments: ["--nix", "/usr/bin/nix", "--evaluation-timeout", "3"])
+    let app = fx.paths["app"]!.path
+    try await node.withClients { _, csi in
+      // Seconds of CPU in Nix's evaluator, and no store path at the end of them.
+      let slow = node.publishRequest(
+        volume: "vol-slow", target: node.target("slow"),
+        attributes: [
+          "nixExpr":
+            "let f = n: if n == 0 then 0 else 1 + f (n - 1); g = n: if n == 0 then 0 else (f 3000) + g (n - 1); in { outPath = toString (g 100000); }"
+        ])
+      let started = Date()
+      async let slowOutcome = message { _ = try await csi.nodePublishVolume(slow) }
+      // Meanwhile another volume publishes at once: the evaluation holds up no queue.
+      try await Task.sleep(nanoseconds: 300_000_000)
+      let quick = node.publishRequest(volume: "vol-quick", target: node.target("quick"), attributes: ["storePath": app])
+      _ = try await csi.nodePublishVolume(quick)
+      let quickDone = Date().timeIntervalSince(started)
+      let (code, text) = await slowOutcome
+      let slowDone = Date().timeIntervalSince(started)
+      #expect(code == .deadlineExceeded, "\(text)")
+      #expect(text.contains("did not finish within 3 s"), "\(text)")
+      #expect(quickDone < slowDone, "the storePath volume waited for the evaluation (\(quickDone) s, \(slowDone) s)")
+      #expect(slowDone < 30, "the timeout did not stop nix (\(slowDone) s)")
+
+      let broken = node.publishRequest(
+        volume: "vol-broken", target: node.target("broken"), attributes: ["nixExpr": "{ outPath = undefinedVariable; }"])
+      let (brokenCode, brokenText) = await message { _ = try await csi.nodePublishVolume(broken) }
+      #expect(brokenCode == .invalidArgument)
+      #expect(brokenText.contains("error:") && brokenText.contains("undefinedVariable"), "\(brokenText)")
+
+      // 400 KB on stderr before the answer: read as it comes, so nothing blocks.
+      let chatty = node.publishRequest(
+        volume: "vol-chatty", target: node.target("chatty"),
+        attributes: ["nixExpr": "{ outPath = builtins.trace (builtins.concatStringsSep \"\" (builtins.genList (x: \"0123456789\") 40000)) \"\(app)\"; }"])
+      let (chattyCode, chattyText) = await message { _ = try await csi.nodePublishVolume(chatty) }
+      #expect(chattyCode == nil, "\(chattyText)")
+    }
+  }
 }
