@@ -164,11 +164,35 @@ public final class Substitution: Materialiser, Sendable {
     }
   }
 
-  /// Materialises the closures of `roots` eagerly and whole (`nixfs fetch`), `parallel` paths at a time.
-  public func fetchClosure(of roots: [StorePath], parallel: Int = 4) async throws -> (paths: Int, fetched: Int, narBytes: UInt64) {
+  /// Where a `fetchClosure` is: paths and NAR bytes done of those it has to fetch, and the path
+  /// that just completed (nil for the first report).
+  public struct Progress: Sendable {
+    public var pathsDone = 0
+    public var pathsTotal = 0
+    public var bytesDone: UInt64 = 0
+    public var bytesTotal: UInt64 = 0
+    public var completed: StorePath?
+  }
+
+  /// Materialises the closures of `roots` eagerly and whole (`nixfs fetch`), `parallel` paths at a
+  /// time; `progress` hears of the start and of every path done.
+  public func fetchClosure(
+    of roots: [StorePath], parallel: Int = 4, progress: (@Sendable (Progress) -> Void)? = nil
+  ) async throws -> (paths: Int, fetched: Int, narBytes: UInt64) {
     let closure = try await cache.closure(of: roots)
     let missing = closure.keys.filter { !store.isComplete($0) }.sorted()
-    try await inParallel(missing, limit: parallel) { p in try await self.materialise(p, whole: true) }
+    let state = Mutex(Progress(pathsTotal: missing.count, bytesTotal: missing.reduce(0) { $0 + (closure[$1]?.info.narSize ?? 0) }))
+    progress?(state.withLock { $0 })
+    try await inParallel(missing, limit: parallel) { p in
+      try await self.materialise(p, whole: true)
+      let now = state.withLock { s -> Progress in
+        s.pathsDone += 1
+        s.bytesDone += closure[p]?.info.narSize ?? 0
+        s.completed = p
+        return s
+      }
+      progress?(now)
+    }
     let fetched = missing.count
     let bytes = missing.reduce(UInt64(0)) { $0 + (closure[$1]?.info.narSize ?? 0) }
     return (closure.count, fetched, bytes)

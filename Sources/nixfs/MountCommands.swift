@@ -274,12 +274,23 @@ struct KeeperCommand: ParsableCommand {
 }
 
 struct FetchCommand: AsyncParsableCommand {
+  /// One status line, rewritten in place, and a line for each path as it completes.
+  @Sendable static func showProgress(_ p: Substitution.Progress) {
+    func mib(_ b: UInt64) -> String { String(format: "%.1f", Double(b) / 1_048_576) }
+    var text = "\r\u{1b}[K"
+    if let done = p.completed { text += "fetched \(done.path)\n" }
+    text += "[\(p.pathsDone)/\(p.pathsTotal) paths, \(mib(p.bytesDone))/\(mib(p.bytesTotal)) MiB]"
+    if p.pathsDone == p.pathsTotal { text += "\n" }
+    FileHandle.standardError.write(Data(text.utf8))
+  }
+
   static let configuration = CommandConfiguration(
     commandName: "fetch",
     abstract: "Materialise store paths and their closures into the state directory now (prefetch).")
 
   @OptionGroup var cache: CacheOptions
   @Option(help: "Paths fetched at once.") var parallel: Int = 4
+  @Flag(help: "No progress on the terminal, only the summary.") var quiet = false
   @Argument(help: "Store paths.") var paths: [String]
 
   func run() async throws {
@@ -314,8 +325,11 @@ struct FetchCommand: AsyncParsableCommand {
     let client: BinaryCacheClient
     do { client = try cache.client(logger: logger) } catch { fail("\(error)") }
     let substitution = Substitution(cache: client, store: store, logger: logger)
+    // Progress as `nix copy` shows it, on a terminal only: logs stay quiet.
+    let onTerminal = !quiet && isatty(STDERR_FILENO) != 0
+    let report: (@Sendable (Substitution.Progress) -> Void)? = onTerminal ? Self.showProgress : nil
     do {
-      let r = try await substitution.fetchClosure(of: roots, parallel: parallel)
+      let r = try await substitution.fetchClosure(of: roots, parallel: parallel, progress: report)
       print("\(r.paths) paths in the closure, \(r.fetched) fetched (\(r.narBytes) NAR bytes)")
     } catch {
       fail("\(error)")

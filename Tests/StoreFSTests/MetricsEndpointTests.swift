@@ -143,3 +143,31 @@ import TestSupport
     #expect(none.status == 1 && none.stderr.contains("no nixfs mount daemon answers"))
   }
 }
+
+/// `nixfs fetch` shows progress as `nix copy` does on a terminal, and stays quiet in logs.
+@Suite(.serialized) struct FetchProgressTests {
+  let fx: StoreFixture
+  init() throws { fx = try StoreFixture.shared() }
+
+  @Test func progressOnATerminalOnly() throws {
+    let tmp = try TemporaryDirectory("progress")
+    let server = try CacheServer(directory: fx.caches["zstd"]!)
+    let app = fx.paths["app"]!
+    func fetch(_ state: String, extra: [String] = []) -> [String] {
+      [nixfsBinary, "fetch", "--state-dir", tmp.sub(state)] + fx.mountArguments(server) + extra + [app.path]
+    }
+    // A terminal: `script` gives the command a pseudo-terminal and copies what it writes.
+    let shell = fetch("tty").map { "'\($0)'" }.joined(separator: " ")
+    let onTTY = try run(["script", "-qefc", shell, "/dev/null"]).text
+    #expect(onTTY.contains("[3/3 paths,"), "\(onTTY)")
+    #expect(onTTY.contains("fetched \(app.path)"), "\(onTTY)")
+    #expect(onTTY.contains("3 paths in the closure, 3 fetched"))
+    // Not a terminal (a log): the summary only.
+    let piped = try run(fetch("pipe"))
+    #expect(!piped.stderr.contains("paths,") && !piped.stderr.contains("fetched /nix"), "\(piped.stderr)")
+    #expect(piped.text.contains("3 paths in the closure, 3 fetched"))
+    // --quiet on a terminal: the summary only.
+    let quiet = try run(["script", "-qefc", fetch("quiet", extra: ["--quiet"]).map { "'\($0)'" }.joined(separator: " "), "/dev/null"]).text
+    #expect(!quiet.contains("paths,") && quiet.contains("3 paths in the closure, 3 fetched"), "\(quiet)")
+  }
+}
