@@ -196,34 +196,31 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
     }
     struct Outcome: Sendable {
       let success: Bool
+      let timedOut: Bool
       let status: String
       let output: String
       let errors: String
     }
     let timeout = config.evaluationTimeout
-    let outcome: Outcome?
+    // coreutils' timeout bounds it: TERM at the deadline, KILL 5 s later. (Cancelling the task
+    // that waits for nix did not always reach nix under load.)
+    let outcome: Outcome
     do {
-      outcome = try await withThrowingTaskGroup(of: Outcome?.self) { group in
-        group.addTask {
-          let r = try await Subprocess.run(
-            .path(FilePath(nix)), arguments: Arguments(["--extra-experimental-features", "nix-command flakes"] + args),
-            output: .string(limit: 4 << 20), error: .string(limit: 4 << 20))
-          return Outcome(
-            success: r.terminationStatus.isSuccess, status: "\(r.terminationStatus)", output: r.standardOutput,
-            errors: r.standardError)
-        }
-        group.addTask {
-          try await Task.sleep(nanoseconds: UInt64(timeout * 1e9))
-          return nil
-        }
-        let first = try await group.next() ?? nil
-        group.cancelAll()
-        return first
-      }
+      let r = try await Subprocess.run(
+        .path(FilePath("/usr/bin/timeout")),
+        arguments: Arguments(
+          ["--kill-after=5", String(format: "%.3f", timeout), nix, "--extra-experimental-features", "nix-command flakes"] + args),
+        output: .string(limit: 4 << 20), error: .string(limit: 4 << 20))
+      var timedOut = false
+      if case .exited(let code) = r.terminationStatus, code == 124 || code == 137 { timedOut = true }
+      if case .signaled(let signal) = r.terminationStatus, signal == SIGKILL { timedOut = true }
+      outcome = Outcome(
+        success: r.terminationStatus.isSuccess, timedOut: timedOut, status: "\(r.terminationStatus)",
+        output: r.standardOutput, errors: r.standardError)
     } catch {
       throw Self.fail(.failedPrecondition, "cannot run \(nix): \(error)")
     }
-    guard let outcome else {
+    if outcome.timedOut {
       throw Self.fail(.deadlineExceeded, "cannot evaluate \(what): nix did not finish within \(Int(timeout)) s (--evaluation-timeout)")
     }
     guard outcome.success else {

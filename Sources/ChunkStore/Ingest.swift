@@ -762,3 +762,38 @@ extension NSCondition {
     return try body()
   }
 }
+
+/// Why `ChunkStore.ingest(_:fetching:)` did not store a NAR: the fetch failed or refused it, or the
+/// store could not take it. Either way nothing of it was kept.
+public enum IngestFailure: Error, Sendable, CustomStringConvertible {
+  case fetch(any Error)
+  case store(ChunkStoreError)
+
+  public var description: String {
+    switch self {
+    case .fetch(let e): "\(e)"
+    case .store(let e): "\(e)"
+    }
+  }
+}
+
+extension ChunkStore {
+  /// The one way a NAR enters the store from a cache, for the node and the serve alike: `fetching`
+  /// streams it into the ingest (the cache client parses and verifies it on the way); only once
+  /// that returns is it committed, durable and visible, off the caller's thread (fsync and SQL);
+  /// if anything throws, everything is discarded. Returns the manifest as stored.
+  public func ingest(_ info: PathInfo, fetching: (Ingest) async throws -> Void) async throws(IngestFailure) -> Manifest {
+    let ingest: Ingest
+    do { ingest = try self.ingest(info) } catch { throw .store(error) }
+    do { try await fetching(ingest) } catch {
+      ingest.abort()
+      throw .fetch(error)
+    }
+    do {
+      return try await blockingWork { try ingest.commit() }
+    } catch {
+      ingest.abort()
+      throw .store(error as? ChunkStoreError ?? .index(path: indexPath, operation: "commit", message: "\(error)"))
+    }
+  }
+}

@@ -87,21 +87,16 @@ public final class PullThroughCache: Sendable {
       logger.warning("upstream narinfo failed", metadata: ["hash": "\(hashPart)", "error": "\(error)"])
       return .failure(.upstream("\(error)"))
     }
-    let ingest: Ingest
-    do { ingest = try store.ingest(found.info) } catch { return .failure(.store("\(error)")) }
-    do {
-      try await upstream.fetchNAR(found, into: ingest)
+    do throws(IngestFailure) {
+      _ = try await store.ingest(PathInfo(found.info)) { ingest in try await upstream.fetchNAR(found, into: ingest) }
     } catch {
-      ingest.abort()
-      logger.error("upstream NAR refused", metadata: ["path": "\(found.info.storePath)", "error": "\(error)"])
-      return .failure(.upstream("\(error)"))
-    }
-    do {
-      // fsync and SQL: off the concurrency pool.
-      try await blockingWork { _ = try ingest.commit() }
-    } catch {
-      ingest.abort()
-      return .failure(.store("\(error)"))
+      switch error {
+      case .fetch(let e):
+        logger.error("upstream NAR refused", metadata: ["path": "\(found.info.storePath)", "error": "\(e)"])
+        return .failure(.upstream("\(e)"))
+      case .store(let e):
+        return .failure(.store("\(e)"))
+      }
     }
     counters.pulled.increment()
     counters.upstreamBytes.increment(by: Int64(found.info.fileSize ?? found.info.narSize))

@@ -82,21 +82,13 @@ public final class Substitution: Materialiser, Sendable {
           "chunk index not usable; fetching the whole NAR", metadata: ["path": "\(path)", "error": "\(error)"])
       }
     }
-    let ingest: Ingest
-    do {
-      ingest = try store.ingest(info.info)
+    do throws(IngestFailure) {
+      _ = try await store.ingest(PathInfo(info.info)) { ingest in try await cache.fetchNAR(info, into: ingest) }
     } catch {
       throw MaterialiseFailure.failed("\(error)")
     }
-    do {
-      try await cache.fetchNAR(info, into: ingest)
-      _ = try ingest.commit()
-      FSMetrics.narBytesFetched.increment(by: Int64(info.info.narSize))
-      FSMetrics.downloadBytes.increment(by: Int64(info.info.fileSize ?? info.info.narSize))
-    } catch {
-      ingest.abort()
-      throw MaterialiseFailure.failed("\(error)")
-    }
+    FSMetrics.narBytesFetched.increment(by: Int64(info.info.narSize))
+    FSMetrics.downloadBytes.increment(by: Int64(info.info.fileSize ?? info.info.narSize))
   }
 
   /// The path's chunk index, checked against the trusted keys and the narinfo; nil (and the

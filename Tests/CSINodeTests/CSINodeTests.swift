@@ -357,10 +357,12 @@ func isMountPoint(_ path: String) -> Bool {
       let quickDone = Date().timeIntervalSince(started)
       let (code, text) = await slowOutcome
       let slowDone = Date().timeIntervalSince(started)
+      // Left alone, nix would finish (a minute or more) and print a number, which is no store
+      // path: InvalidArgument. DeadlineExceeded comes only from the deadline killing it. (No wall
+      // clock bound here: under the full suite this task may wait long for a thread.)
       #expect(code == .deadlineExceeded, "\(text)")
       #expect(text.contains("did not finish within 3 s"), "\(text)")
       #expect(quickDone < slowDone, "the storePath volume waited for the evaluation (\(quickDone) s, \(slowDone) s)")
-      #expect(slowDone < 30, "the timeout did not stop nix (\(slowDone) s)")
 
       let broken = node.publishRequest(
         volume: "vol-broken", target: node.target("broken"), attributes: ["nixExpr": "{ outPath = undefinedVariable; }"])
