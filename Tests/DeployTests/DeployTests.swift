@@ -716,3 +716,58 @@ struct ClusterCacheTests {
     #expect(services.contains("None"))
   }
 }
+
+/// The monitoring component: a Service in front of the mount daemons' metrics ports, a
+/// ServiceMonitor scraping it, and alerts on metrics the daemon exports.
+@Suite("The monitoring component")
+struct MonitoringComponentTests {
+  @Test("ServiceMonitor finds the daemons' metrics; alerts use series the daemon has")
+  func monitoringFitsTheDaemonSet() throws {
+    let r = try Rendered(Repo.deploy("kubernetes/overlays/monitoring"))
+    let service = try r.one("Service")
+    let mount = try r.daemonSet("nixfs-mount")
+    // The Service selects the mount pods (by every label its selector names) on their metrics port.
+    let podLabels = (dig(mount, "spec", "template", "metadata", "labels") as? [String: String]) ?? [:]
+    let selector = (dig(service, "spec", "selector") as? [String: String]) ?? [:]
+    #expect(!selector.isEmpty && selector.allSatisfy { podLabels[$0.key] == $0.value }, "\(selector) vs \(podLabels)")
+    let ports = (dig(service, "spec", "ports") as? [JSON]) ?? []
+    #expect(ports.first?["targetPort"] as? String == "metrics")
+    let containerPorts = try container(try r.mountPodSpec(), "nixfs-mount")["ports"] as? [JSON] ?? []
+    #expect(containerPorts.contains { $0["name"] as? String == "metrics" })
+    // The ServiceMonitor selects that Service, in its namespace, on that port.
+    let monitor = try r.one("ServiceMonitor")
+    let wanted = (dig(monitor, "spec", "selector", "matchLabels") as? [String: String]) ?? [:]
+    let serviceLabels = (dig(service, "metadata", "labels") as? [String: String]) ?? [:]
+    #expect(!wanted.isEmpty && wanted.allSatisfy { serviceLabels[$0.key] == $0.value })
+    #expect(dig(monitor, "metadata", "namespace") as? String == dig(service, "metadata", "namespace") as? String)
+    #expect(((dig(monitor, "spec", "endpoints") as? [JSON])?.first?["port"] as? String) == "metrics")
+    // Every series an alert uses is one the daemon exports (Sources/StoreFS/Metrics.swift), and
+    // the `up` alert names the Service.
+    let metricsSource = try String(contentsOfFile: "\(Repo.root)/Sources/StoreFS/Metrics.swift", encoding: .utf8)
+    let rule = try r.one("PrometheusRule")
+    let rules = ((dig(rule, "spec", "groups") as? [JSON]) ?? []).flatMap { ($0["rules"] as? [JSON]) ?? [] }
+    #expect(rules.count >= 4)
+    let series = try NSRegularExpression(pattern: #"nixfs_[a-z_]+"#)
+    for rule in rules {
+      let expr = rule["expr"] as? String ?? ""
+      for m in series.matches(in: expr, range: NSRange(expr.startIndex..., in: expr)) {
+        var name = String(expr[Range(m.range, in: expr)!])
+        for suffix in ["_bucket", "_count", "_sum"] where name.hasSuffix(suffix) { name = String(name.dropLast(suffix.count)) }
+        if name == "nixfs_mount_metrics" { continue }
+        #expect(metricsSource.contains("\"\(name)\""), "alert \(rule["alert"] ?? "?") uses \(name), which the daemon does not export")
+      }
+      #expect(rule["alert"] != nil && dig(rule, "annotations", "summary") != nil)
+    }
+    #expect(rules.contains { ($0["expr"] as? String)?.contains("up{service=\"\(dig(service, "metadata", "name") as? String ?? "")\"}") == true })
+    // The standard objects still validate strictly (the operator's kinds have no schema here).
+    let standard = r.objects.filter { ($0["apiVersion"] as? String)?.hasPrefix("monitoring.coreos.com") != true }
+    let tmp = try TemporaryDirectory("monitoring")
+    let file = tmp.sub("standard.yaml")
+    let yaml = try run(
+      ["python3", "-c", "import sys, json, yaml; print(yaml.safe_dump_all(json.load(sys.stdin)))"],
+      stdin: Array(try JSONSerialization.data(withJSONObject: standard)))
+    try yaml.text.write(toFile: file, atomically: true, encoding: .utf8)
+    let v = try validate([file], version: kubernetesVersions[0])
+    #expect(v.status == 0 && v.passed == standard.count, "\(v.output)")
+  }
+}
