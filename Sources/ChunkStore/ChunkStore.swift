@@ -823,6 +823,17 @@ public final class ChunkStore: @unchecked Sendable {
     return out
   }
 
+  /// Paths GC must keep now (durable pins, open files, ingests), for the daemon's gauges.
+  public func pinnedPathCount() -> Int { (try? withReader { db in try pinnedPaths(db).count }) ?? 0 }
+
+  /// Partial paths, counted (for the daemon's gauges).
+  public func partialPathCount() -> Int {
+    (try? withReader { db in
+      let s = try db.prepare("SELECT COUNT(*) FROM paths WHERE state = 3")
+      return try s.step() ? Int(s.int(0)) : 0
+    }) ?? 0
+  }
+
   func dropLayouts() { layoutCache.locked { layouts.removeAll() } }
 
   func invalidate(contents: [ContentID]) {

@@ -227,6 +227,15 @@ public final class Daemon: Sendable {
     }
   }
 
+  /// Sets the gauges a scrape reads: stored bytes, the budget (0: none), pinned and partial paths.
+  public func refreshGauges() {
+    FSMetrics.storeBytes.record(Int64((try? store.storedBytes()) ?? 0))
+    FSMetrics.budgetBytes.record(Int64(store.configuration.maxStoredBytes ?? 0))
+    FSMetrics.pinnedPaths.record(Int64(store.pinnedPathCount()))
+    FSMetrics.partialPaths.record(Int64(store.partialPathCount()))
+    FSMetrics.buildInfo.record(1)
+  }
+
   func status() async -> DaemonStatus {
     let usable = await cache.substituters()
     let reached = Set(usable.map(\.url))

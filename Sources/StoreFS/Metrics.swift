@@ -1,4 +1,5 @@
 import CoreMetrics
+import NixFormats
 import Foundation
 
 /// What the daemon exports (`--metrics-listen`), through swift-metrics so the backend is the
@@ -18,6 +19,12 @@ final class FSMetrics: Sendable {
   static let chunksFetched = Counter(label: "nixfs_chunks_fetched_total")
   static let chunkBytesFetched = Counter(label: "nixfs_chunk_download_bytes_total")
   static let chunksRejected = Counter(label: "nixfs_chunks_rejected_total")
+  /// The store against its budget, read at each scrape (`Daemon.refreshGauges`).
+  static let storeBytes = Gauge(label: "nixfs_store_bytes")
+  static let budgetBytes = Gauge(label: "nixfs_store_budget_bytes")
+  static let pinnedPaths = Gauge(label: "nixfs_pinned_paths")
+  static let partialPaths = Gauge(label: "nixfs_partial_paths")
+  static let buildInfo = Gauge(label: "nixfs_build_info", dimensions: [("version", NixFSVersion.string)])
   let fetchSeconds = Timer(label: "nixfs_fetch_duration_seconds")
   /// Store path resolutions: served from the local store, or fetched first.
   let localHits = Counter(label: "nixfs_store_path_resolutions_total", dimensions: [("result", "local")])

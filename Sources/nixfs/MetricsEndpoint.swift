@@ -28,11 +28,16 @@ final class MetricsEndpoint: Sendable {
   }
 
   /// Binds at once: a bad or busy address throws here, before anything is mounted.
-  init(listen address: String, registry: PrometheusCollectorRegistry, logger: Logger) throws {
+  /// `beforeScrape` runs at every scrape, to set gauges read from state (the store's size).
+  init(
+    listen address: String, registry: PrometheusCollectorRegistry, logger: Logger,
+    beforeScrape: @escaping @Sendable () -> Void = {}
+  ) throws {
     let (host, port) = try Self.parse(address)
     let router = Router()
     let metrics: @Sendable (Request, BasicRequestContext) async throws -> Response = { _, _ in
-      Response(
+      beforeScrape()
+      return Response(
         status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
         body: ResponseBody(byteBuffer: ByteBuffer(bytes: registry.emitToBuffer())))
     }

@@ -81,9 +81,14 @@ struct MountCommand: ParsableCommand {
     // A new mount binds now (a busy port fails before anything is mounted); a successor only once
     // the daemon it took over from has let go of the port.
     let metrics = Mutex<MetricsEndpoint?>(nil)
+    // Gauges read from the daemon's state at each scrape, once there is a daemon.
+    let gauges = Mutex<(@Sendable () -> Void)?>(nil)
+    let beforeScrape: @Sendable () -> Void = { gauges.withLock { $0 }?() }
     if let metricsListen {
       if case .fresh = source {
-        do { try metrics.withLock { $0 = try MetricsEndpoint(listen: metricsListen, registry: registry, logger: logger) } } catch {
+        do { try metrics.withLock {
+          $0 = try MetricsEndpoint(listen: metricsListen, registry: registry, logger: logger, beforeScrape: beforeScrape)
+        } } catch {
           fail("\(error)")
         }
       } else {
@@ -91,7 +96,8 @@ struct MountCommand: ParsableCommand {
           var last = ""
           for _ in 0..<60 {
             do {
-              let endpoint = try MetricsEndpoint(listen: metricsListen, registry: registry, logger: logger)
+              let endpoint = try MetricsEndpoint(
+                listen: metricsListen, registry: registry, logger: logger, beforeScrape: beforeScrape)
               metrics.withLock { $0 = endpoint }
               return
             } catch {
@@ -125,6 +131,7 @@ struct MountCommand: ParsableCommand {
     let daemon = Daemon(
       mountpoint: mountpoint, stateDir: cache.stateDir, cache: client, store: store, options: options,
       settings: ((try? cache.settings()) ?? []) + own, logger: logger)
+    gauges.withLock { $0 = { daemon.refreshGauges() } }
     // One line that says what this daemon is and runs with, for whoever reads the log first.
     logger.info(
       "nixfs mount starting",

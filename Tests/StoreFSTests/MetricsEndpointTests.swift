@@ -34,13 +34,19 @@ import TestSupport
     let port = try freePort()
     let node = try MountedStore(
       mountpoint: tmp.sub("mnt"), stateDir: tmp.sub("state"),
-      arguments: fx.mountArguments(server, extra: ["--metrics-listen", "[::]:\(port)"]))
+      arguments: fx.mountArguments(server, extra: ["--metrics-listen", "[::]:\(port)", "--max-size", "1G"]))
     defer { node.stop() }
     #expect(FileManager.default.contents(atPath: node.path("\(fx.paths["kinds"]!.baseName)/hello.txt")) != nil)
     let (status, body) = try get("http://127.0.0.1:\(port)/metrics", holdingIdle: ("127.0.0.1", port))
     #expect(status == 200)
     #expect(body.contains("nixfs_fuse_requests_total"), "\(body.prefix(500))")
     #expect(body.contains("nixfs_store_path_resolutions_total"))
+    // Gauges read from the daemon at the scrape: the store against its budget, the build.
+    #expect(body.contains("nixfs_store_budget_bytes 1073741824"), "\(body)")
+    #expect(body.contains("nixfs_build_info{version=\""), "\(body)")
+    #expect(body.contains("nixfs_pinned_paths ") && body.contains("nixfs_partial_paths 0"))
+    let stored = body.split(separator: "\n").first { $0.hasPrefix("nixfs_store_bytes ") }.flatMap { Double($0.split(separator: " ")[1]) }
+    #expect((stored ?? 0) > 0, "the store holds the path just read")
     #expect(try get("http://[::1]:\(port)/healthz") == (200, "ok\n"))
     // Any other path answers the metrics too, as scrapers configured for `/` expect.
     #expect(try get("http://127.0.0.1:\(port)/").1.contains("nixfs_fuse_requests_total"))
