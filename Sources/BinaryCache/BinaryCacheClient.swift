@@ -102,6 +102,16 @@ public final class BinaryCacheClient: Sendable {
     }
   }
 
+  /// The configured substituters that are not usable now (unreachable, a malformed
+  /// `nix-cache-info`, another store directory), spelled as configured.
+  public func unusableSubstituters() async -> [String] {
+    _ = await resolveAll()
+    let table = resolved.withLock { $0 }
+    return configuration.substituters.indices.compactMap { i in
+      if case .failure = table[i]?.0 { configuration.substituters[i] } else { nil }
+    }
+  }
+
   /// The keys signatures are checked against (narinfos here; chunk indexes by the chunk store).
   public var trustedKeys: TrustedKeys { trusted }
 

@@ -194,43 +194,31 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
     guard let nix = config.nixBinary else {
       throw Self.fail(.failedPrecondition, "\(what) needs a nix binary on the node (start nixfs csi with --nix PATH); use a \(config.system) or storePath attribute instead")
     }
-    struct Outcome: Sendable {
-      let success: Bool
-      let timedOut: Bool
-      let status: String
-      let output: String
-      let errors: String
-    }
     let timeout = config.evaluationTimeout
     // coreutils' timeout bounds it: TERM at the deadline, KILL 5 s later. (Cancelling the task
     // that waits for nix did not always reach nix under load.)
-    let outcome: Outcome
+    let r: ExecutionResult<Void, StringOutput<UTF8>, StringOutput<UTF8>>
     do {
-      let r = try await Subprocess.run(
+      r = try await Subprocess.run(
         .path(FilePath("/usr/bin/timeout")),
         arguments: Arguments(
           ["--kill-after=5", String(format: "%.3f", timeout), nix, "--extra-experimental-features", "nix-command flakes"] + args),
         output: .string(limit: 4 << 20), error: .string(limit: 4 << 20))
-      var timedOut = false
-      if case .exited(let code) = r.terminationStatus, code == 124 || code == 137 { timedOut = true }
-      if case .signaled(let signal) = r.terminationStatus, signal == SIGKILL { timedOut = true }
-      outcome = Outcome(
-        success: r.terminationStatus.isSuccess, timedOut: timedOut, status: "\(r.terminationStatus)",
-        output: r.standardOutput, errors: r.standardError)
     } catch {
       throw Self.fail(.failedPrecondition, "cannot run \(nix): \(error)")
     }
-    if outcome.timedOut {
+    switch r.terminationStatus {
+    case .exited(124), .exited(137), .signaled(SIGKILL):
       throw Self.fail(.deadlineExceeded, "cannot evaluate \(what): nix did not finish within \(Int(timeout)) s (--evaluation-timeout)")
-    }
-    guard outcome.success else {
-      let lines = outcome.errors.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }
-      let line = lines.first { $0.hasPrefix("error:") } ?? lines.last ?? "nix exited with \(outcome.status)"
+    case let status where !status.isSuccess:
+      let lines = r.standardError.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }
+      let line = lines.first { $0.hasPrefix("error:") } ?? lines.last ?? "nix exited with \(status)"
       let network = ["unable to download", "Could not resolve host", "Couldn't connect", "Connection refused", "timed out", "HTTP error"]
-        .contains { outcome.errors.contains($0) }
+        .contains { r.standardError.contains($0) }
       throw Self.fail(network ? .unavailable : .invalidArgument, "cannot evaluate \(what): \(line)")
+    default:
+      return r.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)
     }
-    return outcome.output.trimmingCharacters(in: .whitespacesAndNewlines)
   }
 
   static func code(_ failure: ControlFailure?) -> RPCError.Code {

@@ -454,9 +454,6 @@ public final class ChunkStore: @unchecked Sendable {
   /// Complete and partial paths: what the mount lists.
   public func servablePaths() -> [StorePath] { paths(states: "1, 3") }
 
-  /// Paths materialised from a chunk index whose chunks are not all here.
-  public func partialPaths() -> [StorePath] { paths(states: "3") }
-
   public func isPartial(_ path: StorePath) -> Bool { (try? partialRow(path.path)) != nil }
 
   func partialRow(_ path: String) throws(ChunkStoreError) -> Int64? {
@@ -822,6 +819,10 @@ public final class ChunkStore: @unchecked Sendable {
     while try s.step() { if let t = s.text(0) { out.insert(t) } }
     return out
   }
+
+  /// The largest chunk this store makes: a FastCDC maximum, or a group of packed small files
+  /// (which may be larger with a small maximum or a large small-file limit).
+  var largestChunk: Int { max(configuration.chunking.maxSize, Ingest.groupBytes + configuration.smallFileLimit) }
 
   /// Paths GC must keep now (durable pins, open files, ingests), for the daemon's gauges.
   public func pinnedPathCount() -> Int { (try? withReader { db in try pinnedPaths(db).count }) ?? 0 }

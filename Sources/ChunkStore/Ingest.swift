@@ -375,7 +375,7 @@ final class ChunkPipeline: @unchecked Sendable {
     defer { ZSTD_freeCCtx(cctx) }
     // A small-file group may be larger than the FastCDC maximum (with a small maximum or a large
     // small-file limit): room for whichever is bigger, raw or compressed.
-    let largest = max(store.configuration.chunking.maxSize, Ingest.groupBytes + store.configuration.smallFileLimit)
+    let largest = store.largestChunk
     let staging = Staging(maxChunk: largest)
     while true {
       cond.lock()
@@ -540,10 +540,7 @@ final class ChunkPipeline: @unchecked Sendable {
     var duplicates: [(UInt64, Int)] = []
     var added: UInt64 = 0
     let info = manifest.info
-    var multiplicity: [ContentID: (count: Int, size: UInt64)] = [:]
-    for n in manifest.nodes {
-      if case .regular(let c, let size, _) = n.kind { multiplicity[c, default: (0, size)].count += 1 }
-    }
+    let multiplicity = manifest.multiplicity
     try store.withWriter { db in
       try db.transaction {
         let existingPath = try db.prepare("SELECT state FROM paths WHERE store_path = ?").bind(info.storePath)

@@ -134,6 +134,14 @@ public struct Manifest: Codable, Sendable, Hashable {
     return out
   }
 
+  /// How many files of the tree have each distinct content, and its size: the references a
+  /// commit gives each content.
+  public var multiplicity: [ContentID: (count: Int, size: UInt64)] {
+    var out: [ContentID: (count: Int, size: UInt64)] = [:]
+    for n in nodes { if case .regular(let c, let size, _) = n.kind { out[c, default: (0, size)].count += 1 } }
+    return out
+  }
+
   /// Sum of the regular files' sizes.
   public var fileBytes: UInt64 {
     nodes.reduce(0) { if case .regular(_, let s, _) = $1.kind { $0 + s } else { $0 } }

@@ -54,14 +54,8 @@ extension ChunkStore {
     guard writer != nil else { throw .index(path: indexPath, operation: "register", message: "store opened read-only") }
     let info = manifest.info
     try checkIndex(manifest)
-    var multiplicity: [ContentID: (count: Int, size: UInt64)] = [:]
-    var files = 0
-    for n in manifest.nodes {
-      if case .regular(let c, let size, _) = n.kind {
-        multiplicity[c, default: (0, size)].count += 1
-        files += 1
-      }
-    }
+    let multiplicity = manifest.multiplicity
+    let files = multiplicity.values.reduce(0) { $0 + $1.count }
     try wrap("register \(info.storePath)") {
       try withWriter { db in
         guard try Self.schemaFacts(db, indexPath).version >= Self.listNamedVersion else {
@@ -222,7 +216,7 @@ extension ChunkStore {
   /// the list's name). A packed small file is named by its bytes, checked when its chunk comes.
   func checkIndex(_ m: Manifest) throws(ChunkStoreError) {
     func refuse(_ why: String) -> ChunkStoreError { .indexRefused(storePath: m.info.storePath, reason: why) }
-    let limit = UInt32(max(configuration.chunking.maxSize, Ingest.groupBytes + configuration.smallFileLimit))
+    let limit = UInt32(largestChunk)
     for (content, size) in m.contents {
       guard let refs = m.chunks[content], !refs.isEmpty || size == 0 else { throw refuse("content \(content) has no chunk list") }
       let total = refs.reduce(UInt64(0)) { $0 + UInt64($1.size) }

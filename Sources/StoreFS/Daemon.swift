@@ -238,10 +238,7 @@ public final class Daemon: Sendable {
 
   func status() async -> DaemonStatus {
     let usable = await cache.substituters()
-    let reached = Set(usable.map(\.url))
-    let unreachable = cache.configuration.substituters.filter { url in
-      !reached.contains(String(url.split(separator: "?").first ?? "").trimmingCharacters(in: CharacterSet(charactersIn: "/")))
-    }
+    let unreachable = await cache.unusableSubstituters()
     let stats = try? store.stats()
     return DaemonStatus(
       version: NixFSVersion.string, pid: getpid(), mountpoint: mountpoint, stateDir: stateDir, settings: settings,

@@ -68,19 +68,9 @@ public final class Substitution: Materialiser, Sendable {
       if case .notFound = error { throw MaterialiseFailure.notFound("\(error)") }
       throw MaterialiseFailure.failed("\(error)")
     }
-    if useChunkIndex, let manifest = await verifiedIndex(info) {
-      do {
-        try store.registerPartial(manifest)
-        FSMetrics.pathsFromIndex.increment()
-        logger.debug("materialised from the chunk index", metadata: ["path": "\(path)", "substituter": "\(info.substituter)"])
-        if whole { try await complete(path) }
-        return
-      } catch let e as MaterialiseFailure {
-        throw e
-      } catch {
-        logger.warning(
-          "chunk index not usable; fetching the whole NAR", metadata: ["path": "\(path)", "error": "\(error)"])
-      }
+    if await registerFromIndex(info) {
+      if whole { try await complete(path) }
+      return
     }
     do throws(IngestFailure) {
       _ = try await store.ingest(PathInfo(info.info)) { ingest in try await cache.fetchNAR(info, into: ingest) }
@@ -143,17 +133,26 @@ public final class Substitution: Materialiser, Sendable {
 
   public func materialiseFromIndex(_ path: StorePath) async -> Bool {
     if store.isComplete(path) || store.isPartial(path) { return true }
-    guard useChunkIndex, let info = try? await cache.narInfo(for: path), let manifest = await verifiedIndex(info) else {
-      return false
-    }
+    guard let info = try? await cache.narInfo(for: path) else { return false }
+    return await registerFromIndex(info)
+  }
+
+  /// Registers the path partial from its verified chunk index; false (the caller fetches the
+  /// whole NAR, or leaves the path for later) when there is none or the store refuses it.
+  func registerFromIndex(_ info: CachedPathInfo) async -> Bool {
+    guard useChunkIndex, let manifest = await verifiedIndex(info) else { return false }
     do {
       try store.registerPartial(manifest)
-      FSMetrics.pathsFromIndex.increment()
-      return true
     } catch {
-      logger.warning("chunk index not usable", metadata: ["path": "\(path)", "error": "\(error)"])
+      FSMetrics.indexRefused.increment()
+      logger.warning(
+        "chunk index not used; fetching the whole NAR", metadata: ["path": "\(info.info.storePath)", "error": "\(error)"])
       return false
     }
+    FSMetrics.pathsFromIndex.increment()
+    logger.debug(
+      "materialised from the chunk index", metadata: ["path": "\(info.info.storePath)", "substituter": "\(info.substituter)"])
+    return true
   }
 
   /// Where a `fetchClosure` is: paths and NAR bytes done of those it has to fetch, and the path

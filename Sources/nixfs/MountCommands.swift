@@ -283,10 +283,9 @@ struct KeeperCommand: ParsableCommand {
 struct FetchCommand: AsyncParsableCommand {
   /// One status line, rewritten in place, and a line for each path as it completes.
   @Sendable static func showProgress(_ p: Substitution.Progress) {
-    func mib(_ b: UInt64) -> String { String(format: "%.1f", Double(b) / 1_048_576) }
     var text = "\r\u{1b}[K"
     if let done = p.completed { text += "fetched \(done.path)\n" }
-    text += "[\(p.pathsDone)/\(p.pathsTotal) paths, \(mib(p.bytesDone))/\(mib(p.bytesTotal)) MiB]"
+    text += "[\(p.pathsDone)/\(p.pathsTotal) paths, \(mib(p.bytesDone)) of \(mib(p.bytesTotal))]"
     if p.pathsDone == p.pathsTotal { text += "\n" }
     FileHandle.standardError.write(Data(text.utf8))
   }

@@ -14,6 +14,16 @@ let storeCommands: [any ParsableCommand.Type] = [
   IngestCommand.self, DumpCommand.self, GCCommand.self, FsckCommand.self, StatsCommand.self, StatusCommand.self,
 ]
 
+/// A report as `--json` prints it: indented, keys sorted.
+func printJSON(_ value: some Encodable) throws {
+  let enc = JSONEncoder()
+  enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+  print(String(decoding: try enc.encode(value), as: UTF8.self))
+}
+
+/// Bytes as the reports print them.
+func mib(_ bytes: UInt64) -> String { String(format: "%.1f MiB", Double(bytes) / 1_048_576) }
+
 /// `nixfs status`: what the running daemon on a state directory is, runs with, and holds.
 struct StatusCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
@@ -30,12 +40,9 @@ struct StatusCommand: ParsableCommand {
     do { r = try daemon.send(.status, timeout: 60) } catch { fail("\(error)") }
     guard let s = r.status else { fail("the daemon did not report its status: \(r.message ?? "an older nixfs?")") }
     if json {
-      let enc = JSONEncoder()
-      enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-      print(String(decoding: try enc.encode(s), as: UTF8.self))
+      try printJSON(s)
       return
     }
-    func mib(_ b: UInt64) -> String { String(format: "%.1f MiB", Double(b) / 1048576) }
     print("nixfs \(s.version), pid \(s.pid), serving \(s.mountpoint) from \(s.stateDir)")
     print("store:      \(s.paths) complete and \(s.partialPaths) partial paths, \(mib(s.storedBytes)) stored"
       + (s.budgetBytes.map { " of \(mib($0)) (\(Int(Double(s.storedBytes) / Double(max($0, 1)) * 100))%)" } ?? ", no budget")
@@ -229,12 +236,9 @@ struct StatsCommand: ParsableCommand {
     let s: StoreStats
     do { s = try store.stats() } catch { fail("\(error)") }
     if json {
-      let enc = JSONEncoder()
-      enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-      print(String(decoding: try enc.encode(s), as: UTF8.self))
+      try printJSON(s)
       return
     }
-    func mib(_ b: UInt64) -> String { String(format: "%.1f MiB", Double(b) / 1048576) }
     print("""
       paths:             \(s.paths) complete, \(s.partialPaths) partial, \(s.incompletePaths) incomplete
       chunks to fetch:   \(s.absentChunks) (\(mib(s.absentBytes)), of partial paths)
