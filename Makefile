@@ -22,6 +22,8 @@ deps:
 	@command -v $(SWIFT) >/dev/null || { echo "make deps: swift 6.1+ is required on PATH"; exit 1; }
 	@python3 -c 'import kubernetes_validate' 2>/dev/null || \
 	  { echo "make deps: installing kubernetes-validate (PyPI)"; pip install -q kubernetes-validate==1.37.0; }
+	@python3 -c 'import moto.server, boto3, flask' 2>/dev/null || \
+	  { echo "make deps: installing moto (PyPI), the S3 server the s3:// tests run"; pip install -q 'moto[server]==5.2.1'; }
 
 build: deps
 	$(SWIFT) build

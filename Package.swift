@@ -40,10 +40,14 @@ let package = Package(
     .systemLibrary(
       name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
 
+    // The git commit of the build, generated before each build (Plugins/BuildInfoPlugin).
+    .plugin(name: "BuildInfoPlugin", capability: .buildTool()),
+    .target(name: "BuildInfo", plugins: ["BuildInfoPlugin"]),
+
     // Nix formats: NAR, narinfo, Nix32, store paths, signatures. Pure, no I/O.
     .target(
       name: "NixFormats",
-      dependencies: [.product(name: "Crypto", package: "swift-crypto")],
+      dependencies: ["BuildInfo", .product(name: "Crypto", package: "swift-crypto")],
       swiftSettings: strict),
 
     // Binary cache client: substituters, narinfo cache, NAR download, decompression, verification.
@@ -52,6 +56,7 @@ let package = Package(
       dependencies: [
         "NixFormats", "CCurl", "CZstd", "CLzma", "CBzip2", "CSQLite",
         .product(name: "Logging", package: "swift-log"),
+        .product(name: "CoreMetrics", package: "swift-metrics"),
       ],
       swiftSettings: strict),
 
@@ -90,6 +95,7 @@ let package = Package(
       dependencies: [
         "NixFormats", "NodeControl",
         .product(name: "Logging", package: "swift-log"),
+        .product(name: "CoreMetrics", package: "swift-metrics"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),

@@ -122,7 +122,7 @@ drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 fuse_counts() {
   curl -s --max-time 5 "http://127.0.0.1:$metrics_port/metrics" 2>/dev/null |
     awk '/^nixfs_fuse_requests_total/ && match($0, /op="[^"]*"/) { printf "%s=%s ", substr($0, RSTART + 4, RLENGTH - 5), $NF }
-         /^nixfs_bytes_served_total/ { printf "bytes=%s ", $NF }' || true
+         /^nixfs_served_bytes_total/ { printf "bytes=%s ", $NF }' || true
 }
 counts_diff() { # BEFORE AFTER -> JSON object of the differences
   python3 -c '

@@ -36,6 +36,8 @@ public final class BinaryCacheClient: Sendable {
   let narinfoCache: NarInfoCache
   let logger: Logger
   let urlPolicy: URLPolicy
+  /// Each configured substituter's HTTP(S) or file base URL and `?priority=`, by position.
+  let bases: [(base: String, priority: Int?)]
   /// Resolved substituters by configuration position, with when to ask again (nil: never).
   /// A cache that could not be reached is skipped for `unreachableRetrySeconds`, so a dead cache
   /// does not cost every lookup of a closure a round of connection retries.
@@ -54,11 +56,27 @@ public final class BinaryCacheClient: Sendable {
       let env = ProcessInfo.processInfo.environment
       config.caFile = env["NIX_SSL_CERT_FILE"] ?? env["SSL_CERT_FILE"]
     }
+    var signers: [S3Signer] = []
+    var bases: [(base: String, priority: Int?)] = []
+    let environment = ProcessInfo.processInfo.environment
     for url in config.substituters {
-      guard url.hasPrefix("http://") || url.hasPrefix("https://") || url.hasPrefix("file://") else {
-        throw .invalidConfiguration("substituter '\(url)': only http://, https:// and file:// are supported")
+      var target = Self.base(of: url)
+      if url.hasPrefix("s3://") {
+        let location = try S3Location(parsing: url)
+        target.base = location.baseURL
+        if let credentials = try S3Credentials.find(profile: location.profile, environment: environment) {
+          signers.append(S3Signer(prefix: location.baseURL + "/", region: location.region, credentials: credentials))
+        } else {
+          logger.warning(
+            "no AWS credentials found: requests to this bucket go unsigned, which only a public bucket answers (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or profile=)",
+            metadata: ["substituter": "\(url)"])
+        }
+      } else if !(url.hasPrefix("http://") || url.hasPrefix("https://") || url.hasPrefix("file://")) {
+        throw .invalidConfiguration("substituter '\(url)': only http://, https://, file:// and s3:// are supported")
       }
+      bases.append(target)
     }
+    self.bases = bases
     guard config.maxConnections >= 1, config.maxAttempts >= 1 else {
       throw .invalidConfiguration("maxConnections and maxAttempts must be at least 1")
     }
@@ -69,11 +87,14 @@ public final class BinaryCacheClient: Sendable {
     self.narinfoCache = try NarInfoCache(
       stateDirectory: config.stateDirectory, positiveTTL: config.narinfoCachePositiveTTL,
       negativeTTL: config.narinfoCacheNegativeTTL)
+    let metrics = CacheMetrics(
+      substituters: zip(bases, config.substituters).map { ($0.base, Self.base(of: $1).base) })
     self.transport = Transport(
       settings: TransportSettings(
         userAgent: Self.userAgent, connectTimeout: config.connectTimeout, stallTimeout: config.stallTimeout,
         lowSpeedLimit: config.lowSpeedLimit,
-        netrcFile: config.netrcFile, caFile: config.caFile, maxConnections: config.maxConnections))
+        netrcFile: config.netrcFile, caFile: config.caFile, maxConnections: config.maxConnections, signers: signers),
+      observer: { url, outcome, bytes in metrics.record(url: url, outcome: outcome, bytes: bytes) })
     if !config.requireSignatures {
       logger.warning(
         "SIGNATURE CHECKING IS DISABLED (--no-require-sigs): any narinfo the substituters serve is accepted; use this only for private caches you control",
@@ -151,17 +172,24 @@ public final class BinaryCacheClient: Sendable {
     }
   }
 
-  private func resolve(_ configured: String, position: Int) async -> Result<Substituter, CacheError> {
+  /// A configured substituter's base URL (no query, no trailing slash) and its `?priority=`.
+  static func base(of configured: String) -> (base: String, priority: Int?) {
     var base = configured
-    var override: Int? = nil
+    var priority: Int? = nil
     if let q = base.firstIndex(of: "?") {
       for param in base[base.index(after: q)...].split(separator: "&") {
         let kv = param.split(separator: "=", maxSplits: 1)
-        if kv.count == 2 && kv[0] == "priority" { override = Int(kv[1]) }
+        if kv.count == 2 && kv[0] == "priority" { priority = Int(kv[1]) }
       }
       base = String(base[..<q])
     }
     while base.hasSuffix("/") { base.removeLast() }
+    return (base, priority)
+  }
+
+  private func resolve(_ configured: String, position: Int) async -> Result<Substituter, CacheError> {
+    // An s3:// substituter is asked at its bucket's HTTP(S) URL.
+    let (base, override) = position < bases.count ? bases[position] : Self.base(of: configured)
     let infoURL = base + "/nix-cache-info"
     do {
       let text = try await fetchText(infoURL)

@@ -34,6 +34,8 @@ public enum CacheError: Error, Sendable, CustomStringConvertible {
   case cancelled(url: String)
   /// Every substituter that might have had the path failed; one entry per substituter.
   case allSubstitutersFailed(storePath: String, failures: [CacheError])
+  /// S3 refused the request for its credentials (a bad key or signature, an expired token).
+  case s3Refused(url: String, code: String, message: String)
 
   public var description: String {
     switch self {
@@ -77,6 +79,8 @@ public enum CacheError: Error, Sendable, CustomStringConvertible {
       return "invalid cache configuration: \(why)"
     case .cancelled(let url):
       return "\(Self.q(url)): cancelled"
+    case .s3Refused(let url, let code, let message):
+      return "\(Self.q(url)): S3 refused the credentials: \(Self.q(code)): \(Self.q(message)) (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the profile in the credentials file)"
     case .allSubstitutersFailed(let path, let failures):
       return "\(path): every substituter failed: " + failures.map(\.description).joined(separator: "; ")
     }

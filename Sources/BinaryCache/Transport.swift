@@ -10,6 +10,8 @@ struct ResponseHead: Sendable {
   var contentRange: String?
   /// Every header, names in lower case.
   var headers: [String: String] = [:]
+  /// The first 4 KiB of a non-2xx response's body (S3 says there why it refused).
+  var errorBody: [UInt8] = []
   var isSuccess: Bool { (200..<300).contains(status) }
 }
 
@@ -21,7 +23,13 @@ struct TransportSettings: Sendable {
   var netrcFile: String?
   var caFile: String?
   var maxConnections: Int
+  /// `s3://` buckets: requests below each are signed (AWS SigV4).
+  var signers: [S3Signer] = []
 }
+
+/// What one transfer attempt came to, for the per-substituter counters: the URL, the response
+/// or the failure, and the body bytes received (error bodies included).
+typealias TransferObserver = @Sendable (_ url: String, _ outcome: Result<ResponseHead, CacheError>, _ bytes: Int64) -> Void
 
 /// libcurl on threads of our own, so no Swift concurrency thread ever waits on the network.
 ///
@@ -35,6 +43,7 @@ final class Transport: @unchecked Sendable {
   typealias Job = (UnsafeMutableRawPointer, UnsafeMutablePointer<CChar>) -> Void
 
   let settings: TransportSettings
+  let observer: TransferObserver?
   private let condition = NSCondition()
   /// Pending jobs from `queueHead` on. A taken slot is cleared at once: a finished job must not
   /// keep its transfer's closures (and the buffers and sinks they hold) alive until compaction.
@@ -47,9 +56,10 @@ final class Transport: @unchecked Sendable {
   /// `curl_global_init` must run once before any thread uses libcurl.
   private static let globalInit: Void = { _ = curl_global_init(Int(CURL_GLOBAL_ALL)) }()
 
-  init(settings: TransportSettings) {
+  init(settings: TransportSettings, observer: TransferObserver? = nil) {
     _ = Self.globalInit
     self.settings = settings
+    self.observer = observer
   }
 
   /// Performs one GET. `onStart` runs once before the first body byte of a 2xx response;
@@ -74,6 +84,7 @@ final class Transport: @unchecked Sendable {
     } onCancel: {
       context.cancel()
     }
+    observer?(url, result, context.bodyBytes)
     return try result.get()
   }
 
@@ -144,6 +155,9 @@ private final class TransferContext: @unchecked Sendable {
   var callbackError: (any Error)? = nil
   var postBody: [UInt8]? = nil
   var isFile: Bool
+  /// Body bytes received in the last attempt, error bodies included.
+  var bodyBytes: Int64 = 0
+  var errorBody: [UInt8] = []
   /// The stall clock: when the transfer last made `stallBytes` of progress, and how far it was.
   var progressAt = DispatchTime.now()
   var progressBytes: Int64 = 0
@@ -201,6 +215,7 @@ private final class TransferContext: @unchecked Sendable {
 
   /// Body bytes from libcurl. Returns false to abort the transfer.
   func receive(_ bytes: UnsafeRawBufferPointer) -> Bool {
+    bodyBytes += Int64(bytes.count)
     if head == nil {
       let h = ResponseHead(status: currentStatus(), contentRange: headers["content-range"], headers: headers)
       head = h
@@ -211,8 +226,11 @@ private final class TransferContext: @unchecked Sendable {
         }
       }
     }
-    // The body of an error response is not the file: drop it.
-    guard head!.isSuccess else { return true }
+    // The body of an error response is not the file: keep only its start, for the error.
+    guard head!.isSuccess else {
+      errorBody.append(contentsOf: bytes.prefix(max(0, 4096 - errorBody.count)))
+      return true
+    }
     do { try onData(bytes) } catch {
       callbackError = error
       return false
@@ -234,6 +252,8 @@ private final class TransferContext: @unchecked Sendable {
     if isCancelled { return .failure(.cancelled(url: url)) }
     progressAt = DispatchTime.now()
     progressBytes = 0
+    bodyBytes = 0
+    errorBody = []
     stalled = false
     self.easy = easy
     defer { self.easy = nil }
@@ -266,6 +286,21 @@ private final class TransferContext: @unchecked Sendable {
       _ = nixfs_curl_easy_setopt_off(easy, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(body.count))
       _ = body.withUnsafeBytes { nixfs_curl_easy_setopt_ptr(easy, CURLOPT_COPYPOSTFIELDS, $0.baseAddress) }
     }
+    // An s3:// bucket: libcurl signs the request (SigV4) with the key as user and password. S3
+    // wants the payload's hash too, in a header the signature covers: a GET has none.
+    var headerList: UnsafeMutablePointer<curl_slist>? = nil
+    defer { curl_slist_free_all(headerList) }
+    if let signer = settings.signers.first(where: { $0.signs(url) }) {
+      _ = nixfs_curl_easy_setopt_str(easy, CURLOPT_AWS_SIGV4, "aws:amz:\(signer.region):s3")
+      _ = nixfs_curl_easy_setopt_str(easy, CURLOPT_USERNAME, signer.credentials.accessKeyID)
+      _ = nixfs_curl_easy_setopt_str(easy, CURLOPT_PASSWORD, signer.credentials.secretAccessKey)
+      let payload = NixHash.sha256(postBody ?? []).hex
+      headerList = curl_slist_append(headerList, "x-amz-content-sha256: \(payload)")
+      if let token = signer.credentials.sessionToken {
+        headerList = curl_slist_append(headerList, "x-amz-security-token: \(token)")
+      }
+      _ = nixfs_curl_easy_setopt_ptr(easy, CURLOPT_HTTPHEADER, headerList)
+    }
     _ = nixfs_curl_easy_setopt_ptr(easy, CURLOPT_ERRORBUFFER, errorBuffer)
     _ = nixfs_curl_easy_setopt_write(easy, CURLOPT_WRITEFUNCTION, writeCallback)
     _ = nixfs_curl_easy_setopt_ptr(easy, CURLOPT_WRITEDATA, opaque)
@@ -276,8 +311,9 @@ private final class TransferContext: @unchecked Sendable {
     _ = nixfs_curl_easy_setopt_ptr(easy, CURLOPT_XFERINFODATA, opaque)
 
     let code = curl_easy_perform(easy)
-    // Leave no pointer to this context behind in the reused handle.
+    // Leave no pointer to this context (or to the header list freed next) in the reused handle.
     _ = nixfs_curl_easy_setopt_ptr(easy, CURLOPT_ERRORBUFFER, nil)
+    _ = nixfs_curl_easy_setopt_ptr(easy, CURLOPT_HTTPHEADER, nil)
 
     if let error = callbackError {
       if let e = error as? CacheError { return .failure(e) }
@@ -302,7 +338,9 @@ private final class TransferContext: @unchecked Sendable {
           return .failure((error as? CacheError) ?? .sink(url: url, error: error))
         }
       }
-      return .success(head!)
+      var final = head!
+      final.errorBody = errorBody
+      return .success(final)
     case CURLE_FILE_COULDNT_READ_FILE where isFile:
       return .success(ResponseHead(status: 404))
     default:

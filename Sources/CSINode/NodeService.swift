@@ -96,6 +96,7 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
   /// Serialises publish/unpublish (kubelet may retry while a call still runs), and keeps their
   /// blocking work (control socket, mount syscalls, nix eval) off the concurrency pool.
   let queue = DispatchQueue(label: "nixfs.csi.node")
+  let metrics = CSIMetrics()
 
   func serially<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
     try await withCheckedThrowingContinuation { c in
@@ -235,11 +236,37 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
   public func nodePublishVolume(request: Csi_V1_NodePublishVolumeRequest, context: ServerContext) async throws
     -> Csi_V1_NodePublishVolumeResponse
   {
-    // The cheap checks before an evaluation that may take seconds.
-    try Self.checkVolumeID(request.volumeID)
-    _ = try Self.checkTarget(request.targetPath)
-    let path = try await requestedPath(request.volumeContext.filter { !$0.key.hasPrefix("csi.storage.k8s.io/") })
-    return try await serially { try self.publish(request, path: path) }
+    try await observed(.publish, volumeID: request.volumeID, target: request.targetPath, context: request.volumeContext) {
+      // The cheap checks before an evaluation that may take seconds.
+      try Self.checkVolumeID(request.volumeID)
+      _ = try Self.checkTarget(request.targetPath)
+      let path = try await self.requestedPath(request.volumeContext.filter { !$0.key.hasPrefix("csi.storage.k8s.io/") })
+      return try await self.serially { try self.publish(request, path: path) }
+    }
+  }
+
+  /// Runs one CSI call, counts it and, when it fails, logs why with the volume and the pod
+  /// (kubelet passes the pod in the volume context: the CSIDriver's podInfoOnMount).
+  func observed<T>(
+    _ method: CSIMetrics.Method, volumeID: String, target: String, context: [String: String] = [:],
+    _ body: () async throws -> T
+  ) async throws -> T {
+    let started = ContinuousClock.now
+    do {
+      let r = try await body()
+      metrics.record(method, error: nil, seconds: (ContinuousClock.now - started) / .seconds(1))
+      return r
+    } catch {
+      metrics.record(method, error: error, seconds: (ContinuousClock.now - started) / .seconds(1))
+      var metadata: Logger.Metadata = [
+        "volume": "\(LogText.bounded(volumeID))", "target": "\(LogText.bounded(target))",
+        "code": "\(CSIMetrics.codeName(error))", "error": "\((error as? RPCError)?.message ?? "\(error)")",
+      ]
+      if let pod = context["csi.storage.k8s.io/pod.name"] { metadata["pod"] = "\(LogText.bounded(pod))" }
+      if let ns = context["csi.storage.k8s.io/pod.namespace"] { metadata["namespace"] = "\(LogText.bounded(ns))" }
+      logger.error("\(method.rawValue) failed", metadata: metadata)
+      throw error
+    }
   }
 
   func publish(_ request: Csi_V1_NodePublishVolumeRequest, path: StorePath) throws -> Csi_V1_NodePublishVolumeResponse {
@@ -301,11 +328,13 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Se
   public func nodeUnpublishVolume(request: Csi_V1_NodeUnpublishVolumeRequest, context: ServerContext) async throws
     -> Csi_V1_NodeUnpublishVolumeResponse
   {
-    try Self.checkVolumeID(request.volumeID)
-    let target = try Self.checkTarget(request.targetPath).path
-    let volumeID = request.volumeID
-    try await serially { try self.unpublish(volumeID: volumeID, target: target) }
-    return Csi_V1_NodeUnpublishVolumeResponse()
+    try await observed(.unpublish, volumeID: request.volumeID, target: request.targetPath) {
+      try Self.checkVolumeID(request.volumeID)
+      let target = try Self.checkTarget(request.targetPath).path
+      let volumeID = request.volumeID
+      try await self.serially { try self.unpublish(volumeID: volumeID, target: target) }
+      return Csi_V1_NodeUnpublishVolumeResponse()
+    }
   }
 
   func unpublish(volumeID: String, target: String) throws {

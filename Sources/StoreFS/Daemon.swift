@@ -241,7 +241,7 @@ public final class Daemon: Sendable {
     let unreachable = await cache.unusableSubstituters()
     let stats = try? store.stats()
     return DaemonStatus(
-      version: NixFSVersion.string, pid: getpid(), mountpoint: mountpoint, stateDir: stateDir, settings: settings,
+      version: NixFSVersion.description, pid: getpid(), mountpoint: mountpoint, stateDir: stateDir, settings: settings,
       substituters: usable.map { DaemonStatus.Substituter(url: $0.url, priority: $0.priority, chunkIndex: $0.chunkIndex) },
       unreachable: unreachable, views: filesystem.viewIDs(), fetchesInFlight: filesystem.fetchesInFlight().map(\.path),
       paths: stats?.paths ?? 0, partialPaths: stats?.partialPaths ?? 0, storedBytes: (try? store.storedBytes()) ?? 0,

@@ -4,13 +4,13 @@ import Foundation
 
 /// What the daemon exports (`--metrics-listen`), through swift-metrics so the backend is the
 /// executable's choice (Prometheus). Counters are created once: the hot path only increments.
-final class FSMetrics: Sendable {
+public final class FSMetrics: Sendable {
   static let operations = ["lookup", "getattr", "readlink", "open", "read", "opendir", "readdir", "statfs"]
   let requests: [String: Counter]
-  let bytesServed = Counter(label: "nixfs_bytes_served_total")
+  let bytesServed = Counter(label: "nixfs_served_bytes_total")
   let pathsFetched = Counter(label: "nixfs_paths_fetched_total")
   /// Uncompressed NAR bytes ingested, and compressed bytes downloaded for them.
-  static let narBytesFetched = Counter(label: "nixfs_nar_bytes_fetched_total")
+  static let narBytesFetched = Counter(label: "nixfs_nar_fetched_bytes_total")
   static let downloadBytes = Counter(label: "nixfs_download_bytes_total")
   /// Chunk-lazy paths: materialised from a verified chunk index, indexes refused (the NAR was
   /// fetched instead), chunks fetched and the bytes sent for them, chunks that did not verify.
@@ -24,7 +24,8 @@ final class FSMetrics: Sendable {
   static let budgetBytes = Gauge(label: "nixfs_store_budget_bytes")
   static let pinnedPaths = Gauge(label: "nixfs_pinned_paths")
   static let partialPaths = Gauge(label: "nixfs_partial_paths")
-  static let buildInfo = Gauge(label: "nixfs_build_info", dimensions: [("version", NixFSVersion.string)])
+  static let buildInfo = Gauge(
+    label: "nixfs_build_info", dimensions: [("version", NixFSVersion.string), ("commit", NixFSVersion.commit)])
   let fetchSeconds = Timer(label: "nixfs_fetch_duration_seconds")
   /// Store path resolutions: served from the local store, or fetched first.
   let localHits = Counter(label: "nixfs_store_path_resolutions_total", dimensions: [("result", "local")])
@@ -34,7 +35,33 @@ final class FSMetrics: Sendable {
 
   static let causes = ["not_found", "fetch", "read", "index", "stale", "client"]
 
+  /// `# HELP` text for every series above, for the exporter (swift-metrics carries none).
+  public static let help: [String: String] = [
+    "nixfs_fuse_requests_total": "FUSE requests answered, by operation",
+    "nixfs_served_bytes_total": "bytes returned to readers",
+    "nixfs_paths_fetched_total": "store paths fetched from substituters and verified",
+    "nixfs_nar_fetched_bytes_total": "uncompressed NAR bytes ingested",
+    "nixfs_download_bytes_total": "compressed bytes downloaded for ingested NARs (FileSize, else NarSize)",
+    "nixfs_paths_from_chunk_index_total": "paths registered from a verified chunk index, without their NAR",
+    "nixfs_chunk_indexes_refused_total": "chunk indexes refused (untrusted, inconsistent, unreachable): the NAR was fetched instead",
+    "nixfs_chunks_fetched_total": "chunks fetched for reads of partial paths, verified",
+    "nixfs_chunk_download_bytes_total": "bytes downloaded for fetched chunks, as sent (compressed)",
+    "nixfs_chunks_rejected_total": "fetched chunks that did not verify and were discarded",
+    "nixfs_store_bytes": "bytes the chunk store keeps on disk",
+    "nixfs_store_budget_bytes": "the store's disk budget (--max-size), 0 for none",
+    "nixfs_pinned_paths": "store paths pinned by published views",
+    "nixfs_partial_paths": "store paths registered from a chunk index and not yet complete",
+    "nixfs_build_info": "the running build, 1, labelled with its version and commit",
+    "nixfs_fetch_duration_seconds": "time to fetch, verify and ingest one store path, successful fetches only",
+    "nixfs_store_path_resolutions_total": "store path lookups, served from the local store or fetched first",
+    "nixfs_errors_total": "requests answered with an error, by cause",
+    "nixfs_fetches_in_flight": "store path fetches running now",
+  ]
+
   init() {
+    // Static series are created on first use: touch them so every series is there from the start.
+    _ = [Self.narBytesFetched, Self.downloadBytes, Self.pathsFromIndex, Self.indexRefused, Self.chunksFetched, Self.chunkBytesFetched, Self.chunksRejected]
+    _ = [Self.storeBytes, Self.budgetBytes, Self.pinnedPaths, Self.partialPaths, Self.buildInfo]
     var r: [String: Counter] = [:]
     for op in Self.operations { r[op] = Counter(label: "nixfs_fuse_requests_total", dimensions: [("op", op)]) }
     requests = r

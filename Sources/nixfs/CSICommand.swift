@@ -1,6 +1,8 @@
 import ArgumentParser
 import CSINode
+import CoreMetrics
 import Foundation
+import Prometheus
 
 struct CSICommand: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
@@ -23,9 +25,14 @@ struct CSICommand: AsyncParsableCommand {
   var evaluationTimeout: Double = 120
   @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
   @Option(help: "Log lines as text, or as one JSON object each (json).") var logFormat: LogFormat = .text
+  @Option(help: "Serve Prometheus metrics (publish outcomes and latency) on ADDR:PORT, e.g. 0.0.0.0:9465.")
+  var metricsListen: String?
 
   func validate() throws {
     try checkLogLevel(logLevel)
+    if let metricsListen {
+      do { _ = try MetricsEndpoint.parse(metricsListen) } catch { throw ValidationError("\(error)") }
+    }
     guard evaluationTimeout > 0 else { throw ValidationError("--evaluation-timeout \(evaluationTimeout): expected a positive number of seconds") }
   }
 
@@ -38,6 +45,15 @@ struct CSICommand: AsyncParsableCommand {
       driverName: driverName, nodeID: node, stateDir: stateDir, system: system ?? CSIConfiguration.detectSystem(),
       nixBinary: nix)
     config.evaluationTimeout = evaluationTimeout
+    let registry = PrometheusCollectorRegistry()
+    MetricsSystem.bootstrap(DescribedMetricsFactory(registry: registry, help: CSIMetrics.help))
+    var metricsServer: MetricsEndpoint? = nil
+    if let metricsListen {
+      do { metricsServer = try await MetricsEndpoint.start(listen: metricsListen, registry: registry, logger: logger) } catch {
+        fail("\(error)")
+      }
+    }
+    defer { metricsServer?.stop() }
     do {
       try await CSIServer.run(config: config, endpoint: endpoint, logger: logger)
     } catch {

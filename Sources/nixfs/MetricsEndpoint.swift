@@ -66,5 +66,13 @@ final class MetricsEndpoint: Sendable {
     if let why = outcome.withLock({ $0 }) { throw Failure(address: address, reason: why) }
   }
 
+  /// The same from async code: the wait for the listener happens on a thread of its own, not on
+  /// the concurrency pool the listener itself needs.
+  static func start(listen address: String, registry: PrometheusCollectorRegistry, logger: Logger) async throws -> MetricsEndpoint {
+    try await withCheckedThrowingContinuation { c in
+      Thread.detachNewThread { c.resume(with: Result { try MetricsEndpoint(listen: address, registry: registry, logger: logger) }) }
+    }
+  }
+
   func stop() { task.cancel() }
 }

@@ -64,7 +64,7 @@ struct MountCommand: ParsableCommand {
   func run() throws {
     let logger = bootstrapLogging(level: logLevel, label: "nixfs.mount", format: logFormat)
     let registry = PrometheusCollectorRegistry()
-    MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+    MetricsSystem.bootstrap(DescribedMetricsFactory(registry: registry, help: FSMetrics.help.merging(CacheMetrics.help) { a, _ in a }))
     var maxBytes: UInt64? = nil
     if let maxSize {
       guard let n = parseSize(maxSize) else { fail("--max-size \(maxSize): expected a size such as 50G") }
@@ -136,7 +136,7 @@ struct MountCommand: ParsableCommand {
     logger.info(
       "nixfs mount starting",
       metadata: [
-        "version": "\(NixFSVersion.string)", "mountpoint": "\(mountpoint)", "state_dir": "\(cache.stateDir)",
+        "version": "\(NixFSVersion.description)", "mountpoint": "\(mountpoint)", "state_dir": "\(cache.stateDir)",
         "substituters": "\(client.configuration.substituters.joined(separator: " "))",
         "trusted_keys": "\(client.configuration.trustedPublicKeys.map { $0.split(separator: ":").first.map(String.init) ?? "?" }.joined(separator: " "))",
         "max_size": "\(maxBytes.map(String.init) ?? "unlimited")", "chunk_index": "\(!noChunkIndex)",

@@ -7,7 +7,7 @@ struct NixFS: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "nixfs",
     abstract: "A lazy, deduplicated /nix/store for Kubernetes nodes and Linux hosts.",
-    version: NixFSVersion.string,
+    version: NixFSVersion.description,
     subcommands: [MountCommand.self, KeeperCommand.self, IdleCommand.self, CSICommand.self, ServeCommand.self, FetchCommand.self] + storeCommands + cacheCommands
       + [NarCommand.self, NarInfoCommand.self]
   )

@@ -189,7 +189,8 @@ func code(_ body: () async throws -> Void) async -> RPCError.Code? {
   }
 
   @Test func idempotencyAndErrors() async throws {
-    let node = try Node()
+    let port = Int(try run(["python3", "-c", "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"]).trimmed)!
+    let node = try Node(csiArguments: ["--metrics-listen", "127.0.0.1:\(port)"])
     let app = fx.paths["app"]!.path
     let t = node.target("pod-e")
     try await node.withClients { _, csi in
@@ -226,6 +227,26 @@ func code(_ body: () async throws -> Void) async -> RPCError.Code? {
       noUnpubID = node.unpublishRequest(volume: "vol-e", target: "")
       #expect(await code { _ = try await csi.nodeUnpublishVolume(noUnpubID) } == .invalidArgument)
     }
+    // The plugin's own metrics: every call by method and status, publish latency by outcome.
+    let body = try run(["python3", "-c", "import urllib.request, sys; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())", "http://127.0.0.1:\(port)/metrics"]).text
+    func value(_ series: String) -> Double? {
+      body.split(separator: "\n").first { $0.hasPrefix(series + " ") }.flatMap { Double($0.split(separator: " ").last!) }
+    }
+    let publish = "nixfs_csi_requests_total{method=\"NodePublishVolume\""
+    #expect(value(publish + ",code=\"OK\"}") == 2, "\(body)")
+    #expect(value(publish + ",code=\"AlreadyExists\"}") == 1)
+    #expect(value(publish + ",code=\"InvalidArgument\"}") == 9)
+    #expect(value(publish + ",code=\"NotFound\"}") == 1)
+    #expect(value(publish + ",code=\"FailedPrecondition\"}") == 1)
+    #expect(value(publish + ",code=\"Internal\"}") == 0, "present before it happens")
+    #expect(value("nixfs_csi_requests_total{method=\"NodeUnpublishVolume\",code=\"InvalidArgument\"}") == 2)
+    #expect(value("nixfs_csi_publish_duration_seconds_count{outcome=\"ok\"}") == 2)
+    #expect(body.contains("# HELP nixfs_csi_requests_total ") && body.contains("# HELP nixfs_csi_publish_duration_seconds "))
+    // Each failure is logged with the volume and the pod.
+    let log = node.csi?.stderr ?? ""
+    let failed = log.split(separator: "\n").filter { $0.contains("NodePublishVolume failed") }
+    #expect(failed.count == 12, "\(log)")
+    #expect(failed.contains { $0.contains("volume=vol-m") && $0.contains("pod=p") && $0.contains("code=NotFound") }, "\(log)")
   }
 
   /// Targets that would mount the view somewhere else than asked: a symlink (onto a stand-in for

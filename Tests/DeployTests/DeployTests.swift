@@ -448,7 +448,7 @@ struct DeploymentStructureTests {
     #expect(
       strings(c["command"]) == [
         "nixfs", "csi", "--state-dir", "/var/lib/nixfs", "--endpoint", "unix:///csi/csi.sock",
-        "--driver-name", baseDriver,
+        "--driver-name", baseDriver, "--metrics-listen", "0.0.0.0:9465",
       ])
     #expect(dig(c, "securityContext", "privileged") as? Bool == true)
 
@@ -724,7 +724,7 @@ struct MonitoringComponentTests {
   @Test("ServiceMonitor finds the daemons' metrics; alerts use series the daemon has")
   func monitoringFitsTheDaemonSet() throws {
     let r = try Rendered(Repo.deploy("kubernetes/overlays/monitoring"))
-    let service = try r.one("Service")
+    let service = try #require(r.all("Service").first { dig($0, "metadata", "name") as? String == "nixfs-mount-metrics" })
     let mount = try r.daemonSet("nixfs-mount")
     // The Service selects the mount pods (by every label its selector names) on their metrics port.
     let podLabels = (dig(mount, "spec", "template", "metadata", "labels") as? [String: String]) ?? [:]
@@ -735,15 +735,30 @@ struct MonitoringComponentTests {
     let containerPorts = try container(try r.mountPodSpec(), "nixfs-mount")["ports"] as? [JSON] ?? []
     #expect(containerPorts.contains { $0["name"] as? String == "metrics" })
     // The ServiceMonitor selects that Service, in its namespace, on that port.
-    let monitor = try r.one("ServiceMonitor")
+    let monitor = try #require(r.all("ServiceMonitor").first { dig($0, "metadata", "name") as? String == "nixfs-mount" })
     let wanted = (dig(monitor, "spec", "selector", "matchLabels") as? [String: String]) ?? [:]
     let serviceLabels = (dig(service, "metadata", "labels") as? [String: String]) ?? [:]
     #expect(!wanted.isEmpty && wanted.allSatisfy { serviceLabels[$0.key] == $0.value })
     #expect(dig(monitor, "metadata", "namespace") as? String == dig(service, "metadata", "namespace") as? String)
     #expect(((dig(monitor, "spec", "endpoints") as? [JSON])?.first?["port"] as? String) == "metrics")
-    // Every series an alert uses is one the daemon exports (Sources/StoreFS/Metrics.swift), and
-    // the `up` alert names the Service.
-    let metricsSource = try String(contentsOfFile: "\(Repo.root)/Sources/StoreFS/Metrics.swift", encoding: .utf8)
+    // The same for the CSI plugins' metrics, on the node DaemonSet's csi-metrics port.
+    let csiService = try #require(r.all("Service").first { dig($0, "metadata", "name") as? String == "nixfs-csi-metrics" })
+    let nodeLabels = (dig(try r.daemonSet("nixfs-node"), "spec", "template", "metadata", "labels") as? [String: String]) ?? [:]
+    let csiSelector = (dig(csiService, "spec", "selector") as? [String: String]) ?? [:]
+    #expect(!csiSelector.isEmpty && csiSelector.allSatisfy { nodeLabels[$0.key] == $0.value }, "\(csiSelector) vs \(nodeLabels)")
+    let csiContainer = try container(try #require(dig(try r.daemonSet("nixfs-node"), "spec", "template", "spec") as? JSON), "nixfs-csi")
+    #expect((csiContainer["ports"] as? [JSON] ?? []).contains { $0["name"] as? String == "csi-metrics" && $0["containerPort"] as? Int == 9465 })
+    #expect((csiContainer["command"] as? [String] ?? []).contains("0.0.0.0:9465"))
+    let csiMonitor = try #require(r.all("ServiceMonitor").first { dig($0, "metadata", "name") as? String == "nixfs-csi" })
+    let csiWanted = (dig(csiMonitor, "spec", "selector", "matchLabels") as? [String: String]) ?? [:]
+    let csiServiceLabels = (dig(csiService, "metadata", "labels") as? [String: String]) ?? [:]
+    #expect(!csiWanted.isEmpty && csiWanted.allSatisfy { csiServiceLabels[$0.key] == $0.value })
+    #expect(((dig(csiMonitor, "spec", "endpoints") as? [JSON])?.first?["port"] as? String) == "csi-metrics")
+    // Every series an alert uses is one the daemon or the plugin exports, and the `up` alert
+    // names the Service.
+    let metricsSource = try ["StoreFS/Metrics.swift", "CSINode/Metrics.swift", "BinaryCache/Metrics.swift"].map {
+      try String(contentsOfFile: "\(Repo.root)/Sources/\($0)", encoding: .utf8)
+    }.joined()
     let rule = try r.one("PrometheusRule")
     let rules = ((dig(rule, "spec", "groups") as? [JSON]) ?? []).flatMap { ($0["rules"] as? [JSON]) ?? [] }
     #expect(rules.count >= 4)

@@ -43,13 +43,69 @@ import TestSupport
     #expect(body.contains("nixfs_store_path_resolutions_total"))
     // Gauges read from the daemon at the scrape: the store against its budget, the build.
     #expect(body.contains("nixfs_store_budget_bytes 1073741824"), "\(body)")
-    #expect(body.contains("nixfs_build_info{version=\""), "\(body)")
+    #expect(body.contains("nixfs_build_info{version=\"") && body.contains("commit=\""), "\(body)")
+    // Help for every series, units at the end of names, fetch times up to 300 s.
+    for name in ["nixfs_served_bytes_total", "nixfs_fuse_requests_total", "nixfs_fetch_duration_seconds", "nixfs_substituter_requests_total", "nixfs_store_bytes"] {
+      #expect(body.contains("# HELP \(name) "), "no help for \(name)")
+    }
+    let types = body.split(separator: "\n").filter { $0.hasPrefix("# TYPE ") }.map { $0.split(separator: " ")[2] }
+    let helped = Set(body.split(separator: "\n").filter { $0.hasPrefix("# HELP ") }.map { $0.split(separator: " ")[2] })
+    #expect(types.allSatisfy { helped.contains($0) }, "series without # HELP: \(types.filter { !helped.contains($0) })")
+    #expect(body.contains("nixfs_fetch_duration_seconds_bucket{le=\"300.0\"}"), "\(body)")
+    // Requests and bytes per substituter, as configured; every series there before it is used.
+    let sub = "substituter=\"\(server.url)\""
+    let narinfos = body.split(separator: "\n").first { $0.hasPrefix("nixfs_substituter_requests_total{\(sub),kind=\"narinfo\",outcome=\"ok\"}") }
+    #expect((narinfos.flatMap { Double($0.split(separator: " ").last!) } ?? 0) >= 1, "\(body)")
+    #expect(body.contains("nixfs_substituter_received_bytes_total{\(sub),kind=\"nar\"}"))
+    #expect(body.contains("nixfs_substituter_requests_total{\(sub),kind=\"chunk\",outcome=\"error\"} 0"))
+    #expect(body.contains("nixfs_chunks_rejected_total 0"))
     #expect(body.contains("nixfs_pinned_paths ") && body.contains("nixfs_partial_paths 0"))
     let stored = body.split(separator: "\n").first { $0.hasPrefix("nixfs_store_bytes ") }.flatMap { Double($0.split(separator: " ")[1]) }
     #expect((stored ?? 0) > 0, "the store holds the path just read")
     #expect(try get("http://[::1]:\(port)/healthz") == (200, "ok\n"))
     // Any other path answers the metrics too, as scrapers configured for `/` expect.
     #expect(try get("http://127.0.0.1:\(port)/").1.contains("nixfs_fuse_requests_total"))
+  }
+
+  /// 100 scrapes at once, while one client dribbles its request a byte at a time: every scrape
+  /// is answered in full, and so is the slow client.
+  @Test func manyScrapesAndASlowClient() throws {
+    let tmp = try TemporaryDirectory("metrics-load")
+    let server = try CacheServer(directory: fx.caches["zstd"]!)
+    let port = try freePort()
+    let node = try MountedStore(
+      mountpoint: tmp.sub("mnt"), stateDir: tmp.sub("state"),
+      arguments: fx.mountArguments(server, extra: ["--metrics-listen", "127.0.0.1:\(port)"]))
+    defer { node.stop() }
+    let script = """
+      import socket, sys, threading, time, urllib.request
+      port = int(sys.argv[1])
+      slow = socket.create_connection(("127.0.0.1", port))
+      def dribble():
+          for b in b"GET /metrics HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n":
+              slow.send(bytes([b])); time.sleep(0.04)
+      d = threading.Thread(target=dribble); d.start()
+      ok = []
+      def scrape():
+          try:
+              r = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30)
+              ok.append(r.status == 200 and b"nixfs_fuse_requests_total" in r.read())
+          except Exception as e:
+              print("scrape failed:", e, file=sys.stderr)
+      threads = [threading.Thread(target=scrape) for _ in range(100)]
+      for t in threads: t.start()
+      for t in threads: t.join()
+      d.join()
+      slow.settimeout(30)
+      reply = b""
+      while True:
+          piece = slow.recv(65536)
+          if not piece: break
+          reply += piece
+      print(sum(ok), reply.split(b"\\r\\n")[0].decode(), b"nixfs_fuse_requests_total" in reply)
+      """
+    let out = try run(["python3", "-c", script, String(port)]).trimmed
+    #expect(out == "100 HTTP/1.1 200 OK True", "\(out)")
   }
 
   @Test func aBadOrBusyAddressIsOneLine() throws {

@@ -126,6 +126,38 @@ public final class CacheServer: @unchecked Sendable {
   }
 }
 
+/// `scripts/s3-server.py`: an S3-compatible server (moto's) on 127.0.0.1 that checks SigV4
+/// signatures, holding a binary cache directory in a bucket.
+public final class S3Server: @unchecked Sendable {
+  public let process: BackgroundProcess
+  public let port: Int
+  public let accessKeyID: String
+  public let secretAccessKey: String
+  public let bucket: String
+  public let region: String
+
+  public init(directory: String, bucket: String = "nix-cache", region: String = "eu-west-1") throws {
+    let argv = ["python3", "\(repositoryRoot)/scripts/s3-server.py", "--dir", directory, "--bucket", bucket, "--region", region]
+    process = try BackgroundProcess(argv)
+    guard let portLine = process.readLine(), portLine.hasPrefix("PORT "), let p = Int(portLine.dropFirst(5)),
+      let keyLine = process.readLine(), keyLine.hasPrefix("KEY ")
+    else { throw CommandError(argv: argv, status: -1, stderr: process.stderr) }
+    let key = keyLine.split(separator: " ")
+    port = p
+    accessKeyID = String(key[1])
+    secretAccessKey = String(key[2])
+    self.bucket = bucket
+    self.region = region
+  }
+
+  /// The substituter, as Nix spells it.
+  public func url(extra: String = "") -> String {
+    "s3://\(bucket)?region=\(region)&endpoint=127.0.0.1:\(port)&scheme=http\(extra)"
+  }
+
+  deinit { process.stop() }
+}
+
 /// True when `path` is a FUSE mount point (from /proc/self/mountinfo).
 public func isFuseMount(_ path: String) -> Bool {
   guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
