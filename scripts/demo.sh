@@ -69,9 +69,28 @@ mkdir -p /nix/store
 unshare -m --propagation private sh -c "mount --bind '$work/mnt' /nix/store && exec $hello/bin/hello" | sed 's/^/   /'
 
 echo "== 4. What crossed the wire"
-fetched=$(python3 -c 'import json,sys; print(sum(json.loads(l)["bytes"] for l in open(sys.argv[1]) if json.loads(l)["path"].startswith("/nar/")))' "$work/requests.log")
-total=$(( $(for p in $closure; do sed -n 's/^FileSize: //p' "$work/cache/$(basename "$p" | cut -c1-32).narinfo"; done | paste -sd+) ))
-echo "   NAR bytes fetched: $fetched of $total in the closure ($(( 100 * fetched / total ))%)"
+# Per path of the closure: fetched (its NAR was asked for) or left upstream, in MiB.
+python3 - "$work/requests.log" "$work/cache" $closure <<'PY' | sed 's/^/   /'
+import json, os, sys
+log, cache, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+asked = {}
+for line in open(log):
+    r = json.loads(line)
+    if r["path"].startswith("/nar/"):
+        asked[r["path"][1:]] = asked.get(r["path"][1:], 0) + r["bytes"]
+mib = lambda n: f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+fetched = total = 0
+for p in paths:
+    info = dict(l.split(": ", 1) for l in open(os.path.join(cache, os.path.basename(p)[:32] + ".narinfo")).read().splitlines() if ": " in l)
+    size = int(info["FileSize"])
+    total += size
+    if info["URL"] in asked:
+        fetched += asked[info["URL"]]
+        print(f"fetched      {mib(asked[info['URL']]):>10}  {p}")
+    else:
+        print(f"not fetched  {mib(size):>10}  {p}  (never read: it stayed in the cache)")
+print(f"NAR bytes fetched: {mib(fetched)} of {mib(total)} in the closure ({100 * fetched // total}%)")
+PY
 echo "   paths on this node now: $(ls "$work/mnt" | wc -l) of $(echo "$closure" | wc -l)"
 echo "   nix-store --dump of the served path hashes to the signed NarHash:"
 want=$(sed -n 's/^NarHash: //p' "$work/cache/$(basename "$hello" | cut -c1-32).narinfo")
