@@ -2,8 +2,10 @@
 import PackageDescription
 
 // Layers, bottom up (a lower layer never imports a higher one):
-//   C shims -> NixFormats (pure) -> cache client -> chunk store -> filesystem -> CSI -> nixfs;
+//   C shims -> NixFormats (pure) -> BinaryCache -> ChunkStore -> StoreFS (the FUSE-free core)
+//   -> FuseMount (libfuse) -> NodeDaemon (substitution, control) -> CSINode / NixServe -> nixfs;
 //   NodeControl (the local control protocol) sits beside them, under the filesystem and CSI.
+//   StoreFS knows no cache client: it fetches through its Materialiser protocol.
 let strict: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
 
 let package = Package(
@@ -77,14 +79,36 @@ let package = Package(
       dependencies: ["CUnix", .product(name: "Logging", package: "swift-log")],
       swiftSettings: strict),
 
-    // The filesystem: FUSE low-level callbacks, inodes, lazy materialisation, CSI views.
+    // The filesystem core, FUSE-free: inodes, trees, views, the negative cache, fetch
+    // coordination through the Materialiser seam; it answers with reply values (Replier).
     .target(
       name: "StoreFS",
       dependencies: [
-        "NixFormats", "BinaryCache", "ChunkStore", "CFuse3", "NodeControl",
+        "NixFormats", "ChunkStore", "NodeControl",
         .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "CoreMetrics", package: "swift-metrics"),
+      ],
+      swiftSettings: strict),
+
+    // The FUSE adapter, the only importer of libfuse: low-level callbacks into the core, the
+    // session, the mountpoint's checks, the connection's takeover.
+    .target(
+      name: "FuseMount",
+      dependencies: [
+        "StoreFS", "ChunkStore", "NixFormats", "NodeControl", "CFuse3",
+        .product(name: "Logging", package: "swift-log"),
+      ],
+      swiftSettings: strict),
+
+    // The node daemon: the mount plus the control socket, and Substitution, the materialiser that
+    // fetches from the binary caches (the composition root of the layers below).
+    .target(
+      name: "NodeDaemon",
+      dependencies: [
+        "StoreFS", "FuseMount", "BinaryCache", "ChunkStore", "NixFormats", "NodeControl",
+        .product(name: "Crypto", package: "swift-crypto"),
+        .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),
 
@@ -122,7 +146,7 @@ let package = Package(
     .executableTarget(
       name: "nixfs",
       dependencies: [
-        "NixFormats", "BinaryCache", "ChunkStore", "StoreFS", "NodeControl", "CSINode", "NixServe",
+        "NixFormats", "BinaryCache", "ChunkStore", "StoreFS", "FuseMount", "NodeDaemon", "NodeControl", "CSINode", "NixServe",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Hummingbird", package: "hummingbird"),
         .product(name: "Logging", package: "swift-log"),

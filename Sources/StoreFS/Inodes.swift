@@ -5,28 +5,28 @@
 /// one parent. Numbers are deterministic, so they stay stable for the life of the mount.
 import ChunkStore
 
-enum Inode {
-  static let root: UInt64 = 1
-  static let fileTag: UInt64 = 1 << 63
-  static let nodeTag: UInt64 = 1 << 62
-  static let virtualTag: UInt64 = 1 << 61
+package enum Inode {
+  package static let root: UInt64 = 1
+  package static let fileTag: UInt64 = 1 << 63
+  package static let nodeTag: UInt64 = 1 << 62
+  package static let virtualTag: UInt64 = 1 << 61
 
-  static func file(content: UInt64, executable: Bool) -> UInt64 {
+  package static func file(content: UInt64, executable: Bool) -> UInt64 {
     fileTag | content << 1 | (executable ? 1 : 0)
   }
 
   /// 62 bits of a content digest: the file's inode number less the tag and executable bit.
-  static func fileNumber(_ content: ContentID) -> UInt64 {
+  package static func fileNumber(_ content: ContentID) -> UInt64 {
     content.w0 & (1 << 62 - 1)
   }
 
-  static func node(instance: UInt32, index: Int32) -> UInt64 {
+  package static func node(instance: UInt32, index: Int32) -> UInt64 {
     nodeTag | UInt64(instance) << 32 | UInt64(UInt32(bitPattern: index))
   }
 
-  static func virtual(_ n: UInt64) -> UInt64 { virtualTag | n }
+  package static func virtual(_ n: UInt64) -> UInt64 { virtualTag | n }
 
-  enum Kind: Equatable {
+  package enum Kind: Equatable {
     case root
     case file(content: UInt64, executable: Bool)
     case node(instance: UInt32, index: Int32)
@@ -34,7 +34,7 @@ enum Inode {
     case invalid
   }
 
-  static func decode(_ ino: UInt64) -> Kind {
+  package static func decode(_ ino: UInt64) -> Kind {
     if ino == root { return .root }
     if ino & fileTag != 0 { return .file(content: (ino & ~fileTag) >> 1, executable: ino & 1 == 1) }
     if ino & nodeTag != 0 {

@@ -18,26 +18,27 @@ import NodeControl
 #endif
 
 /// The numbering the kernel depends on, as replayed from the journal.
-struct KernelViewState {
-  var instances: [UInt32: (namespace: UInt32, path: StorePath)] = [:]
-  var files: [UInt64: (content: ContentID, size: UInt64, path: StorePath)] = [:]
-  var views: [UInt32: StoreView] = [:]
+package struct KernelViewState {
+  package var instances: [UInt32: (namespace: UInt32, path: StorePath)] = [:]
+  package var files: [UInt64: (content: ContentID, size: UInt64, path: StorePath)] = [:]
+  package var views: [UInt32: StoreView] = [:]
   /// How many daemons served this connection before; handle numbers start from it.
-  var generation: UInt64 = 0
+  package var generation: UInt64 = 0
+  package init() {}
 }
 
-struct KernelViewError: Error, CustomStringConvertible {
-  let path: String
-  let reason: String
-  var description: String { "kernel view \(path): \(reason)" }
+package struct KernelViewError: Error, CustomStringConvertible {
+  package let path: String
+  package let reason: String
+  package var description: String { "kernel view \(path): \(reason)" }
 }
 
-final class KernelViewJournal: @unchecked Sendable {
-  static let fileName = "kernel-view"
-  static let magic = "nixfs-kernel-view 1"
+package final class KernelViewJournal: @unchecked Sendable {
+  package static let fileName = "kernel-view"
+  package static let magic = "nixfs-kernel-view 1"
 
-  let path: String
-  let connection: String
+  package let path: String
+  package let connection: String
   private let fd: Int32
 
   private init(path: String, connection: String, fd: Int32) {
@@ -48,11 +49,11 @@ final class KernelViewJournal: @unchecked Sendable {
 
   deinit { close(fd) }
 
-  static func path(stateDir: String) -> String { (stateDir as NSString).appendingPathComponent(fileName) }
+  package static func path(stateDir: String) -> String { (stateDir as NSString).appendingPathComponent(fileName) }
 
   /// Writes a fresh journal holding `state` (empty for a new mount) and opens it for appending.
   /// Written beside and renamed into place, so a crash leaves the old one or the new one whole.
-  static func create(stateDir: String, connection: String, state: KernelViewState = .init()) throws
+  package static func create(stateDir: String, connection: String, state: KernelViewState = .init()) throws
     -> KernelViewJournal
   {
     let path = path(stateDir: stateDir)
@@ -75,7 +76,7 @@ final class KernelViewJournal: @unchecked Sendable {
   }
 
   /// Replays the journal of `connection`. A torn last record (a crash mid-write) is ignored.
-  static func load(stateDir: String, connection: String, storeDir: String) throws -> KernelViewState {
+  package static func load(stateDir: String, connection: String, storeDir: String) throws -> KernelViewState {
     let path = path(stateDir: stateDir)
     guard let data = FileManager.default.contents(atPath: path) else {
       throw KernelViewError(path: path, reason: "missing (the state directory is not the one this mount was made with)")
@@ -126,51 +127,51 @@ final class KernelViewJournal: @unchecked Sendable {
     return state
   }
 
-  struct ViewRecord: Codable {
+  package struct ViewRecord: Codable {
     let id: String
     let closure: [String]
     let result: String
   }
 
-  func instance(_ id: UInt32, namespace: UInt32, path: StorePath) {
+  package func instance(_ id: UInt32, namespace: UInt32, path: StorePath) {
     append(Self.record(instance: id, namespace: namespace, path: path))
   }
 
-  func file(_ number: UInt64, content: ContentID, size: UInt64, path: StorePath) {
+  package func file(_ number: UInt64, content: ContentID, size: UInt64, path: StorePath) {
     append(Self.record(file: number, content: content, size: size, path: path))
   }
 
-  func view(_ number: UInt32, _ view: StoreView) { append(Self.record(view: number, view)) }
+  package func view(_ number: UInt32, _ view: StoreView) { append(Self.record(view: number, view)) }
 
-  func viewRemoved(_ number: UInt32) { append(Self.frame("R", number.le)) }
+  package func viewRemoved(_ number: UInt32) { append(Self.frame("R", number.le)) }
 
   private func append(_ record: [UInt8]) {
     // Best effort: a full disk costs the successor's knowledge of this number, not this read.
     _ = writeAll(fd, record)
   }
 
-  static func record(instance id: UInt32, namespace: UInt32, path: StorePath) -> [UInt8] {
+  package static func record(instance id: UInt32, namespace: UInt32, path: StorePath) -> [UInt8] {
     frame("I", id.le + namespace.le + Array(path.baseName.utf8))
   }
 
-  static func record(file number: UInt64, content: ContentID, size: UInt64, path: StorePath) -> [UInt8] {
+  package static func record(file number: UInt64, content: ContentID, size: UInt64, path: StorePath) -> [UInt8] {
     frame("F", number.le + content.bytes + size.le + Array(path.baseName.utf8))
   }
 
-  static func record(view number: UInt32, _ view: StoreView) -> [UInt8] {
+  package static func record(view number: UInt32, _ view: StoreView) -> [UInt8] {
     let v = ViewRecord(id: view.id, closure: view.closure.map(\.baseName), result: view.result.baseName)
     return frame("V", number.le + [UInt8]((try? JSONEncoder().encode(v)) ?? Data()))
   }
 
-  static func frame(_ kind: Unicode.Scalar, _ body: [UInt8]) -> [UInt8] {
+  package static func frame(_ kind: Unicode.Scalar, _ body: [UInt8]) -> [UInt8] {
     [UInt8(ascii: kind)] + UInt32(body.count).le + body
   }
 }
 
 extension FixedWidthInteger {
-  var le: [UInt8] { withUnsafeBytes(of: self.littleEndian) { Array($0) } }
+  package var le: [UInt8] { withUnsafeBytes(of: self.littleEndian) { Array($0) } }
 
-  init(le bytes: [UInt8], at offset: Int) {
+  package init(le bytes: [UInt8], at offset: Int) {
     var v = Self.zero
     for i in 0..<MemoryLayout<Self>.size { v |= Self(bytes[offset + i]) << (8 * i) }
     self = v

@@ -5,35 +5,35 @@ import Foundation
 /// What the daemon exports (`--metrics-listen`), through swift-metrics so the backend is the
 /// executable's choice (Prometheus). Counters are created once: the hot path only increments.
 public final class FSMetrics: Sendable {
-  static let operations = ["lookup", "getattr", "readlink", "open", "read", "opendir", "readdir", "statfs"]
-  let requests: [String: Counter]
-  let bytesServed = Counter(label: "nixfs_served_bytes_total")
-  let pathsFetched = Counter(label: "nixfs_paths_fetched_total")
+  package static let operations = ["lookup", "getattr", "readlink", "open", "read", "opendir", "readdir", "statfs"]
+  package let requests: [String: Counter]
+  package let bytesServed = Counter(label: "nixfs_served_bytes_total")
+  package let pathsFetched = Counter(label: "nixfs_paths_fetched_total")
   /// Uncompressed NAR bytes ingested, and compressed bytes downloaded for them.
-  static let narBytesFetched = Counter(label: "nixfs_nar_fetched_bytes_total")
-  static let downloadBytes = Counter(label: "nixfs_download_bytes_total")
+  package static let narBytesFetched = Counter(label: "nixfs_nar_fetched_bytes_total")
+  package static let downloadBytes = Counter(label: "nixfs_download_bytes_total")
   /// Chunk-lazy paths: materialised from a verified chunk index, indexes refused (the NAR was
   /// fetched instead), chunks fetched and the bytes sent for them, chunks that did not verify.
-  static let pathsFromIndex = Counter(label: "nixfs_paths_from_chunk_index_total")
-  static let indexRefused = Counter(label: "nixfs_chunk_indexes_refused_total")
-  static let chunksFetched = Counter(label: "nixfs_chunks_fetched_total")
-  static let chunkBytesFetched = Counter(label: "nixfs_chunk_download_bytes_total")
-  static let chunksRejected = Counter(label: "nixfs_chunks_rejected_total")
+  package static let pathsFromIndex = Counter(label: "nixfs_paths_from_chunk_index_total")
+  package static let indexRefused = Counter(label: "nixfs_chunk_indexes_refused_total")
+  package static let chunksFetched = Counter(label: "nixfs_chunks_fetched_total")
+  package static let chunkBytesFetched = Counter(label: "nixfs_chunk_download_bytes_total")
+  package static let chunksRejected = Counter(label: "nixfs_chunks_rejected_total")
   /// The store against its budget, read at each scrape (`Daemon.refreshGauges`).
-  static let storeBytes = Gauge(label: "nixfs_store_bytes")
-  static let budgetBytes = Gauge(label: "nixfs_store_budget_bytes")
-  static let pinnedPaths = Gauge(label: "nixfs_pinned_paths")
-  static let partialPaths = Gauge(label: "nixfs_partial_paths")
-  static let buildInfo = Gauge(
+  package static let storeBytes = Gauge(label: "nixfs_store_bytes")
+  package static let budgetBytes = Gauge(label: "nixfs_store_budget_bytes")
+  package static let pinnedPaths = Gauge(label: "nixfs_pinned_paths")
+  package static let partialPaths = Gauge(label: "nixfs_partial_paths")
+  package static let buildInfo = Gauge(
     label: "nixfs_build_info", dimensions: [("version", NixFSVersion.string), ("commit", NixFSVersion.commit)])
-  let fetchSeconds = Timer(label: "nixfs_fetch_duration_seconds")
+  package let fetchSeconds = Timer(label: "nixfs_fetch_duration_seconds")
   /// Store path resolutions: served from the local store, or fetched first.
-  let localHits = Counter(label: "nixfs_store_path_resolutions_total", dimensions: [("result", "local")])
-  let fetchedMisses = Counter(label: "nixfs_store_path_resolutions_total", dimensions: [("result", "fetched")])
-  let errorCounters: [String: Counter]
-  let inflight = Meter(label: "nixfs_fetches_in_flight")
+  package let localHits = Counter(label: "nixfs_store_path_resolutions_total", dimensions: [("result", "local")])
+  package let fetchedMisses = Counter(label: "nixfs_store_path_resolutions_total", dimensions: [("result", "fetched")])
+  package let errorCounters: [String: Counter]
+  package let inflight = Meter(label: "nixfs_fetches_in_flight")
 
-  static let causes = ["not_found", "fetch", "read", "index", "stale", "client"]
+  package static let causes = ["not_found", "fetch", "read", "index", "stale", "client"]
 
   /// `# HELP` text for every series above, for the exporter (swift-metrics carries none).
   public static let help: [String: String] = [
@@ -58,7 +58,7 @@ public final class FSMetrics: Sendable {
     "nixfs_fetches_in_flight": "store path fetches running now",
   ]
 
-  init() {
+  package init() {
     // Static series are created on first use: touch them so every series is there from the start.
     _ = [Self.narBytesFetched, Self.downloadBytes, Self.pathsFromIndex, Self.indexRefused, Self.chunksFetched, Self.chunkBytesFetched, Self.chunksRejected]
     _ = [Self.storeBytes, Self.budgetBytes, Self.pinnedPaths, Self.partialPaths, Self.buildInfo]
@@ -70,6 +70,6 @@ public final class FSMetrics: Sendable {
     errorCounters = e
   }
 
-  func request(_ op: String) { requests[op]?.increment() }
-  func error(_ cause: String) { errorCounters[cause]?.increment() }
+  package func request(_ op: String) { requests[op]?.increment() }
+  package func error(_ cause: String) { errorCounters[cause]?.increment() }
 }

@@ -7,14 +7,14 @@ import NixFormats
 #endif
 
 /// A directory listing entry: name, inode (for d_ino) and type bits.
-struct DirectoryEntry {
-  let name: [UInt8]
-  let ino: UInt64
-  let mode: mode_t
+package struct DirectoryEntry {
+  package let name: [UInt8]
+  package let ino: UInt64
+  package let mode: mode_t
 }
 
 extension StoreFileSystem {
-  enum VirtualNode {
+  package enum VirtualNode {
     case viewsDir
     case viewDir(UInt32)
     case viewStore(UInt32)
@@ -48,15 +48,15 @@ extension StoreFileSystem {
     var ino: UInt64 { Inode.virtual(number) }
   }
 
-  func view(number: UInt32) -> RegisteredView? {
+  package func view(number: UInt32) -> RegisteredView? {
     state.withLock { s in s.viewNumbers[number].flatMap { s.views[$0] } }
   }
 
-  func resultTarget(_ v: RegisteredView) -> [UInt8] {
+  package func resultTarget(_ v: RegisteredView) -> [UInt8] {
     Array("\(options.storeDir)/\(v.view.result.baseName)".utf8)
   }
 
-  func virtualAttributes(_ node: VirtualNode) -> stat? {
+  package func virtualAttributes(_ node: VirtualNode) -> stat? {
     switch node {
     case .viewsDir: return directoryAttributes(ino: node.ino)
     case .viewDir(let v), .viewStore(let v), .viewVar(let v):
@@ -67,12 +67,12 @@ extension StoreFileSystem {
     }
   }
 
-  func storePath(_ name: UnsafeRawBufferPointer) -> StorePath? {
+  package func storePath(_ name: UnsafeRawBufferPointer) -> StorePath? {
     try? StorePath(baseName: String(decoding: name, as: UTF8.self), storeDir: options.storeDir)
   }
 
   /// Replies with the root of `path` as seen in `namespace`, materialising it if needed.
-  func resolve(_ req: any Replier, namespace: UInt32, path: StorePath) {
+  package func resolve(_ req: any Replier, namespace: UInt32, path: StorePath) {
     withTree(path, req, resolution: true) { tree in
       self.store.touch(path)
       let (ino, st) = self.entry(tree, path: path, instance: self.instance(namespace, path), index: 0)
@@ -80,7 +80,7 @@ extension StoreFileSystem {
     }
   }
 
-  func lookup(_ req: any Replier, parent: UInt64, name: UnsafeRawBufferPointer) {
+  package func lookup(_ req: any Replier, parent: UInt64, name: UnsafeRawBufferPointer) {
     count("lookup")
     switch Inode.decode(parent) {
     case .root:
@@ -119,7 +119,7 @@ extension StoreFileSystem {
     }
   }
 
-  func lookupVirtual(_ req: any Replier, _ parent: VirtualNode, name: UnsafeRawBufferPointer) {
+  package func lookupVirtual(_ req: any Replier, _ parent: VirtualNode, name: UnsafeRawBufferPointer) {
     let text = String(decoding: name, as: UTF8.self)
     var child: VirtualNode? = nil
     switch parent {
@@ -148,7 +148,7 @@ extension StoreFileSystem {
     replyEntry(req, ino: child.ino, attr: st)
   }
 
-  func getattr(_ req: any Replier, ino: UInt64) {
+  package func getattr(_ req: any Replier, ino: UInt64) {
     count("getattr")
     switch Inode.decode(ino) {
     case .root:
@@ -169,7 +169,7 @@ extension StoreFileSystem {
     }
   }
 
-  func readlink(_ req: any Replier, ino: UInt64) {
+  package func readlink(_ req: any Replier, ino: UInt64) {
     count("readlink")
     switch Inode.decode(ino) {
     case .virtual(let n):
@@ -190,7 +190,7 @@ extension StoreFileSystem {
     }
   }
 
-  func open(_ req: any Replier, ino: UInt64, flags: Int32) {
+  package func open(_ req: any Replier, ino: UInt64, flags: Int32) {
     count("open")
     if flags & O_ACCMODE != O_RDONLY { return replyError(req, EROFS, cause: "client") }
     guard let file = file(ino) else { return replyError(req, EISDIR, cause: "client") }
@@ -213,14 +213,14 @@ extension StoreFileSystem {
     req.opened(handle: handle, keepCache: true, cacheDirectory: false)
   }
 
-  func release(handle: UInt64) {
+  package func release(handle: UInt64) {
     if let path = state.withLock({ $0.openHandles.removeValue(forKey: handle) }) {
       store.unpin(path)
     }
   }
 
   /// The file behind an inode: by content, or (after a number clash) through its path's tree.
-  func file(_ ino: UInt64) -> FileInfo? {
+  package func file(_ ino: UInt64) -> FileInfo? {
     switch Inode.decode(ino) {
     case .file(let number, _):
       return state.withLock { $0.files[number] }
@@ -234,7 +234,7 @@ extension StoreFileSystem {
     }
   }
 
-  func read(_ req: any Replier, ino: UInt64, size: Int, offset: off_t) {
+  package func read(_ req: any Replier, ino: UInt64, size: Int, offset: off_t) {
     guard let file = file(ino) else {
       return replyError(req, ESTALE, cause: "stale")
     }
@@ -265,10 +265,10 @@ extension StoreFileSystem {
   }
 
   /// How far past a sequential read a partial file's chunks are fetched with it.
-  static let readAhead = 2 << 20
+  package static let readAhead = 2 << 20
 
   /// Answers a read from the store; false (nothing sent) when a chunk it needs is absent.
-  func replyRead(_ req: any Replier, _ content: ContentID, size: Int, offset: off_t) throws -> Bool {
+  package func replyRead(_ req: any Replier, _ content: ContentID, size: Int, offset: off_t) throws -> Bool {
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(size, 1), alignment: 16)
     defer { buffer.deallocate() }
     let n: Int
@@ -286,7 +286,7 @@ extension StoreFileSystem {
 
   // MARK: Directories
 
-  enum Listing {
+  package enum Listing {
     /// A directory of the mount itself (root, views): listed at opendir, kept with the handle.
     case entries([DirectoryEntry])
     /// A directory inside a store path: listed from its tree at readdir.
@@ -294,7 +294,7 @@ extension StoreFileSystem {
     case error(Int32, cause: String)
   }
 
-  func listing(_ ino: UInt64) -> Listing {
+  package func listing(_ ino: UInt64) -> Listing {
     switch Inode.decode(ino) {
     case .root:
       // What this node has or is fetching; never the caches' contents.
@@ -338,7 +338,7 @@ extension StoreFileSystem {
     }
   }
 
-  func opendir(_ req: any Replier, ino: UInt64) {
+  package func opendir(_ req: any Replier, ino: UInt64) {
     count("opendir")
     switch listing(ino) {
     case .error(let e, let cause):
@@ -357,11 +357,11 @@ extension StoreFileSystem {
     }
   }
 
-  func releaseDirectory(handle: UInt64) {
+  package func releaseDirectory(handle: UInt64) {
     _ = state.withLock { $0.dirListings.removeValue(forKey: handle) }
   }
 
-  func readdir(_ req: any Replier, ino: UInt64, size: Int, offset: off_t, handle: UInt64) {
+  package func readdir(_ req: any Replier, ino: UInt64, size: Int, offset: off_t, handle: UInt64) {
     count("readdir")
     if case .node(let instance, let index) = Inode.decode(ino) {
       guard let key = state.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
@@ -394,11 +394,11 @@ extension StoreFileSystem {
     replyListing(req, ino: ino, listing, size: size, offset: offset)
   }
 
-  func replyListing(_ req: any Replier, ino: UInt64, _ listing: [DirectoryEntry], size: Int, offset: off_t) {
+  package func replyListing(_ req: any Replier, ino: UInt64, _ listing: [DirectoryEntry], size: Int, offset: off_t) {
     req.listing(listing, directory: ino, offset: Int(offset), size: size)
   }
 
-  func statfs(_ req: any Replier) {
+  package func statfs(_ req: any Replier) {
     var vfs = statvfs()
     if statvfs(options.statfsPath, &vfs) != 0 { vfs = Glibc.statvfs() }
     vfs.f_namemax = 255

@@ -5,7 +5,7 @@
 /// How the filesystem core answers one kernel request. Exactly one method is called, once, from
 /// whichever thread finishes the request (a FUSE worker, or a task after a fetch). The FUSE
 /// adapter turns it into `fuse_reply_*`; tests record it.
-protocol Replier: Sendable {
+package protocol Replier: Sendable {
   /// A name resolved (`ino` non-zero) or known to be missing (`ino` 0), for the kernel to cache
   /// for `timeout` seconds. False when the kernel did not take it (the request was interrupted).
   @discardableResult func entry(ino: UInt64, attr: stat, timeout: Double) -> Bool

@@ -47,37 +47,35 @@ public struct StoreView: Sendable {
 public final class StoreFileSystem: @unchecked Sendable {
   public static let viewsDirName = ".views"
 
-  let store: ChunkStore
-  let materialiser: any Materialiser
-  let options: StoreFSOptions
-  let logger: Logger
-  let state: Mutex<State>
-  let metrics = FSMetrics()
-  var session: FuseSession?
-  /// What the kernel's node ids mean, for the next daemon on this connection.
-  var journal: KernelViewJournal?
-  let gate = HandoverGate()
-  let readPattern = ReadPattern()
-  let startups = StartupRecorder()
+  package let store: ChunkStore
+  package let materialiser: any Materialiser
+  package let options: StoreFSOptions
+  package let logger: Logger
+  package let state: Mutex<State>
+  package let metrics = FSMetrics()
+  /// What the kernel's node ids mean, for the next daemon on this connection (set by the mount).
+  package var journal: KernelViewJournal?
+  package let readPattern = ReadPattern()
+  package let startups = StartupRecorder()
 
-  struct InstanceKey: Hashable {
+  package struct InstanceKey: Hashable {
     let namespace: UInt32  // 0: the store directory; n: view number n
     let path: StorePath
   }
 
-  struct FileInfo {
+  package struct FileInfo {
     var content: ContentID
     var size: UInt64
     var path: StorePath
   }
 
-  struct RegisteredView {
+  package struct RegisteredView {
     let view: StoreView
     let number: UInt32
     let members: Set<StorePath>
   }
 
-  struct State {
+  package struct State {
     var instances: [UInt32: InstanceKey] = [:]
     var instanceIDs: [InstanceKey: UInt32] = [:]
     var nextInstance: UInt32 = 1
@@ -107,7 +105,7 @@ public final class StoreFileSystem: @unchecked Sendable {
   }
 
   /// Loads what the previous daemon told the kernel, so its node ids keep their meaning.
-  func restore(_ view: KernelViewState) {
+  package func restore(_ view: KernelViewState) {
     state.withLock { s in
       for (id, i) in view.instances {
         let key = InstanceKey(namespace: i.namespace, path: i.path)
@@ -165,9 +163,9 @@ public final class StoreFileSystem: @unchecked Sendable {
 
   // MARK: Trees and materialisation
 
-  func count(_ op: String) { metrics.request(op) }
+  package func count(_ op: String) { metrics.request(op) }
 
-  func cachedTree(_ path: StorePath) -> Manifest? {
+  package func cachedTree(_ path: StorePath) -> Manifest? {
     let evictions = store.evictions
     return state.withLock { s in
       // GC evicted something since the trees were cached: forget them, the index is the truth.
@@ -184,7 +182,7 @@ public final class StoreFileSystem: @unchecked Sendable {
     }
   }
 
-  func remember(_ path: StorePath, _ tree: Manifest) {
+  package func remember(_ path: StorePath, _ tree: Manifest) {
     state.withLock { s in
       s.clock += 1
       if let old = s.trees.updateValue((tree, s.clock), forKey: path) { s.treeNodes -= old.tree.nodes.count }
@@ -201,7 +199,7 @@ public final class StoreFileSystem: @unchecked Sendable {
   }
 
   /// The tree of `path` if it is here (complete, or partial: chunks come as read), without any network.
-  func localTree(_ path: StorePath) -> Manifest? {
+  package func localTree(_ path: StorePath) -> Manifest? {
     if let t = cachedTree(path) { return t }
     do {
       guard let t = try store.servableTree(of: path) else { return nil }
@@ -217,7 +215,7 @@ public final class StoreFileSystem: @unchecked Sendable {
   /// calling (FUSE worker) thread when the path is local, otherwise on a task once it is: the
   /// worker never waits for the network.
   /// `resolution` marks a store path lookup, counted in the local/fetched hit-ratio metric.
-  func withTree(
+  package func withTree(
     _ path: StorePath, _ req: any Replier, resolution: Bool = false, _ body: @escaping @Sendable (Manifest) -> Void
   ) {
     if let t = localTree(path) {
@@ -263,7 +261,7 @@ public final class StoreFileSystem: @unchecked Sendable {
 
   /// The one download of `path`: lookups and prefetches of a path in flight share it. When it
   /// ends it leaves the in-flight table (a path no cache has is remembered as missing for a while).
-  func materialisation(of path: StorePath) -> Task<Void, any Error> {
+  package func materialisation(of path: StorePath) -> Task<Void, any Error> {
     state.withLock { s -> Task<Void, any Error> in
       if let t = s.inflight[path] { return t }
       let materialiser = self.materialiser
@@ -339,14 +337,14 @@ public final class StoreFileSystem: @unchecked Sendable {
     }
   }
 
-  func finished(_ path: StorePath, negative: Bool = false) {
+  package func finished(_ path: StorePath, negative: Bool = false) {
     state.withLock { s in
       s.inflight[path] = nil
       if negative { s.negative[path] = Date().addingTimeInterval(options.negativeTimeout) }
     }
   }
 
-  func instance(_ namespace: UInt32, _ path: StorePath) -> UInt32 {
+  package func instance(_ namespace: UInt32, _ path: StorePath) -> UInt32 {
     let (id, isNew) = state.withLock { s -> (UInt32, Bool) in
       let key = InstanceKey(namespace: namespace, path: path)
       if let id = s.instanceIDs[key] { return (id, false) }
@@ -365,7 +363,7 @@ public final class StoreFileSystem: @unchecked Sendable {
 
   // MARK: Attributes
 
-  func attributes(ino: UInt64, of kind: Manifest.Kind) -> stat {
+  package func attributes(ino: UInt64, of kind: Manifest.Kind) -> stat {
     var st = stat()
     st.st_ino = UInt(ino)
     st.st_uid = 0
@@ -393,14 +391,14 @@ public final class StoreFileSystem: @unchecked Sendable {
     return st
   }
 
-  func directoryAttributes(ino: UInt64) -> stat {
+  package func directoryAttributes(ino: UInt64) -> stat {
     attributes(ino: ino, of: .directory(firstChild: 0, childCount: 0))
   }
 
   /// The inode number of a file content: 62 bits of its digest, so every copy of the same bytes
   /// anywhere in the mount is one inode. On the (astronomically rare) clash with another content
   /// the kernel still knows, the file falls back to a per-path inode: correct, just not shared.
-  func fileInode(path: StorePath, instance: UInt32, index: Int32, content: ContentID, size: UInt64, executable: Bool)
+  package func fileInode(path: StorePath, instance: UInt32, index: Int32, content: ContentID, size: UInt64, executable: Bool)
     -> UInt64
   {
     let number = Inode.fileNumber(content)
@@ -419,7 +417,7 @@ public final class StoreFileSystem: @unchecked Sendable {
   }
 
   /// The inode of node `index` of `tree` as seen through `instance`, and its attributes.
-  func entry(_ tree: Manifest, path: StorePath, instance: UInt32, index: Int32) -> (UInt64, stat) {
+  package func entry(_ tree: Manifest, path: StorePath, instance: UInt32, index: Int32) -> (UInt64, stat) {
     let kind = tree.nodes[Int(index)].kind
     let ino: UInt64
     if case .regular(let content, let size, let executable) = kind {
@@ -432,7 +430,7 @@ public final class StoreFileSystem: @unchecked Sendable {
 
   // MARK: Replies
 
-  func replyEntry(_ req: any Replier, ino: UInt64, attr: stat) {
+  package func replyEntry(_ req: any Replier, ino: UInt64, attr: stat) {
     if ino != Inode.root && Inode.decode(ino) != .invalid {
       if case .virtual = Inode.decode(ino) {} else {
         state.withLock { $0.lookups[ino, default: 0] += 1 }
@@ -445,20 +443,20 @@ public final class StoreFileSystem: @unchecked Sendable {
   }
 
   /// "No such entry", cached by the kernel for the negative timeout.
-  func replyNegative(_ req: any Replier) {
+  package func replyNegative(_ req: any Replier) {
     req.entry(ino: 0, attr: stat(), timeout: options.negativeTimeout)
   }
 
-  func replyError(_ req: any Replier, _ errno: Int32, cause: String) {
+  package func replyError(_ req: any Replier, _ errno: Int32, cause: String) {
     metrics.error(cause)
     req.error(errno)
   }
 
-  func replyAttr(_ req: any Replier, _ st: stat) {
+  package func replyAttr(_ req: any Replier, _ st: stat) {
     req.attributes(st, timeout: options.entryTimeout)
   }
 
-  func forget(_ ino: UInt64, _ n: UInt64) {
+  package func forget(_ ino: UInt64, _ n: UInt64) {
     state.withLock { s in
       guard let c = s.lookups[ino] else { return }
       if c <= n {
@@ -480,13 +478,13 @@ public final class StoreFileSystem: @unchecked Sendable {
 /// fetch ahead within the file) from the scattered reads of a program that maps its binary. Only
 /// misses are recorded: reads of chunks that are here cost nothing. Bounded: forgotten wholesale
 /// when full.
-final class ReadPattern: Sendable {
+package final class ReadPattern: Sendable {
   private let last = Mutex<[ContentID: (start: UInt64, end: UInt64, streak: Int)]>([:])
 
   /// Records a miss; true from the third miss in a row that starts after the previous one and
   /// within what it fetched (its bytes, plus `ahead` if it fetched ahead). Kernel readahead already
   /// sends the next window of a sequential read; fetching further only pays for a long stream.
-  func miss(_ content: ContentID, offset: UInt64, size: Int, ahead: Int) -> Bool {
+  package func miss(_ content: ContentID, offset: UInt64, size: Int, ahead: Int) -> Bool {
     last.withLock { m in
       // The last chunk fetched may reach up to a chunk's size past what was asked for.
       let follows = m[content].map { offset > $0.start && offset <= $0.end + (1 << 20) } ?? false
@@ -500,8 +498,8 @@ final class ReadPattern: Sendable {
 }
 
 /// Chunks pods fetch in their first seconds, per publish: what a startup profile is made of.
-final class StartupRecorder: Sendable {
-  struct Window {
+package final class StartupRecorder: Sendable {
+  package struct Window {
     let root: StorePath
     let members: Set<StorePath>
     var chunks: [ChunkRef] = []
@@ -509,9 +507,9 @@ final class StartupRecorder: Sendable {
   }
   private let state = Mutex<(next: Int, open: [Int: Window])>((0, [:]))
   /// Chunks one window records at most (a profile holds no more: `StartupProfile.limit`).
-  static let limit = 65_536
+  package static let limit = 65_536
 
-  func open(root: StorePath, members: Set<StorePath>) -> Int {
+  package func open(root: StorePath, members: Set<StorePath>) -> Int {
     state.withLock { s in
       s.next += 1
       s.open[s.next] = Window(root: root, members: members)
@@ -520,7 +518,7 @@ final class StartupRecorder: Sendable {
   }
 
   /// Chunks a read of a file of `path` had to fetch.
-  func record(_ path: StorePath, _ refs: [ChunkRef]) {
+  package func record(_ path: StorePath, _ refs: [ChunkRef]) {
     state.withLock { s in
       for (id, var w) in s.open where w.members.contains(path) && w.chunks.count < Self.limit {
         for r in refs where w.seen.insert(r.id).inserted { w.chunks.append(r) }
@@ -529,10 +527,10 @@ final class StartupRecorder: Sendable {
     }
   }
 
-  func close(_ id: Int) -> [ChunkRef] { state.withLock { $0.open.removeValue(forKey: id)?.chunks ?? [] } }
+  package func close(_ id: Int) -> [ChunkRef] { state.withLock { $0.open.removeValue(forKey: id)?.chunks ?? [] } }
 }
 
 
 extension Duration {
-  var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+  package var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

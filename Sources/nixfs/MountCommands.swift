@@ -7,6 +7,8 @@ import Logging
 import NixFormats
 import NodeControl
 import Prometheus
+import FuseMount
+import NodeDaemon
 import StoreFS
 import Synchronization
 

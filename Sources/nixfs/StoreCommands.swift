@@ -3,6 +3,8 @@ import ChunkStore
 import Foundation
 import NixFormats
 import NodeControl
+import FuseMount
+import NodeDaemon
 import StoreFS
 
 #if canImport(Glibc)

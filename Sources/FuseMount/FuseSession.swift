@@ -1,5 +1,6 @@
 import CFuse3
 import Foundation
+import StoreFS
 import Logging
 import NodeControl
 

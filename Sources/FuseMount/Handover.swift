@@ -1,4 +1,5 @@
 import Foundation
+import StoreFS
 import NodeControl
 
 #if canImport(Glibc)

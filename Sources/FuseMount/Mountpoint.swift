@@ -1,4 +1,5 @@
 import Foundation
+import StoreFS
 import Logging
 import NodeControl
 

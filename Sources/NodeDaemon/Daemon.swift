@@ -2,9 +2,11 @@ import BinaryCache
 import ChunkStore
 import Crypto
 import Foundation
+import FuseMount
 import Logging
 import NixFormats
 import NodeControl
+import StoreFS
 import Synchronization
 
 #if canImport(Glibc)
@@ -73,6 +75,7 @@ public final class Daemon: Sendable {
   let cache: BinaryCacheClient
   let store: ChunkStore
   public let filesystem: StoreFileSystem
+  let mount: FuseMount
   let logger: Logger
   /// The settings in effect and where each came from, for `nixfs status`.
   public let settings: [DaemonStatus.Setting]
@@ -93,6 +96,7 @@ public final class Daemon: Sendable {
       store: store, materialiser: Substitution(cache: cache, store: store, useChunkIndex: options.useChunkIndex, logger: logger),
       options: options,
       logger: logger)
+    mount = FuseMount(filesystem)
   }
 
   public var controlSocket: String { ControlSocket.path(stateDir: stateDir) }
@@ -112,7 +116,7 @@ public final class Daemon: Sendable {
     }
     defer { control.stop() }
     let holding = KeeperHolding(socket: keeper, logger: logger)
-    let outcome = try filesystem.serve(
+    let outcome = try mount.serve(
       at: mountpoint, source: source, stateDir: stateDir, keepMountOnSignal: keeper != nil
     ) { record, fd in
       holding.start(record, fd)
@@ -135,11 +139,11 @@ public final class Daemon: Sendable {
     guard (mountpoint as NSString).standardizingPath == self.mountpoint else {
       return ControlReply(.failed(.invalidArgument, "the daemon of state directory \(stateDir) serves \(self.mountpoint), not \(mountpoint); it keeps serving"))
     }
-    guard let (handover, fd) = filesystem.handOver() else {
+    guard let (handover, fd) = mount.handOver() else {
       return ControlReply(.failed(.unavailable, "the running daemon could not stop serving in time; it keeps serving"))
     }
-    return ControlReply(ControlResponse(handover: handover), descriptor: fd) { [filesystem] sent in
-      filesystem.finishHandover(succeeded: sent)
+    return ControlReply(ControlResponse(handover: handover), descriptor: fd) { [mount] sent in
+      mount.finishHandover(succeeded: sent)
     }
   }
 

@@ -1,6 +1,7 @@
 import CFuse3
 import ChunkStore
 import Foundation
+import StoreFS
 import Logging
 import NixFormats
 import NodeControl
@@ -201,8 +202,17 @@ extension StoreFileSystem {
 }
 
 
-extension StoreFileSystem {
-  // MARK: Mounting
+/// The filesystem mounted: one FUSE session at a time, and the takeover of its connection.
+public final class FuseMount: @unchecked Sendable {
+  public let filesystem: StoreFileSystem
+  /// Set and cleared by the serving thread; read by `handOver` from the control socket's.
+  var session: FuseSession?
+  let gate = HandoverGate()
+
+  public init(_ filesystem: StoreFileSystem) { self.filesystem = filesystem }
+
+  var options: StoreFSOptions { filesystem.options }
+  var logger: Logger { filesystem.logger }
 
   /// The session options: read-only, nosuid, nodev (the store is immutable and never setuid).
   var sessionOptions: [String] {
@@ -227,10 +237,10 @@ extension StoreFileSystem {
     case .fresh:
       try Mountpoint.prepare(mountpoint, allowNonEmpty: options.allowNonEmpty, logger: logger)
       connection = UUID().uuidString.lowercased()
-      journal = try KernelViewJournal.create(stateDir: stateDir, connection: connection)
+      filesystem.journal = try KernelViewJournal.create(stateDir: stateDir, connection: connection)
       s = try FuseSession(
-        mountpoint: mountpoint, options: sessionOptions, operations: Self.operations,
-        userdata: Unmanaged.passUnretained(self).toOpaque())
+        mountpoint: mountpoint, options: sessionOptions, operations: StoreFileSystem.operations,
+        userdata: Unmanaged.passUnretained(filesystem).toOpaque())
       logger.info("mounted", metadata: ["mountpoint": "\(mountpoint)", "connection": "\(connection)"])
     case .adopted(let handover, let fd):
       connection = handover.connection
@@ -242,11 +252,11 @@ extension StoreFileSystem {
         logger.error("cannot replay the kernel view", metadata: ["error": "\(error)"])
       }
       view.generation += 1
-      restore(view)
-      journal = try KernelViewJournal.create(stateDir: stateDir, connection: connection, state: view)
+      filesystem.restore(view)
+      filesystem.journal = try KernelViewJournal.create(stateDir: stateDir, connection: connection, state: view)
       s = try FuseSession(
         adopting: fd, initRequest: [UInt8](handover.initRequest), mountpoint: mountpoint, options: sessionOptions,
-        operations: Self.operations, userdata: Unmanaged.passUnretained(self).toOpaque())
+        operations: StoreFileSystem.operations, userdata: Unmanaged.passUnretained(filesystem).toOpaque())
       if let why = s.resendUnanswered() {
         logger.warning(
           "the kernel cannot resend requests the previous daemon left unanswered (needs Linux 6.9+); they stay blocked",
@@ -305,7 +315,7 @@ extension StoreFileSystem {
   /// rest, and returns the connection's record and descriptor. Then `finishHandover` says whether
   /// the successor got them (else this daemon serves on).
   public func handOver(timeout: Double = 10) -> (Handover, Int32)? {
-    guard let s = session, let journal else { return nil }
+    guard let s = session, let journal = filesystem.journal else { return nil }
     guard gate.stop(timeout: timeout, { s.stop() }) else {
       s.resume()
       return nil

@@ -1,0 +1,239 @@
+import BinaryCache
+import ChunkStore
+import Foundation
+import Logging
+import NixFormats
+import StoreFS
+import Synchronization
+
+/// The real materialiser: narinfo (signature checked) from the caches; then the path's chunk
+/// index when its substituter offers one signed by a trusted key, else the NAR streamed through
+/// the decompressor into a chunk-store ingest, committed only once its NarHash verified.
+public final class Substitution: Materialiser, Sendable {
+  public let cache: BinaryCacheClient
+  public let store: ChunkStore
+  let logger: Logger
+  /// Use chunk indexes where offered (`--no-chunk-index` turns it off).
+  let useChunkIndex: Bool
+  let chunks: ChunkFetcher
+
+  public init(cache: BinaryCacheClient, store: ChunkStore, useChunkIndex: Bool = true, logger: Logger) {
+    self.cache = cache
+    self.store = store
+    self.useChunkIndex = useChunkIndex
+    self.logger = logger
+    chunks = ChunkFetcher(cache: cache, store: store, logger: logger)
+  }
+
+  public func materialise(_ path: StorePath, whole: Bool = false) async throws {
+    if store.isComplete(path) { return }
+    if store.isPartial(path) {
+      if whole { try await complete(path) }
+      return
+    }
+    let info: CachedPathInfo
+    do {
+      info = try await cache.narInfo(for: path)
+    } catch {
+      if case .notFound = error { throw MaterialiseFailure.notFound("\(error)") }
+      throw MaterialiseFailure.failed("\(error)")
+    }
+    if await registerFromIndex(info) {
+      if whole { try await complete(path) }
+      return
+    }
+    do throws(IngestFailure) {
+      _ = try await store.ingest(PathInfo(info.info)) { ingest in try await cache.fetchNAR(info, into: ingest) }
+    } catch {
+      throw MaterialiseFailure.failed("\(error)")
+    }
+    FSMetrics.narBytesFetched.increment(by: Int64(info.info.narSize))
+    FSMetrics.downloadBytes.increment(by: Int64(info.info.fileSize ?? info.info.narSize))
+  }
+
+  /// The path's chunk index, checked against the trusted keys and the narinfo; nil (and the
+  /// whole NAR is fetched) when there is none or it does not verify.
+  func verifiedIndex(_ info: CachedPathInfo) async -> Manifest? {
+    guard info.substituter.chunkIndex != nil else { return nil }
+    do {
+      guard let document = try await cache.chunkIndexDocument(for: info) else { return nil }
+      return try ChunkIndex.verify(document, trusting: cache.trustedKeys, for: info.info)
+    } catch {
+      FSMetrics.indexRefused.increment()
+      logger.warning(
+        "chunk index not used; fetching the whole NAR",
+        metadata: ["path": "\(info.info.storePath)", "substituter": "\(info.substituter)", "error": "\(error)"])
+      return nil
+    }
+  }
+
+  /// Fetches what a partial path lacks, then makes it complete (its NarHash checked).
+  func complete(_ path: StorePath) async throws {
+    do {
+      try await fetchChunks(try store.absentChunks(of: path))
+      try await blockingWork { [store] in try store.completePartial(path) }
+    } catch let e as MaterialiseFailure {
+      throw e
+    } catch {
+      throw MaterialiseFailure.failed("\(path): \(error)")
+    }
+  }
+
+  public func fetchChunks(_ refs: [ChunkRef]) async throws { try await chunks.fetch(refs) }
+
+  public func startupProfile(of root: StorePath) async -> [ChunkRef] {
+    guard useChunkIndex, let source = await cache.chunkSources().first,
+      let profile = await cache.startupProfile(of: root, from: source)
+    else { return [] }
+    return profile.entries.prefix(StartupProfile.limit).compactMap { e in
+      ChunkID(hex: e.hex).map { ChunkRef(id: $0, size: UInt32(clamping: e.size)) }
+    }
+  }
+
+  public func reportStartupProfile(_ refs: [ChunkRef], of root: StorePath) async {
+    guard let source = await cache.chunkSources().first else { return }
+    let profile = StartupProfile(chunks: refs.prefix(StartupProfile.limit).map { ($0.id.hex, Int($0.size)) })
+    do {
+      try await cache.sendStartupProfile(profile, of: root, to: source)
+      logger.info("startup profile reported", metadata: ["path": "\(root)", "chunks": "\(refs.count)"])
+    } catch {
+      logger.warning("cannot report a startup profile", metadata: ["path": "\(root)", "error": "\(error)"])
+    }
+  }
+
+  public func materialiseFromIndex(_ path: StorePath) async -> Bool {
+    if store.isComplete(path) || store.isPartial(path) { return true }
+    guard let info = try? await cache.narInfo(for: path) else { return false }
+    return await registerFromIndex(info)
+  }
+
+  /// Registers the path partial from its verified chunk index; false (the caller fetches the
+  /// whole NAR, or leaves the path for later) when there is none or the store refuses it.
+  func registerFromIndex(_ info: CachedPathInfo) async -> Bool {
+    guard useChunkIndex, let manifest = await verifiedIndex(info) else { return false }
+    do {
+      try store.registerPartial(manifest)
+    } catch {
+      FSMetrics.indexRefused.increment()
+      logger.warning(
+        "chunk index not used; fetching the whole NAR", metadata: ["path": "\(info.info.storePath)", "error": "\(error)"])
+      return false
+    }
+    FSMetrics.pathsFromIndex.increment()
+    logger.debug(
+      "materialised from the chunk index", metadata: ["path": "\(info.info.storePath)", "substituter": "\(info.substituter)"])
+    return true
+  }
+
+  /// Where a `fetchClosure` is: paths and NAR bytes done of those it has to fetch, and the path
+  /// that just completed (nil for the first report).
+  public struct Progress: Sendable {
+    public var pathsDone = 0
+    public var pathsTotal = 0
+    public var bytesDone: UInt64 = 0
+    public var bytesTotal: UInt64 = 0
+    public var completed: StorePath?
+  }
+
+  /// Materialises the closures of `roots` eagerly and whole (`nixfs fetch`), `parallel` paths at a
+  /// time; `progress` hears of the start and of every path done.
+  public func fetchClosure(
+    of roots: [StorePath], parallel: Int = 4, progress: (@Sendable (Progress) -> Void)? = nil
+  ) async throws -> (paths: Int, fetched: Int, narBytes: UInt64) {
+    let closure = try await cache.closure(of: roots)
+    let missing = closure.keys.filter { !store.isComplete($0) }.sorted()
+    let state = Mutex(Progress(pathsTotal: missing.count, bytesTotal: missing.reduce(0) { $0 + (closure[$1]?.info.narSize ?? 0) }))
+    progress?(state.withLock { $0 })
+    try await inParallel(missing, limit: parallel) { p in
+      try await self.materialise(p, whole: true)
+      let now = state.withLock { s -> Progress in
+        s.pathsDone += 1
+        s.bytesDone += closure[p]?.info.narSize ?? 0
+        s.completed = p
+        return s
+      }
+      progress?(now)
+    }
+    let fetched = missing.count
+    let bytes = missing.reduce(UInt64(0)) { $0 + (closure[$1]?.info.narSize ?? 0) }
+    return (closure.count, fetched, bytes)
+  }
+}
+
+/// Why a chunk could not be had: every source failed, or sent other bytes twice.
+public struct ChunkFetchFailure: Error, Sendable, CustomStringConvertible {
+  public let chunk: ChunkID
+  public let reason: String
+  public var description: String { "chunk \(chunk): \(reason)" }
+}
+
+/// Fetches chunks by digest from the substituters that offer them, one request per chunk however
+/// many readers wait for it, each checked by the chunk store before it is used or kept.
+final class ChunkFetcher: Sendable {
+  let cache: BinaryCacheClient
+  let store: ChunkStore
+  let logger: Logger
+  private let inflight = Mutex<[ChunkID: Task<Void, any Error>]>([:])
+
+  init(cache: BinaryCacheClient, store: ChunkStore, logger: Logger) {
+    self.cache = cache
+    self.store = store
+    self.logger = logger
+  }
+
+  /// Returns once every chunk is in the store (or arriving there); throws the first failure.
+  func fetch(_ refs: [ChunkRef]) async throws {
+    let tasks = refs.map { task($0) }
+    var failure: (any Error)?
+    for t in tasks {
+      do { try await t.value } catch { failure = failure ?? error }
+    }
+    if let failure { throw failure }
+  }
+
+  private func task(_ ref: ChunkRef) -> Task<Void, any Error> {
+    inflight.withLock { table in
+      if let t = table[ref.id] { return t }
+      // Its end takes the lock, held here until the task is in the table.
+      let t = Task<Void, any Error> {
+        defer { _ = self.inflight.withLock { $0.removeValue(forKey: ref.id) } }
+        try await self.fetchOne(ref)
+      }
+      table[ref.id] = t
+      return t
+    }
+  }
+
+  /// From each source in turn; bytes that are not the chunk are fetched once more, then refused.
+  private func fetchOne(_ ref: ChunkRef) async throws {
+    let sources = await cache.chunkSources()
+    var problems: [String] = []
+    var rejected = 0
+    for attempt in 0..<2 {
+      for source in sources {
+        do {
+          guard let got = try await cache.fetchChunk(ref.id.hex, size: Int(ref.size), from: source) else {
+            if attempt == 0 { problems.append("\(source): not there") }
+            continue
+          }
+          try store.accept(ref.id, size: Int(ref.size), zstd: got.zstd, bytes: got.bytes, source: got.url)
+          FSMetrics.chunksFetched.increment()
+          FSMetrics.chunkBytesFetched.increment(by: Int64(got.bytes.count))
+          return
+        } catch let e as ChunkStoreError {
+          guard case .chunkRejected = e else { throw e }
+          FSMetrics.chunksRejected.increment()
+          logger.warning("a fetched chunk did not verify", metadata: ["error": "\(e)"])
+          problems.append("\(e)")
+          rejected += 1
+          if rejected >= 2 { throw ChunkFetchFailure(chunk: ref.id, reason: problems.joined(separator: "; ")) }
+        } catch {
+          problems.append("\(error)")
+        }
+      }
+      if rejected == 0 { break }
+    }
+    throw ChunkFetchFailure(
+      chunk: ref.id, reason: sources.isEmpty ? "no substituter offers chunks" : problems.joined(separator: "; "))
+  }
+}
