@@ -61,3 +61,11 @@ func bootstrapLogging(level: String, label: String, format: LogFormat = .text) -
   }
   return Logger(label: label)
 }
+
+/// An unknown level is an error, not a silent `info`.
+func checkLogLevel(_ level: String) throws {
+  guard Logger.Level(rawValue: level) != nil else {
+    throw ValidationError(
+      "--log-level \(level): expected one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
+  }
+}
