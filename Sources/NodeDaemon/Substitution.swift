@@ -35,8 +35,8 @@ public final class Substitution: Materialiser, Sendable {
     do {
       info = try await cache.narInfo(for: path)
     } catch {
-      if case .notFound = error { throw MaterialiseFailure.notFound("\(error)") }
-      throw MaterialiseFailure.failed("\(error)")
+      if case .notFound = error { throw MaterialiseFailure.notFound(path, cause: error) }
+      throw MaterialiseFailure.failed(path, cause: error)
     }
     if await registerFromIndex(info) {
       if whole { try await complete(path) }
@@ -45,7 +45,7 @@ public final class Substitution: Materialiser, Sendable {
     do throws(IngestFailure) {
       _ = try await store.ingest(PathInfo(info.info)) { ingest in try await cache.fetchNAR(info, into: ingest) }
     } catch {
-      throw MaterialiseFailure.failed("\(error)")
+      throw MaterialiseFailure.failed(path, cause: error)
     }
     FSMetrics.narBytesFetched.increment(by: Int64(info.info.narSize))
     FSMetrics.downloadBytes.increment(by: Int64(info.info.fileSize ?? info.info.narSize))
@@ -75,7 +75,7 @@ public final class Substitution: Materialiser, Sendable {
     } catch let e as MaterialiseFailure {
       throw e
     } catch {
-      throw MaterialiseFailure.failed("\(path): \(error)")
+      throw MaterialiseFailure.failed(path, cause: error)
     }
   }
 

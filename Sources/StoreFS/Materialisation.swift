@@ -95,7 +95,7 @@ extension StoreFileSystem {
         self.logger.info(
           "materialised", metadata: ["path": "\(path)", "seconds": "\((ContinuousClock.now - start).seconds)"])
         body(t)
-      } catch MaterialiseFailure.notFound(let why) {
+      } catch MaterialiseFailure.notFound(_, let why) {
         self.logger.info("not in any cache", metadata: ["path": "\(path)", "reason": "\(why)"])
         self.metrics.error("not_found")
         self.replyNegative(req)

@@ -4,16 +4,24 @@ import Logging
 import NixFormats
 import Synchronization
 
-/// Why a path could not be materialised, as the filesystem reports it to the kernel.
+/// Why a path could not be materialised, as the filesystem reports it to the kernel. The cause
+/// stays typed (a `CacheError`, an `IngestFailure`, ...) until the log line that shows it.
 public enum MaterialiseFailure: Error, Sendable, CustomStringConvertible {
-  /// No cache has it (ENOENT; cached negatively).
-  case notFound(String)
-  /// Anything else: untrusted, hash mismatch, unreachable, stalled (EIO; not cached).
-  case failed(String)
+  /// No cache has it (ENOENT; remembered for a while). The cause says which caches were asked.
+  case notFound(StorePath, cause: any Error)
+  /// Anything else: untrusted, hash mismatch, unreachable, stalled, the store (EIO; not remembered).
+  case failed(StorePath, cause: any Error)
+  /// A read's chunks were still absent after they were fetched (a source that does not deliver).
+  case chunksStillAbsent(StorePath)
 
   public var description: String {
     switch self {
-    case .notFound(let s), .failed(let s): s
+    case .notFound(_, let cause): return "\(cause)"
+    case .failed(let path, let cause):
+      // Name the path once: most causes already do.
+      let text = "\(cause)"
+      return text.contains(path.path) ? text : "\(path): \(text)"
+    case .chunksStillAbsent(let path): return "\(path): its chunks are still absent after fetching them"
     }
   }
 }

@@ -254,7 +254,7 @@ extension StoreFileSystem {
           try await self.materialiser.fetchChunks(refs)
           if try self.replyRead(req, file.content, size: size, offset: offset) { return }
         }
-        throw MaterialiseFailure.failed("its chunks are still absent after fetching them")
+        throw MaterialiseFailure.chunksStillAbsent(file.path)
       } catch {
         self.logger.error(
           "cannot fetch the chunks of a read",

@@ -85,21 +85,21 @@ import TestSupport
         try store.registerPartial(manifest)
         return
       }
-      guard let (info, nar) = nars[path] else { throw MaterialiseFailure.notFound("\(path): in no cache") }
+      guard let (info, nar) = nars[path] else { throw MaterialiseFailure.notFound(path, cause: FakeFailure("\(path): in no cache")) }
       let ingest = try store.ingest(info)
       try ingest.feed(nar)
       _ = try ingest.commit()
     }
 
     func fetchChunks(_ refs: [ChunkRef]) async throws {
-      guard let source = chunkSource else { throw MaterialiseFailure.failed("no chunk source") }
+      guard let source = chunkSource else { throw FakeFailure("no chunk source") }
       for ref in refs {
         let sent = try source.withStoredChunk(ref.id) { chunk, read -> (Bool, [UInt8]) in
           var bytes = [UInt8](repeating: 0, count: chunk.storedSize)
           try bytes.withUnsafeMutableBytes { try read($0) }
           return (chunk.zstd, bytes)
         }
-        guard let sent else { throw MaterialiseFailure.failed("chunk \(ref.id) not at the source") }
+        guard let sent else { throw FakeFailure("chunk \(ref.id) not at the source") }
         try store.accept(ref.id, size: Int(ref.size), zstd: sent.0, bytes: sent.1, source: "test")
         counts.withLock {
           $0.chunks += 1
@@ -242,4 +242,10 @@ import TestSupport
     s.fs.read(failing, ino: bigIno, size: 4096, offset: 0)
     #expect(await failing.reply() == .error(EIO))
   }
+}
+
+/// What the fake materialiser throws: a reason, as a real cause would say it.
+struct FakeFailure: Error, CustomStringConvertible {
+  let description: String
+  init(_ description: String) { self.description = description }
 }
