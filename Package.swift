@@ -46,6 +46,9 @@ let package = Package(
     .plugin(name: "BuildInfoPlugin", capability: .buildTool()),
     .target(name: "BuildInfo", plugins: ["BuildInfoPlugin"]),
 
+    // System calls: the one EINTR loop, and errors that name the call.
+    .target(name: "SystemCalls", swiftSettings: strict),
+
     // Nix formats: NAR, narinfo, Nix32, store paths, signatures. Pure, no I/O.
     .target(
       name: "NixFormats",
@@ -76,7 +79,7 @@ let package = Package(
     // the handover record and the keeper, signals. Shared by the daemon and the CSI plugin.
     .target(
       name: "NodeControl",
-      dependencies: ["CUnix", .product(name: "Logging", package: "swift-log")],
+      dependencies: ["CUnix", "SystemCalls", .product(name: "Logging", package: "swift-log")],
       swiftSettings: strict),
 
     // The filesystem core, FUSE-free: inodes, trees, views, the negative cache, fetch
@@ -147,6 +150,7 @@ let package = Package(
       name: "nixfs",
       dependencies: [
         "NixFormats", "BinaryCache", "ChunkStore", "StoreFS", "FuseMount", "NodeDaemon", "NodeControl", "CSINode", "NixServe",
+        "SystemCalls",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Hummingbird", package: "hummingbird"),
         .product(name: "Logging", package: "swift-log"),

@@ -1,5 +1,6 @@
 import CUnix
 import Foundation
+import SystemCalls
 #if canImport(Glibc)
   import Glibc
 #endif
@@ -73,11 +74,8 @@ public final class LineServer<Request: Decodable & Sendable, Response: Encodable
 
   func acceptLoop() {
     while true {
-      let client = nixfs_accept_cloexec(fd)
-      if client < 0 {
-        if errno == EINTR { continue }
-        return  // closed
-      }
+      // Fails once the socket is closed: the server stopped.
+      guard let client = try? systemCall("accept4", { nixfs_accept_cloexec(fd) }) else { return }
       let t = Thread { [self] in serve(client) }
       t.start()
     }

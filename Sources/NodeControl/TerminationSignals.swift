@@ -1,4 +1,5 @@
 import Foundation
+import SystemCalls
 
 #if canImport(Glibc)
   import Glibc
@@ -29,7 +30,7 @@ public enum TerminationSignals {
     let readEnd = fds[0]
     let watcher = Thread {
       var b: UInt8 = 0
-      while read(readEnd, &b, 1) < 0 && errno == EINTR {}
+      _ = try? systemCall("read") { read(readEnd, &b, 1) }
       action()
     }
     watcher.name = "nixfs-signals"

@@ -1,5 +1,6 @@
 import CUnix
 import Foundation
+import SystemCalls
 
 #if canImport(Glibc)
   import Glibc
@@ -20,16 +21,11 @@ func unixAddress(_ path: String) throws -> sockaddr_un {
   return addr
 }
 
-/// Writes all of `data`, retrying on EINTR; false on an error or a closed peer.
+/// Writes all of `data`; false on an error or a closed peer.
 public func writeAll(_ fd: Int32, _ data: some ContiguousBytes) -> Bool {
   data.withUnsafeBytes { buf in
-    var off = 0
-    while off < buf.count {
-      let n = write(fd, buf.baseAddress! + off, buf.count - off)
-      if n < 0 && errno == EINTR { continue }
-      if n <= 0 { return false }
-      off += n
-    }
+    guard let base = buf.baseAddress else { return true }
+    do { try SystemCalls.writeAll(fd, base, buf.count) } catch { return false }
     return true
   }
 }
@@ -51,11 +47,11 @@ struct LineReader {
       }
       var chunk = [UInt8](repeating: 0, count: 65536)
       var received: Int32 = -1
+      // The shim retries recvmsg on EINTR itself.
       let n = nixfs_recv_with_fd(fd, &chunk, chunk.count, &received)
       if received >= 0 {
         if descriptor == nil { descriptor = received } else { close(received) }
       }
-      if n < 0 && errno == EINTR { continue }
       if n <= 0 { return nil }
       buffer += chunk[0..<n]
       if buffer.count > 16 << 20 { return nil }

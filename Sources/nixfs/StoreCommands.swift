@@ -6,6 +6,7 @@ import NodeControl
 import FuseMount
 import NodeDaemon
 import StoreFS
+import SystemCalls
 
 #if canImport(Glibc)
   import Glibc
@@ -157,14 +158,9 @@ struct DumpCommand: ParsableCommand {
     do {
       try store.dump(path) { bytes in
         try bytes.withUnsafeBytes { b in
-          var done = 0
-          while done < b.count {
-            let r = write(1, b.baseAddress! + done, b.count - done)
-            if r < 0 {
-              if errno == EINTR { continue }
-              throw ChunkStoreError.io(path: "standard output", operation: "write", errno: errno)
-            }
-            done += r
+          guard let base = b.baseAddress else { return }
+          do throws(SystemCallError) { try writeAll(1, base, b.count) } catch {
+            throw ChunkStoreError.io(path: "standard output", operation: "write", errno: error.errno)
           }
         }
       }
