@@ -60,3 +60,11 @@ public enum ChunkStoreError: Error, Sendable, Hashable, CustomStringConvertible 
     }
   }
 }
+
+extension ChunkStore {
+  func wrap<T>(_ operation: String, _ body: () throws -> T) throws(ChunkStoreError) -> T {
+    do { return try body() } catch let e as ChunkStoreError { throw e } catch {
+      throw .index(path: indexPath, operation: operation, message: "\(error)")
+    }
+  }
+}
