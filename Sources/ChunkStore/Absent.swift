@@ -5,13 +5,7 @@ extension ChunkStore {
   /// Where an absent chunk of a cached layout is now, if it has been stored since.
   func presentLocation(_ loc: ChunkLocation) throws(ChunkStoreError) -> ChunkLocation? {
     try wrap("chunk") {
-      try withReader { db -> ChunkLocation? in
-        let s = try db.prepare("SELECT size, stored, codec, pack, offset FROM chunks WHERE id = ? AND codec != 2").bind(loc.rowID)
-        guard try s.step() else { return nil }
-        return ChunkLocation(
-          rowID: loc.rowID, id: loc.id, size: Int(s.int(0)), stored: Int(s.int(1)), codec: Codec(rawValue: s.int(2)) ?? .raw,
-          pack: s.isNull(3) ? nil : s.int(3), offset: UInt64(s.int(4)))
-      }
+      try withReader { db in try db.presentLocation(loc) }
     }
   }
 
@@ -36,12 +30,8 @@ extension ChunkStore {
   /// Those of `refs` that a path here knows but lacks (anything else is never fetched for it).
   public func absentAmong(_ refs: [ChunkRef]) -> [ChunkRef] {
     (try? withReader { db in
-      let s = try db.prepare("SELECT 1 FROM chunks WHERE digest = ? AND codec = 2 AND size = ?")
-      return try refs.filter { ref in
-        s.again()
-        s.set(1, ref.id)
-        s.set(2, Int(ref.size))
-        guard try s.step() else { return false }
+      try refs.filter { ref in
+        guard try db.isAbsentChunk(ref) else { return false }
         return chunkCache.get(ref.id) == nil && arriving.bytes(ref.id) == nil
       }
     }) ?? []

@@ -80,12 +80,7 @@ extension ChunkStore {
   /// Packed small files held in chunk `id`, by what the index says of them.
   func slices(in id: ChunkID) throws(ChunkStoreError) -> [(content: ContentID, skip: Int, size: Int)] {
     try wrap("slices") {
-      try withReader { db in
-        let s = try db.prepare("SELECT content, skip, size FROM unverified_slices WHERE chunk = ?").bind(id)
-        var out: [(ContentID, Int, Int)] = []
-        while try s.step() { if let d = s.digest(0) { out.append((d, Int(s.int(1)), Int(s.int(2)))) } }
-        return out
-      }
+      try withReader { db in try db.slices(in: id) }
     }
   }
 
@@ -136,8 +131,7 @@ extension ChunkStore {
       do {
         try withWriter { db in
           try db.transaction {
-            let fill = try db.prepare(
-              "UPDATE chunks SET stored = ?, codec = ?, pack = ?, offset = ?, data = ? WHERE digest = ? AND codec = 2")
+            let fill = try db.fillAbsentChunkStatement()
             for p in placed {
               fill.again()
               fill.set(1, p.chunk.stored.count)
@@ -160,10 +154,10 @@ extension ChunkStore {
               }
             }
             if end > lease.start {
-              try db.prepare("UPDATE packs SET committed = max(committed, ?) WHERE id = ?").bind(end, lease.id).run()
+              try db.commitPack(lease.id, upTo: end)
             }
             // Checked in `accept` before they were readable.
-            let verified = try db.prepare("DELETE FROM unverified_slices WHERE chunk = ?")
+            let verified = try db.deleteSlicesOfChunkStatement()
             for p in placed {
               verified.again()
               verified.set(1, p.id)

@@ -144,12 +144,7 @@ public final class ChunkStore: @unchecked Sendable {
     let db = try Database(path: indexPath)
     hasSkipColumn = true
     writer = db
-    try db.exec("PRAGMA journal_mode=WAL")
-    // FULL: a commit is durable when COMMIT returns, which is what makes a path visible.
-    try db.exec("PRAGMA synchronous=FULL")
-    // A larger page cache keeps the chunk and content B-trees' upper levels in memory.
-    try db.exec("PRAGMA cache_size=-65536")
-    try db.exec(Self.schema)
+    try db.configureWriter()
     let c = try Checkpointer(path: indexPath)
     c.attach(to: db)
     checkpointer = c
@@ -184,7 +179,7 @@ public final class ChunkStore: @unchecked Sendable {
       db = d
     } else {
       db = try Database(path: indexPath, readOnly: configuration.readOnly)
-      if !configuration.readOnly { try db.exec("PRAGMA query_only=1") }
+      if !configuration.readOnly { try db.configureReader() }
     }
     defer {
       db.resetAll()

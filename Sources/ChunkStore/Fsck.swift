@@ -242,56 +242,44 @@ extension ChunkStore {
         try withWriter { db in
           try db.transaction {
             for row in scan.badPathRows {
-              let s = try db.prepare("SELECT store_path FROM paths WHERE id = ?").bind(row)
-              if try s.step(), let p = s.text(0) { repaired.append("marked \(p) incomplete: fetch it again") }
-              try db.prepare("UPDATE paths SET state = 2, tree = NULL, files = 0, file_bytes = 0 WHERE id = ?").bind(row).run()
+              if let p = try db.storePath(row: row) { repaired.append("marked \(p) incomplete: fetch it again") }
+              try db.markIncomplete(row: row)
             }
             for row in scan.badChunkRows {
-              try db.prepare("DELETE FROM chunks WHERE id = ?").bind(row).run()
+              try db.deleteChunk(row: row)
               repaired.append("removed bad chunk row \(row)")
             }
             // Rebuild content refs from the remaining trees.
             var contentRefs: [SHA256Digest: Int64] = [:]
-            let t = try db.prepare("SELECT tree FROM paths WHERE state IN (1, 3)")
-            while try t.step() {
-              for n in t.blob(0).flatMap(Manifest.decodeTree) ?? [] {
+            for nodes in try db.servableTrees() {
+              for n in nodes {
                 if case .regular(let cid, _, _) = n.kind { contentRefs[cid, default: 0] += 1 }
               }
             }
-            let ct = try db.prepare("SELECT id, digest FROM contents")
-            var rows: [(Int64, SHA256Digest?)] = []
-            while try ct.step() { rows.append((ct.int(0), ct.digest(1))) }
-            for (row, digest) in rows {
+            for (row, digest) in try db.contentDigests() {
               let refs = digest.flatMap { contentRefs[$0] } ?? 0
               if refs == 0 || scan.badContentRows.contains(row) {
-                try db.prepare("DELETE FROM content_chunks WHERE content = ?").bind(row).run()
-                try db.prepare("DELETE FROM contents WHERE id = ?").bind(row).run()
+                try db.deleteContent(row: row)
               } else {
-                try db.prepare("UPDATE contents SET refs = ? WHERE id = ?").bind(refs, row).run()
+                try db.setContentRefs(row: row, to: refs)
               }
             }
-            try db.exec(
-              "UPDATE chunks SET refs = (SELECT COUNT(*) FROM content_chunks cc WHERE cc.chunk = chunks.id)")
-            let dead = try db.prepare("SELECT id, digest, pack, offset, stored FROM chunks WHERE refs = 0")
+            try db.recountChunkRefs()
             var deadRows: [Int64] = []
-            while try dead.step() {
-              if let d = dead.digest(1), isBorrowed(d) { continue }
-              deadRows.append(dead.int(0))
+            for c in try db.unreferencedChunks() {
+              if let d = c.digest, isBorrowed(d) { continue }
+              deadRows.append(c.row)
             }
-            for row in deadRows { try db.prepare("DELETE FROM chunks WHERE id = ?").bind(row).run() }
+            for row in deadRows { try db.deleteChunk(row: row) }
             if !deadRows.isEmpty { repaired.append("freed \(deadRows.count) unreferenced chunks") }
           }
           // Dead ranges: every gap between live chunks of a pack, and its tail.
-          let packs = try db.prepare("SELECT id, committed FROM packs")
-          var committed: [(Int64, UInt64)] = []
-          while try packs.step() { committed.append((packs.int(0), UInt64(packs.int(1)))) }
-          for (pack, limit) in committed {
+          for (pack, committed) in try db.packCommits() {
+            let limit = UInt64(committed)
             var cursor: UInt64 = 0
-            let s = try db.prepare("SELECT offset, stored FROM chunks WHERE pack = ? ORDER BY offset").bind(pack)
-            while try s.step() {
-              let off = UInt64(s.int(0))
+            for (off, stored) in try db.chunkExtents(pack: pack) {
               if off > cursor { freedRanges.append((pack, cursor, off - cursor)) }
-              cursor = max(cursor, off + UInt64(s.int(1)))
+              cursor = max(cursor, off + stored)
             }
             if limit > cursor { freedRanges.append((pack, cursor, limit - cursor)) }
           }

@@ -29,10 +29,7 @@ extension ChunkStore {
     let candidates: [(Int64, String)] = try wrap("gc candidates") {
       try withWriter { db in
         let pinned = try pinnedPaths(db)
-        let s = try db.prepare("SELECT id, store_path FROM paths WHERE state IN (1, 3) ORDER BY last_access, id")
-        var out: [(Int64, String)] = []
-        while try s.step() { if let p = s.text(1), !pinned.contains(p) { out.append((s.int(0), p)) } }
-        return out
+        return try db.pathsByLastAccess().filter { !pinned.contains($0.path) }
       }
     }
     var stored = before
@@ -60,8 +57,7 @@ extension ChunkStore {
     let row: Int64? = try wrap("remove") {
       try withWriter { db in
         if try pinnedPaths(db).contains(path.path) { throw ChunkStoreError.pinned(storePath: path.path) }
-        let s = try db.prepare("SELECT id FROM paths WHERE store_path = ? AND state IN (1, 3)").bind(path.path)
-        return try s.step() ? s.int(0) : nil
+        return try db.servablePathRow(path.path)
       }
     }
     guard let row else { throw .notComplete(storePath: path.path) }
@@ -81,38 +77,29 @@ extension ChunkStore {
           try db.transaction {
             // Re-check under the writer: a pin or touch may have come since the candidate list.
             if !keepAsIncomplete, try pinnedPaths(db).contains(path) { return false }
-            let s = try db.prepare("SELECT tree FROM paths WHERE id = ? AND state IN (1, 3)").bind(row)
-            guard try s.step() else { return false }
-            let nodes = s.blob(0).flatMap(Manifest.decodeTree) ?? []
+            guard let nodes = try db.servableTree(row: row) else { return false }
             var multiplicity: [ContentID: Int] = [:]
             for n in nodes { if case .regular(let c, _, _) = n.kind { multiplicity[c, default: 0] += 1 } }
             for (content, m) in multiplicity {
-              let c = try db.prepare("SELECT id, refs FROM contents WHERE digest = ?").bind(content)
-              guard try c.step() else { continue }
-              let contentRow = c.int(0)
-              if c.int(1) > Int64(m) {
-                try db.prepare("UPDATE contents SET refs = refs - ? WHERE id = ?").bind(m, contentRow).run()
+              guard let (contentRow, refs) = try db.contentRefs(content) else { continue }
+              if refs > Int64(m) {
+                try db.dropContentRefs(row: contentRow, by: m)
                 continue
               }
               deadContents.append(content)
-              let cc = try db.prepare("SELECT chunk FROM content_chunks WHERE content = ?").bind(contentRow)
-              var chunkRows: [Int64] = []
-              while try cc.step() { chunkRows.append(cc.int(0)) }
-              try db.prepare("DELETE FROM content_chunks WHERE content = ?").bind(contentRow).run()
-              try db.prepare("DELETE FROM contents WHERE id = ?").bind(contentRow).run()
+              let chunkRows = try db.chunkRows(ofContent: contentRow)
+              try db.deleteContent(row: contentRow)
               for chunkRow in chunkRows {
-                try db.prepare("UPDATE chunks SET refs = refs - 1 WHERE id = ?").bind(chunkRow).run()
-                let q = try db.prepare("SELECT refs, digest, pack, offset, stored FROM chunks WHERE id = ?").bind(chunkRow)
-                guard try q.step(), q.int(0) <= 0, let d = q.digest(1), !isBorrowed(d) else { continue }
-                if !q.isNull(2) { freedRanges.append((q.int(2), UInt64(q.int(3)), UInt64(q.int(4)))) }
-                freed += UInt64(q.int(4))
-                try db.prepare("DELETE FROM chunks WHERE id = ?").bind(chunkRow).run()
+                guard let q = try db.releaseChunk(row: chunkRow), q.refs <= 0, let d = q.digest, !isBorrowed(d) else { continue }
+                if let pack = q.pack { freedRanges.append((pack, q.offset, q.stored)) }
+                freed += q.stored
+                try db.deleteChunk(row: chunkRow)
               }
             }
             if keepAsIncomplete {
-              try db.prepare("UPDATE paths SET state = 2, tree = NULL, files = 0, file_bytes = 0 WHERE id = ?").bind(row).run()
+              try db.markIncomplete(row: row)
             } else {
-              try db.prepare("DELETE FROM paths WHERE id = ?").bind(row).run()
+              try db.deletePath(row: row)
             }
             return true
           }

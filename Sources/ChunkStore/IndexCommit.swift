@@ -20,13 +20,12 @@ extension ChunkPipeline {
     let multiplicity = manifest.multiplicity
     try store.withWriter { db in
       try db.transaction {
-        let existingPath = try db.prepare("SELECT state FROM paths WHERE store_path = ?").bind(info.storePath)
-        if try existingPath.step() {
+        if let state = try db.pathState(info.storePath) {
           // A complete path, or a partial one registered while this ingest ran (it holds references).
-          if existingPath.int(0) != ChunkStore.PathState.incomplete.rawValue {
+          if state != ChunkStore.PathState.incomplete.rawValue {
             throw ChunkStoreError.alreadyComplete(storePath: info.storePath)
           }
-          try db.prepare("DELETE FROM paths WHERE store_path = ?").bind(info.storePath).run()
+          try db.deletePath(info.storePath)
         }
         // Statements are prepared once and bound by type, and rows go in in digest order (the
         // digest indexes then grow at neighbouring leaves): this matters for paths of many small
@@ -38,8 +37,8 @@ extension ChunkPipeline {
         // every execution through a temporary table.)
         var newContents: [(ContentID, Int64)] = []
         var knownSingles: [ContentID] = []
-        let insertContent = try db.prepare("INSERT OR IGNORE INTO contents(digest, size, refs, skip) VALUES(?, ?, ?, ?)")
-        let addContentRefs = try db.prepare("UPDATE contents SET refs = refs + ? WHERE digest = ?")
+        let insertContent = try db.insertContentStatement()
+        let addContentRefs = try db.addContentRefsStatement()
         for (content, m) in multiplicity.sorted(by: { $0.key < $1.key }) {
           insertContent.again()
           insertContent.set(1, content)
@@ -73,9 +72,8 @@ extension ChunkPipeline {
         // Chunks a partial path knows but lacks, which this ingest wrote: their rows get the bytes
         // (and keep their references; new ones come below like any deduplicated chunk's).
         var filled: Set<ChunkID> = []
-        if try db.prepare("SELECT 1 FROM chunks WHERE codec = 2 LIMIT 1").step() {
-          let fill = try db.prepare(
-            "UPDATE chunks SET stored = ?, codec = ?, pack = ?, offset = ?, data = ? WHERE digest = ? AND codec = 2")
+        if try db.hasAbsentChunks() {
+          let fill = try db.fillAbsentChunkStatement()
           for (id, w) in written.sorted(by: { $0.key < $1.key }) {
             fill.again()
             switch w.stored {
@@ -102,12 +100,7 @@ extension ChunkPipeline {
             }
           }
         }
-        let insertChunk = try db.prepare(
-          """
-          INSERT OR IGNORE INTO chunks(digest, size, stored, codec, pack, offset, data, refs)
-          VALUES(?, ?, ?, ?, ?, ?, ?, ?)
-          """
-        )
+        let insertChunk = try db.insertChunkStatement()
         for (id, w) in written.sorted(by: { $0.key < $1.key }) where !filled.contains(id) {
           guard let refs = gained[id] else {
             // Nothing new uses it: a small-file group whose files were all in the store already.
@@ -145,7 +138,7 @@ extension ChunkPipeline {
           }
         }
         // Chunks that were already there (deduplicated) gain references.
-        let addRefs = try db.prepare("UPDATE chunks SET refs = refs + ? WHERE digest = ? RETURNING id")
+        let addRefs = try db.addChunkRefsStatement()
         for (id, n) in gained.sorted(by: { $0.key < $1.key }) {
           addRefs.again()
           addRefs.set(1, n)
@@ -154,7 +147,7 @@ extension ChunkPipeline {
           rowOf[id] = addRefs.int(0)
           _ = try addRefs.step()
         }
-        try ChunkStore.insertChunkLists(db, newContents, of: manifest, rows: rowOf)
+        try db.insertChunkLists(newContents, of: manifest, rows: rowOf)
         // Their layouts as stored: the rows were there before this transaction, and no other
         // writer can remove them while it runs.
         for content in knownSingles {
@@ -162,9 +155,9 @@ extension ChunkPipeline {
           stored.chunks[content] = layout.refs
           stored.slices[content] = layout.slice
         }
-        try ChunkStore.insertPath(db, manifest, state: .complete, files: fileCount)
+        try db.insertPath(manifest, state: .complete, files: fileCount)
         if let lease {
-          try db.prepare("UPDATE packs SET committed = max(committed, ?) WHERE id = ?").bind(packEnd, lease.id).run()
+          try db.commitPack(lease.id, upTo: packEnd)
           if let e = sync?.wait(), e != 0 {
             throw ChunkStoreError.io(path: store.packPath(lease.id), operation: "fdatasync", errno: e)
           }
@@ -184,35 +177,3 @@ extension ChunkPipeline {
   }
 }
 
-extension ChunkStore {
-  /// The chunk lists of contents new to the index (ingest and partial registration alike).
-  static func insertChunkLists(_ db: Database, _ contents: [(ContentID, Int64)], of manifest: Manifest, rows: [ChunkID: Int64]) throws {
-    let insertList = try db.prepare("INSERT INTO content_chunks(content, offset, chunk) VALUES(?, ?, ?)")
-    for (content, contentRow) in contents {
-      var offset: UInt64 = 0
-      for ref in manifest.chunks[content] ?? [] {
-        insertList.again()
-        insertList.set(1, contentRow)
-        insertList.set(2, offset)
-        insertList.set(3, rows[ref.id]!)
-        try insertList.run()
-        offset += UInt64(ref.size)
-      }
-    }
-  }
-
-  /// The path's row: its narinfo facts and tree.
-  static func insertPath(_ db: Database, _ manifest: Manifest, state: PathState, files: Int) throws {
-    let info = manifest.info
-    let t = now()
-    try db.prepare(
-      """
-      INSERT INTO paths(store_path, state, nar_hash, nar_size, refs, deriver, sigs, ca, tree, files, file_bytes,
-        registered, last_access) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-      """
-    ).bind(
-      info.storePath, state.rawValue, info.narHash, info.narSize, info.references.joined(separator: " "), info.deriver,
-      info.signatures.joined(separator: "\n"), info.ca, manifest.encodeTree(), files, manifest.fileBytes, t, t
-    ).run()
-  }
-}

@@ -39,10 +39,7 @@ extension ChunkStore {
       id = idle
     } else {
       do {
-        id = try withWriter { db in
-          try db.prepare("INSERT INTO packs(committed) VALUES(0)").run()
-          return db.lastInsertRowID
-        }
+        id = try withWriter { db in try db.insertPack() }
       } catch let e as ChunkStoreError { throw e } catch { throw .index(path: indexPath, operation: "new pack", message: "\(error)") }
       _ = try packFD(id)
       // The pack's directory entry must be durable before any chunk in it is committed.
@@ -76,16 +73,10 @@ extension ChunkStore {
   /// Deletes packs that hold no live chunk and that no ingest is appending to.
   func retireEmptyPacks() throws(ChunkStoreError) {
     let empty: [Int64] = try wrap("empty packs") {
-      try withWriter { db in
-        let s = try db.prepare(
-          "SELECT id FROM packs p WHERE committed > 0 AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.pack = p.id)")
-        var out: [Int64] = []
-        while try s.step() { out.append(s.int(0)) }
-        return out
-      }
+      try withWriter { db in try db.emptyPacks() }
     }
     for id in empty where retirePack(id) {
-      try wrap("retire pack") { try withWriter { db in try db.prepare("DELETE FROM packs WHERE id = ?").bind(id).run() } }
+      try wrap("retire pack") { try withWriter { db in try db.deletePack(id) } }
       unlink(packPath(id))
     }
   }

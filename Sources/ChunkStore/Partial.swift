@@ -19,14 +19,13 @@ extension ChunkStore {
             storePath: info.storePath, reason: "this store's index predates list-named contents; run nixfs fsck")
         }
         try db.transaction {
-          let existing = try db.prepare("SELECT state FROM paths WHERE store_path = ?").bind(info.storePath)
-          if try existing.step() {
-            if existing.int(0) != PathState.incomplete.rawValue { return }
-            try db.prepare("DELETE FROM paths WHERE store_path = ?").bind(info.storePath).run()
+          if let state = try db.pathState(info.storePath) {
+            if state != PathState.incomplete.rawValue { return }
+            try db.deletePath(info.storePath)
           }
           var newContents: [(ContentID, Int64)] = []
-          let insertContent = try db.prepare("INSERT OR IGNORE INTO contents(digest, size, refs, skip) VALUES(?, ?, ?, ?)")
-          let known = try db.prepare("UPDATE contents SET refs = refs + ? WHERE digest = ? RETURNING size")
+          let insertContent = try db.insertContentStatement()
+          let known = try db.addContentRefsReturningSizeStatement()
           for (content, m) in multiplicity.sorted(by: { $0.key < $1.key }) {
             insertContent.again()
             insertContent.set(1, content)
@@ -51,10 +50,8 @@ extension ChunkStore {
           for (content, _) in newContents {
             for ref in manifest.chunks[content] ?? [] { gained[ref.id, default: (0, ref.size)].refs += 1 }
           }
-          let insertChunk = try db.prepare(
-            "INSERT OR IGNORE INTO chunks(digest, size, stored, codec, pack, offset, data, refs) VALUES(?, ?, 0, 2, NULL, 0, NULL, 0)"
-          )
-          let addRefs = try db.prepare("UPDATE chunks SET refs = refs + ? WHERE digest = ? RETURNING id, size")
+          let insertChunk = try db.insertAbsentChunkStatement()
+          let addRefs = try db.addChunkRefsCheckingSizeStatement()
           var rowOf: [ChunkID: Int64] = [:]
           for (id, g) in gained.sorted(by: { $0.key < $1.key }) {
             insertChunk.again()
@@ -70,10 +67,10 @@ extension ChunkStore {
             rowOf[id] = addRefs.int(0)
             _ = try addRefs.step()
           }
-          try Self.insertChunkLists(db, newContents, of: manifest, rows: rowOf)
-          try Self.insertPath(db, manifest, state: .partial, files: files)
+          try db.insertChunkLists(newContents, of: manifest, rows: rowOf)
+          try db.insertPath(manifest, state: .partial, files: files)
           // Packed small files are named by their bytes: checked when their chunk is here.
-          let slice = try db.prepare("INSERT OR IGNORE INTO unverified_slices(chunk, content, skip, size) VALUES(?, ?, ?, ?)")
+          let slice = try db.insertSliceStatement()
           for (content, _) in newContents {
             guard let skip = manifest.slices[content], let chunk = manifest.chunks[content]?.first else { continue }
             slice.again()
@@ -93,20 +90,7 @@ extension ChunkStore {
   /// A mismatch means the index lied about them: the path goes again.
   func checkHeldSlices(of path: String) throws(ChunkStoreError) {
     let rows: [(ChunkLocation, ContentID, Int, Int)] = try wrap("slices") {
-      try withReader { db in
-        let s = try db.prepare(
-          "SELECT s.content, s.skip, s.size, ch.id, ch.digest, ch.size, ch.stored, ch.codec, ch.pack, ch.offset "
-            + "FROM unverified_slices s JOIN chunks ch ON ch.digest = s.chunk WHERE ch.codec != 2")
-        var out: [(ChunkLocation, ContentID, Int, Int)] = []
-        while try s.step() {
-          guard let content = s.digest(0), let id = s.digest(4) else { continue }
-          let loc = ChunkLocation(
-            rowID: s.int(3), id: id, size: Int(s.int(5)), stored: Int(s.int(6)), codec: Codec(rawValue: s.int(7)) ?? .raw,
-            pack: s.isNull(8) ? nil : s.int(8), offset: UInt64(s.int(9)))
-          out.append((loc, content, Int(s.int(1)), Int(s.int(2))))
-        }
-        return out
-      }
+      try withReader { db in try db.heldSlices() }
     }
     guard !rows.isEmpty else { return }
     var bad: ContentID?
@@ -125,7 +109,7 @@ extension ChunkStore {
     }
     try wrap("slices") {
       try withWriter { db in
-        let del = try db.prepare("DELETE FROM unverified_slices WHERE chunk = ? AND content = ?")
+        let del = try db.deleteSliceStatement()
         for (loc, content, _, _) in rows {
           del.again()
           del.set(1, loc.id)
@@ -186,7 +170,7 @@ extension ChunkStore {
       throw .narHashMismatch(storePath: path.path, expected: tree.info.narHash, actual: got)
     }
     try wrap("complete \(path)") {
-      try withWriter { db in try db.prepare("UPDATE paths SET state = 1 WHERE store_path = ? AND state = 3").bind(path.path).run() }
+      try withWriter { db in try db.markPartialComplete(path.path) }
     }
   }
 }

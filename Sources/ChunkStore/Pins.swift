@@ -15,21 +15,21 @@ extension ChunkStore {
 
   /// Pins a path durably on behalf of `holder` (e.g. a published volume ID) until `unpin`.
   public func pin(_ path: StorePath, holder: String) throws {
-    try withWriter { db in try db.prepare("INSERT OR IGNORE INTO pins VALUES(?, ?)").bind(path.path, holder).run() }
+    try withWriter { db in try db.insertPin(path.path, holder: holder) }
   }
   /// Pins a whole closure for `holder` in one transaction (one fsync, not one per path).
   public func pin(_ paths: [StorePath], holder: String) throws {
     try withWriter { db in
       try db.transaction {
-        for p in paths { try db.prepare("INSERT OR IGNORE INTO pins VALUES(?, ?)").bind(p.path, holder).run() }
+        for p in paths { try db.insertPin(p.path, holder: holder) }
       }
     }
   }
   public func unpin(_ path: StorePath, holder: String) throws {
-    try withWriter { db in try db.prepare("DELETE FROM pins WHERE store_path = ? AND holder = ?").bind(path.path, holder).run() }
+    try withWriter { db in try db.deletePin(path.path, holder: holder) }
   }
   public func unpinAll(holder: String) throws {
-    try withWriter { db in try db.prepare("DELETE FROM pins WHERE holder = ?").bind(holder).run() }
+    try withWriter { db in try db.deletePins(holder: holder) }
   }
 
   /// Marks a path used now, for LRU eviction. Cheap: kept in memory and written at GC or close.
@@ -45,7 +45,7 @@ extension ChunkStore {
     writerLock.locked {
       _ = try? writer.transaction {
         for (p, t) in pending {
-          try writer.prepare("UPDATE paths SET last_access = max(last_access, ?) WHERE store_path = ?").bind(t, p).run()
+          try writer.touchPath(p, at: t)
         }
       }
     }
@@ -53,8 +53,7 @@ extension ChunkStore {
 
   func pinnedPaths(_ db: Database) throws -> Set<String> {
     var out = Set(stateLock.locked { Array(memoryPins.keys) + Array(ingesting) })
-    let s = try db.prepare("SELECT DISTINCT store_path FROM pins")
-    while try s.step() { if let t = s.text(0) { out.insert(t) } }
+    out.formUnion(try db.pinnedStorePaths())
     return out
   }
 

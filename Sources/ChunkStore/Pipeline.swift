@@ -201,7 +201,7 @@ final class ChunkPipeline: @unchecked Sendable {
       store.borrow(id)
       let found: Bool
       do {
-        found = try store.withReader { db in try db.prepare("SELECT 1 FROM chunks WHERE digest = ? AND codec != 2").bind(id).step() }
+        found = try store.withReader { db in try db.hasPresentChunk(id) }
       } catch {
         store.giveBack([id])
         throw error as? ChunkStoreError ?? .index(path: store.indexPath, operation: "dedup", message: "\(error)")

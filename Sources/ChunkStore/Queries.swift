@@ -4,7 +4,7 @@ import NixFormats
 extension ChunkStore {
   public func isComplete(_ path: String) -> Bool {
     (try? withReader { db in
-      try db.prepare("SELECT 1 FROM paths WHERE store_path = ? AND state = 1").bind(path).step()
+      try db.isPathComplete(path)
     }) ?? false
   }
   public func isComplete(_ path: StorePath) -> Bool { isComplete(path.path) }
@@ -18,20 +18,12 @@ extension ChunkStore {
 
   func partialRow(_ path: String) throws(ChunkStoreError) -> Int64? {
     try wrap("path state") {
-      try withReader { db in
-        let s = try db.prepare("SELECT id FROM paths WHERE store_path = ? AND state = 3").bind(path)
-        return try s.step() ? s.int(0) : nil
-      }
+      try withReader { db in try db.partialPathRow(path) }
     }
   }
 
   func paths(states: String) -> [StorePath] {
-    (try? withReader { db in
-      let s = try db.prepare("SELECT store_path FROM paths WHERE state IN (\(states)) ORDER BY store_path")
-      var out: [StorePath] = []
-      while try s.step() { if let t = s.text(0), let p = try? StorePath(t) { out.append(p) } }
-      return out
-    }) ?? []
+    (try? withReader { db in try db.storePaths(states: states).compactMap { try? StorePath($0) } }) ?? []
   }
 
   /// The complete path with this hash part, if the store holds one (a binary cache is asked by
@@ -40,49 +32,23 @@ extension ChunkStore {
     let low = "\(storeDir)/\(hashPart)-"
     let high = "\(storeDir)/\(hashPart)."
     return (try? withReader { db in
-      let s = try db.prepare("SELECT store_path FROM paths WHERE store_path >= ? AND store_path < ? AND state = 1 LIMIT 1")
-        .bind(low, high)
-      return try s.step() ? s.text(0).flatMap { try? StorePath($0, storeDir: storeDir) } : nil
+      try db.completeStorePath(from: low, below: high).flatMap { try? StorePath($0, storeDir: storeDir) }
     }) ?? nil
   }
 
   /// A complete path with this NarHash (`sha256:<nix32>`), if any.
   public func completePath(narHash: String) -> StorePath? {
-    (try? withReader { db in
-      let s = try db.prepare("SELECT store_path FROM paths WHERE nar_hash = ? AND state = 1 LIMIT 1").bind(narHash)
-      return try s.step() ? s.text(0).flatMap { try? StorePath($0) } : nil
-    }) ?? nil
+    (try? withReader { db in try db.completeStorePath(narHash: narHash).flatMap { try? StorePath($0) } }) ?? nil
   }
 
   /// What a narinfo says of a complete path (no tree): NarHash, NarSize, references, signatures.
   public func pathInfo(of path: StorePath) -> PathInfo? {
-    (try? withReader { db in
-      let s = try db.prepare(
-        "SELECT store_path, nar_hash, nar_size, refs, deriver, sigs, ca FROM paths WHERE store_path = ? AND state = 1"
-      ).bind(path.path)
-      return try s.step() ? info(from: s, at: 0) : nil
-    }) ?? nil
+    (try? withReader { db in try db.completePathInfo(path.path) }) ?? nil
   }
 
   /// Paths whose data was found bad by fsck: the fetcher should fetch them again.
   public func incompletePaths() -> [String] {
-    (try? withReader { db in
-      let s = try db.prepare("SELECT store_path FROM paths WHERE state = 2 ORDER BY store_path")
-      var out: [String] = []
-      while try s.step() { if let t = s.text(0) { out.append(t) } }
-      return out
-    }) ?? []
-  }
-
-  func info(from s: Statement, at c: Int32) -> PathInfo? {
-    guard let p = s.text(c), let sp = try? StorePath(p), let h = s.text(c + 1), let hash = try? NixHash(parsing: h) else {
-      return nil
-    }
-    let refs = (s.text(c + 3) ?? "").split(separator: " ").compactMap { try? StorePath(baseName: String($0)) }
-    let sigs = (s.text(c + 5) ?? "").split(separator: "\n").map(String.init)
-    return PathInfo(
-      storePath: sp, narHash: hash, narSize: UInt64(s.int(c + 2)), references: refs, deriver: s.text(c + 4),
-      signatures: sigs, ca: s.text(c + 6))
+    (try? withReader { db in try db.incompleteStorePaths() }) ?? []
   }
 
   /// The tree and metadata of a complete path, without chunk lists.
@@ -94,11 +60,8 @@ extension ChunkStore {
   func tree(of path: StorePath, states: String) throws(ChunkStoreError) -> Manifest? {
     do {
       return try withReader { db -> Manifest? in
-        let s = try db.prepare(
-          "SELECT store_path, nar_hash, nar_size, refs, deriver, sigs, ca, tree FROM paths WHERE store_path = ? AND state IN (\(states))"
-        ).bind(path.path)
-        guard try s.step() else { return nil }
-        guard let info = info(from: s, at: 0), let blob = s.blob(7), let nodes = Manifest.decodeTree(blob) else {
+        guard let row = try db.pathTree(path.path, states: states) else { return nil }
+        guard let info = row.info, let blob = row.tree, let nodes = Manifest.decodeTree(blob) else {
           throw ChunkStoreError.manifestCorrupt(storePath: path.path, reason: "undecodable row")
         }
         return Manifest(info: info, nodes: nodes, chunks: [:])
@@ -119,9 +82,6 @@ extension ChunkStore {
 
   /// Partial paths, counted (for the daemon's gauges).
   public func partialPathCount() -> Int {
-    (try? withReader { db in
-      let s = try db.prepare("SELECT COUNT(*) FROM paths WHERE state = 3")
-      return try s.step() ? Int(s.int(0)) : 0
-    }) ?? 0
+    (try? withReader { db in try db.countPaths(state: PathState.partial.rawValue) }) ?? 0
   }
 }

@@ -33,33 +33,7 @@ extension ChunkStore {
     if let l = layoutCache.locked({ layouts[content] }) { return l }
     let l: ContentLayout
     do {
-      l = try withReader { db -> ContentLayout in
-        let c = try db.prepare(
-          hasSkipColumn
-            ? "SELECT id, size, skip FROM contents WHERE digest = ?" : "SELECT id, size, 0 FROM contents WHERE digest = ?"
-        ).bind(content)
-        guard try c.step() else { throw ChunkStoreError.contentNotFound(content) }
-        let contentRow = c.int(0)
-        let size = UInt64(c.int(1))
-        let skip = UInt64(c.int(2))
-        let s = try db.prepare(
-          """
-          SELECT cc.offset, ch.id, ch.digest, ch.size, ch.stored, ch.codec, ch.pack, ch.offset
-          FROM content_chunks cc LEFT JOIN chunks ch ON ch.id = cc.chunk WHERE cc.content = ? ORDER BY cc.offset
-          """
-        ).bind(contentRow)
-        var starts: [UInt64] = []
-        var chunks: [ChunkLocation] = []
-        while try s.step() {
-          guard let d = s.digest(2) else { throw ChunkStoreError.chunkMissing(chunk: content, content: content) }
-          starts.append(UInt64(s.int(0)))
-          chunks.append(
-            ChunkLocation(
-              rowID: s.int(1), id: d, size: Int(s.int(3)), stored: Int(s.int(4)), codec: Codec(rawValue: s.int(5)) ?? .raw,
-              pack: s.isNull(6) ? nil : s.int(6), offset: UInt64(s.int(7))))
-        }
-        return ContentLayout(size: size, skip: skip, starts: starts, chunks: chunks)
-      }
+      l = try withReader { db in try db.contentLayout(content, hasSkip: hasSkipColumn) }
     } catch let e as ChunkStoreError { throw e } catch { throw .index(path: indexPath, operation: "layout", message: "\(error)") }
     layoutCache.locked {
       // Crude bound: layouts are small, and dropping them all costs only re-reading the index.
@@ -92,8 +66,7 @@ extension ChunkStore {
     } else {
       do {
         stored = try withReader { db -> [UInt8] in
-          let s = try db.prepare("SELECT data FROM chunks WHERE id = ?").bind(loc.rowID)
-          guard try s.step(), let b = s.blob(0) else {
+          guard let b = try db.inlineChunkData(row: loc.rowID) else {
             throw ChunkStoreError.chunkCorrupt(chunk: loc.id, pack: 0, offset: 0, reason: "inline data missing")
           }
           return b

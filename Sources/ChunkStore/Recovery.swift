@@ -10,10 +10,7 @@ extension ChunkStore {
   func recover() throws(ChunkStoreError) {
     guard let db = writer else { return }
     var known: Set<String> = []
-    let s = try db.prepare("SELECT id, committed FROM packs")
-    var packs: [(Int64, Int64)] = []
-    while try s.step() { packs.append((s.int(0), s.int(1))) }
-    for (id, committed) in packs {
+    for (id, committed) in try db.packCommits() {
       let path = packPath(id)
       known.insert((path as NSString).lastPathComponent)
       var st = stat()
@@ -33,20 +30,18 @@ extension ChunkStore {
   /// Deletes chunk rows with no references (left when an ingest that borrowed them died) unless
   /// an ingest in flight borrows them. Caller holds the writer (or is `init`).
   func sweepOrphanChunks(_ db: Database) throws(ChunkStoreError) {
-    let s = try db.prepare("SELECT id, digest, pack, offset, stored FROM chunks WHERE refs = 0")
     var dead: [(Int64, Int64?, UInt64, UInt64)] = []
     let keep = stateLock.locked { borrowed }
-    while try s.step() {
-      guard let d = s.digest(1), keep[d] == nil else { continue }
-      dead.append((s.int(0), s.isNull(2) ? nil : s.int(2), UInt64(s.int(3)), UInt64(s.int(4))))
+    for c in try db.unreferencedChunks() {
+      guard let d = c.digest, keep[d] == nil else { continue }
+      dead.append((c.row, c.pack, c.offset, c.stored))
     }
     // Packed files of partial paths gone since, whose chunk never came.
-    try db.exec("DELETE FROM unverified_slices WHERE chunk NOT IN (SELECT digest FROM chunks)")
+    try db.deleteOrphanSlices()
     guard !dead.isEmpty else { return }
-    let del = "DELETE FROM chunks WHERE id = ?"
     do {
       try db.transaction {
-        for d in dead { try db.prepare(del).bind(d.0).run() }
+        for d in dead { try db.deleteChunk(row: d.0) }
       }
     } catch let e as ChunkStoreError { throw e } catch { throw .index(path: indexPath, operation: "sweep", message: "\(error)") }
     adjustStored(removing: dead.reduce(0) { $0 + $1.3 })

@@ -67,3 +67,20 @@ extension ChunkStore {
     }
   }
 }
+
+extension Database {
+  /// The writer connection's settings, and the schema (created if missing).
+  func configureWriter() throws(ChunkStoreError) {
+    try exec("PRAGMA journal_mode=WAL")
+    // FULL: a commit is durable when COMMIT returns, which is what makes a path visible.
+    try exec("PRAGMA synchronous=FULL")
+    // A larger page cache keeps the chunk and content B-trees' upper levels in memory.
+    try exec("PRAGMA cache_size=-65536")
+    try exec(ChunkStore.schema)
+  }
+
+  /// A pooled reader of a writable store: it must never write.
+  func configureReader() throws(ChunkStoreError) {
+    try exec("PRAGMA query_only=1")
+  }
+}

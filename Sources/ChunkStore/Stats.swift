@@ -46,11 +46,7 @@ extension ChunkStore {
   public func storedBytes() throws(ChunkStoreError) -> UInt64 {
     if writer != nil, let total = stateLock.locked({ storedTotal }) { return total }
     let total: UInt64 = try wrap("stored bytes") {
-      try withReader { db in
-        let s = try db.prepare("SELECT COALESCE(SUM(stored), 0) FROM chunks")
-        _ = try s.step()
-        return UInt64(s.int(0))
-      }
+      try withReader { db in try db.sumStoredBytes() }
     }
     if writer != nil { stateLock.locked { storedTotal = total } }
     return total
@@ -69,30 +65,7 @@ extension ChunkStore {
   public func stats() throws(ChunkStoreError) -> StoreStats {
     try wrap("stats") {
       try withReader { db in
-        var st = StoreStats()
-        let p = try db.prepare(
-          "SELECT COUNT(*), COALESCE(SUM(files), 0), COALESCE(SUM(nar_size), 0), COALESCE(SUM(file_bytes), 0) FROM paths WHERE state = 1")
-        _ = try p.step()
-        (st.paths, st.files, st.narBytes, st.logicalBytes) = (Int(p.int(0)), Int(p.int(1)), UInt64(p.int(2)), UInt64(p.int(3)))
-        let i = try db.prepare("SELECT COUNT(*) FROM paths WHERE state = 2")
-        _ = try i.step()
-        st.incompletePaths = Int(i.int(0))
-        let pp = try db.prepare("SELECT COUNT(*) FROM paths WHERE state = 3")
-        _ = try pp.step()
-        st.partialPaths = Int(pp.int(0))
-        let ab = try db.prepare("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM chunks WHERE codec = 2")
-        _ = try ab.step()
-        (st.absentChunks, st.absentBytes) = (Int(ab.int(0)), UInt64(ab.int(1)))
-        let c = try db.prepare("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM contents")
-        _ = try c.step()
-        (st.contents, st.uniqueContentBytes) = (Int(c.int(0)), UInt64(c.int(1)))
-        let k = try db.prepare(
-          "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(stored), 0), COALESCE(SUM(pack IS NULL), 0) FROM chunks WHERE codec != 2")
-        _ = try k.step()
-        (st.chunks, st.chunkBytes, st.storedBytes, st.inlineChunks) = (Int(k.int(0)), UInt64(k.int(1)), UInt64(k.int(2)), Int(k.int(3)))
-        let n = try db.prepare("SELECT COUNT(*) FROM packs")
-        _ = try n.step()
-        st.packs = Int(n.int(0))
+        var st = try db.counts()
         var disk: UInt64 = 0
         let files = ((try? FileManager.default.contentsOfDirectory(atPath: packDirectory)) ?? []).map { packDirectory + "/" + $0 }
           + [indexPath, indexPath + "-wal"]

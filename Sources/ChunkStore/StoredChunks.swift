@@ -77,17 +77,7 @@ extension ChunkStore {
 
   private func locateChunk(_ id: ChunkID) throws(ChunkStoreError) -> ChunkLocations.Location? {
     do {
-      return try withReader { db -> ChunkLocations.Location? in
-        let s = try db.prepare("SELECT size, stored, codec, pack, offset, data FROM chunks WHERE digest = ? AND codec != 2").bind(id)
-        guard try s.step() else { return nil }
-        let chunk = StoredChunk(size: Int(s.int(0)), zstd: (Codec(rawValue: s.int(2)) ?? .raw) == .zstd, storedSize: Int(s.int(1)))
-        let pack: Int64? = s.isNull(3) ? nil : s.int(3)
-        let inline = pack == nil ? s.blob(5) : nil
-        guard pack != nil || inline?.count == chunk.storedSize else {
-          throw ChunkStoreError.chunkCorrupt(chunk: id, pack: 0, offset: 0, reason: "inline data missing")
-        }
-        return ChunkLocations.Location(chunk: chunk, pack: pack, offset: UInt64(s.int(4)), inline: inline)
-      }
+      return try withReader { db in try db.storedChunk(id) }
     } catch let e as ChunkStoreError { throw e } catch { throw .index(path: indexPath, operation: "chunk", message: "\(error)") }
   }
 }
