@@ -60,10 +60,10 @@ extension ChunkStore {
       raw = bytes
     }
     guard raw.count == size else { throw refuse("\(raw.count) bytes, expected \(size)") }
-    guard SHA256Digest.of(raw) == id else { throw refuse("its bytes do not hash to its name") }
+    guard ChunkID.of(raw) == id else { throw refuse("its bytes do not hash to its name") }
     for slice in try slices(in: id) {
       let fits = slice.skip + slice.size <= raw.count
-      let got = fits ? raw.withUnsafeBytes { SHA256Digest.of(UnsafeRawBufferPointer(rebasing: $0[slice.skip..<slice.skip + slice.size])) } : nil
+      let got = fits ? raw.withUnsafeBytes { ContentID.of(UnsafeRawBufferPointer(rebasing: $0[slice.skip..<slice.skip + slice.size])) } : nil
       guard got == slice.content else { throw refuse("the packed file \(slice.content) in it does not match its name") }
     }
     // Small or incompressible chunks are stored as they are.

@@ -83,14 +83,14 @@ extension ChunkStore {
     while try cr.step() { chunkRefs[cr.int(0)] = cr.int(1) }
     // Packed small files, by the shared chunk holding them: their bytes are checked against their
     // digest with the chunk's (the chunk digest alone does not prove where each one starts).
-    var packedIn: [Int64: [(content: Int64, digest: SHA256Digest?, skip: Int, size: Int)]] = [:]
+    var packedIn: [Int64: [(content: Int64, digest: ContentID?, skip: Int, size: Int)]] = [:]
     let pk = try db.prepare(
       """
       SELECT c.id, c.digest, c.skip, c.size, cc.chunk FROM contents c JOIN content_chunks cc ON cc.content = c.id
       JOIN chunks ch ON ch.id = cc.chunk WHERE c.skip > 0 OR c.size < ch.size
       """)
     while try pk.step() {
-      packedIn[pk.int(4), default: []].append((pk.int(0), pk.digest(1), Int(pk.int(2)), Int(pk.int(3))))
+      packedIn[pk.int(4), default: []].append((pk.int(0), pk.contentID(1), Int(pk.int(2)), Int(pk.int(3))))
     }
     // Every chunk: location, bytes, digest, refs.
     let c = try db.prepare("SELECT id, digest, size, stored, codec, pack, offset, data, refs FROM chunks")
@@ -100,7 +100,7 @@ extension ChunkStore {
       scan.chunksChecked += 1
       let row = c.int(0)
       chunkSize[row] = c.int(2)
-      guard let digest = c.digest(1) else {
+      guard let digest = c.chunkID(1) else {
         problem("chunk row \(row): malformed digest")
         scan.badChunkRows.insert(row)
         continue
@@ -136,14 +136,14 @@ extension ChunkStore {
         continue
       }
       let raw: [UInt8]? = c.int(4) == Codec.zstd.rawValue ? decompress(stored, rawSize: Int(c.int(2))) : stored
-      guard let raw, raw.count == Int(c.int(2)), SHA256Digest.of(raw) == digest else {
+      guard let raw, raw.count == Int(c.int(2)), ChunkID.of(raw) == digest else {
         problem("chunk \(digest) (\(location)): content does not match its digest")
         scan.badChunkRows.insert(row)
         continue
       }
       for f in packedIn[row] ?? [] {
         let fits = f.skip + f.size <= raw.count
-        let got = fits ? raw.withUnsafeBytes { SHA256Digest.of(UnsafeRawBufferPointer(rebasing: $0[f.skip..<f.skip + f.size])) } : nil
+        let got = fits ? raw.withUnsafeBytes { ContentID.of(UnsafeRawBufferPointer(rebasing: $0[f.skip..<f.skip + f.size])) } : nil
         if got == nil || got != f.digest {
           problem("content row \(f.content): its \(f.size) bytes at \(f.skip) of chunk \(digest) do not match its digest")
           scan.badContentRows.insert(f.content)
@@ -154,8 +154,8 @@ extension ChunkStore {
       problem("content_chunks references missing chunk row \(row)")
     }
     // Content references as the trees say.
-    var contentRefs: [SHA256Digest: Int64] = [:]
-    var pathContents: [Int64: Set<SHA256Digest>] = [:]
+    var contentRefs: [ContentID: Int64] = [:]
+    var pathContents: [Int64: Set<ContentID>] = [:]
     let t = try db.prepare("SELECT id, store_path, tree FROM paths WHERE state IN (1, 3)")
     while try t.step() {
       scan.pathsChecked += 1
@@ -164,7 +164,7 @@ extension ChunkStore {
         scan.badPathRows.insert(t.int(0))
         continue
       }
-      var mine: Set<SHA256Digest> = []
+      var mine: Set<ContentID> = []
       for n in nodes {
         if case .regular(let cid, _, _) = n.kind {
           contentRefs[cid, default: 0] += 1
@@ -174,12 +174,12 @@ extension ChunkStore {
       pathContents[t.int(0)] = mine
     }
     // Every content: refs, and chunk list covering exactly its size with good chunks.
-    var badContents: Set<SHA256Digest> = []
-    var seenContents: Set<SHA256Digest> = []
+    var badContents: Set<ContentID> = []
+    var seenContents: Set<ContentID> = []
     let listNamed = try Self.schemaFacts(db, indexPath).version >= Self.listNamedVersion
     let ct = try db.prepare("SELECT id, digest, size, refs, skip FROM contents")
-    var contentsList: [(Int64, SHA256Digest?, Int64, Int64, Int64)] = []
-    while try ct.step() { contentsList.append((ct.int(0), ct.digest(1), ct.int(2), ct.int(3), ct.int(4))) }
+    var contentsList: [(Int64, ContentID?, Int64, Int64, Int64)] = []
+    while try ct.step() { contentsList.append((ct.int(0), ct.contentID(1), ct.int(2), ct.int(3), ct.int(4))) }
     for (row, digest, size, refs, skip) in contentsList {
       scan.contentsChecked += 1
       guard let digest else {
@@ -208,7 +208,7 @@ extension ChunkStore {
       let misnamed =
         !bad
         && (count == 1 && skip == 0 && size == expect
-          ? list.first?.id != digest : listNamed && count > 1 && ContentID.ofChunkList(list) != digest)
+          ? list.first.map { ContentID(chunk: $0.id) } != digest : listNamed && count > 1 && ContentID.ofChunkList(list) != digest)
       // The chunks hold exactly the content, or (a packed small file) one chunk holds it.
       if skip < 0 || (skip + size != expect && !(count == 1 && skip + size <= expect)) { bad = true }
       if misnamed {
@@ -250,7 +250,7 @@ extension ChunkStore {
               repaired.append("removed bad chunk row \(row)")
             }
             // Rebuild content refs from the remaining trees.
-            var contentRefs: [SHA256Digest: Int64] = [:]
+            var contentRefs: [ContentID: Int64] = [:]
             for nodes in try db.servableTrees() {
               for n in nodes {
                 if case .regular(let cid, _, _) = n.kind { contentRefs[cid, default: 0] += 1 }

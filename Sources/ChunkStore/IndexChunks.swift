@@ -5,10 +5,10 @@ import Foundation
 // its loop: looking the SQL text up again per row costs more than the row.
 extension Database {
   /// Chunks no content references, as (row, digest, pack, offset, stored size).
-  func unreferencedChunks() throws(ChunkStoreError) -> [(row: Int64, digest: SHA256Digest?, pack: Int64?, offset: UInt64, stored: UInt64)] {
+  func unreferencedChunks() throws(ChunkStoreError) -> [(row: Int64, digest: ChunkID?, pack: Int64?, offset: UInt64, stored: UInt64)] {
     let s = try prepare("SELECT id, digest, pack, offset, stored FROM chunks WHERE refs = 0")
-    var out: [(Int64, SHA256Digest?, Int64?, UInt64, UInt64)] = []
-    while try s.step() { out.append((s.int(0), s.digest(1), s.isNull(2) ? nil : s.int(2), UInt64(s.int(3)), UInt64(s.int(4)))) }
+    var out: [(Int64, ChunkID?, Int64?, UInt64, UInt64)] = []
+    while try s.step() { out.append((s.int(0), s.chunkID(1), s.isNull(2) ? nil : s.int(2), UInt64(s.int(3)), UInt64(s.int(4)))) }
     return out
   }
 
@@ -61,11 +61,11 @@ extension Database {
 
   /// Drops one reference of a chunk row; returns the row's refs, digest, pack, offset and stored
   /// size after that (nil when the row is gone).
-  func releaseChunk(row: Int64) throws(ChunkStoreError) -> (refs: Int64, digest: SHA256Digest?, pack: Int64?, offset: UInt64, stored: UInt64)? {
+  func releaseChunk(row: Int64) throws(ChunkStoreError) -> (refs: Int64, digest: ChunkID?, pack: Int64?, offset: UInt64, stored: UInt64)? {
     try prepare("UPDATE chunks SET refs = refs - 1 WHERE id = ?").bind(row).run()
     let q = try prepare("SELECT refs, digest, pack, offset, stored FROM chunks WHERE id = ?").bind(row)
     guard try q.step() else { return nil }
-    return (q.int(0), q.digest(1), q.isNull(2) ? nil : q.int(2), UInt64(q.int(3)), UInt64(q.int(4)))
+    return (q.int(0), q.chunkID(1), q.isNull(2) ? nil : q.int(2), UInt64(q.int(3)), UInt64(q.int(4)))
   }
 
   /// Binds stored, codec, pack, offset, data, digest: gives an absent chunk its bytes.
@@ -120,7 +120,7 @@ extension Database {
   func slices(in id: ChunkID) throws(ChunkStoreError) -> [(content: ContentID, skip: Int, size: Int)] {
     let s = try prepare("SELECT content, skip, size FROM unverified_slices WHERE chunk = ?").bind(id)
     var out: [(ContentID, Int, Int)] = []
-    while try s.step() { if let d = s.digest(0) { out.append((d, Int(s.int(1)), Int(s.int(2)))) } }
+    while try s.step() { if let d = s.contentID(0) { out.append((d, Int(s.int(1)), Int(s.int(2)))) } }
     return out
   }
 
@@ -131,7 +131,7 @@ extension Database {
         + "FROM unverified_slices s JOIN chunks ch ON ch.digest = s.chunk WHERE ch.codec != 2")
     var out: [(ChunkStore.ChunkLocation, ContentID, Int, Int)] = []
     while try s.step() {
-      guard let content = s.digest(0), let id = s.digest(4) else { continue }
+      guard let content = s.contentID(0), let id = s.chunkID(4) else { continue }
       let loc = ChunkStore.ChunkLocation(
         rowID: s.int(3), id: id, size: Int(s.int(5)), stored: Int(s.int(6)), codec: Codec(rawValue: s.int(7)) ?? .raw,
         pack: s.isNull(8) ? nil : s.int(8), offset: UInt64(s.int(9)))

@@ -53,7 +53,8 @@ extension ChunkPipeline {
             addContentRefs.set(1, m.count)
             addContentRefs.set(2, content)
             try addContentRefs.run()
-            guard db.changes == 1 else { throw ChunkStoreError.chunkMissing(chunk: content, content: content) }
+            // Neither inserted nor there: the content's row is what is missing, not a chunk.
+            guard db.changes == 1 else { throw ChunkStoreError.contentNotFound(content) }
             // A same-named file of several chunks has the same list; one chunk may have been
             // stored (or packed) otherwise.
             if manifest.chunks[content]?.count == 1 { knownSingles.append(content) }
@@ -143,7 +144,7 @@ extension ChunkPipeline {
           addRefs.again()
           addRefs.set(1, n)
           addRefs.set(2, id)
-          guard try addRefs.step() else { throw ChunkStoreError.chunkMissing(chunk: id, content: emptyContent) }
+          guard try addRefs.step() else { throw ChunkStoreError.chunkMissing(chunk: id, content: nil) }
           rowOf[id] = addRefs.int(0)
           _ = try addRefs.step()
         }

@@ -23,7 +23,7 @@ extension Database {
     var starts: [UInt64] = []
     var chunks: [ChunkStore.ChunkLocation] = []
     while try s.step() {
-      guard let d = s.digest(2) else { throw ChunkStoreError.chunkMissing(chunk: content, content: content) }
+      guard let d = s.chunkID(2) else { throw ChunkStoreError.chunkMissing(chunk: nil, content: content) }
       starts.append(UInt64(s.int(0)))
       chunks.append(
         ChunkStore.ChunkLocation(
@@ -62,10 +62,10 @@ extension Database {
   }
 
   /// Every content's row and digest.
-  func contentDigests() throws(ChunkStoreError) -> [(row: Int64, digest: SHA256Digest?)] {
+  func contentDigests() throws(ChunkStoreError) -> [(row: Int64, digest: ContentID?)] {
     let ct = try prepare("SELECT id, digest FROM contents")
-    var rows: [(Int64, SHA256Digest?)] = []
-    while try ct.step() { rows.append((ct.int(0), ct.digest(1))) }
+    var rows: [(Int64, ContentID?)] = []
+    while try ct.step() { rows.append((ct.int(0), ct.contentID(1))) }
     return rows
   }
 

@@ -142,7 +142,7 @@ public final class Ingest: NARSink, @unchecked Sendable {
     case .endFile:
       let i = files.count - 1
       if case let (g, skip)? = files[i].packed {
-        let content = group.withUnsafeBytes { SHA256Digest.of(UnsafeRawBufferPointer(rebasing: $0[skip...])) }
+        let content = group.withUnsafeBytes { ContentID.of(UnsafeRawBufferPointer(rebasing: $0[skip...])) }
         files[i].content = content
         if let earlier = packedContents[content] {
           group.removeLast(group.count - skip)
@@ -197,9 +197,9 @@ public final class Ingest: NARSink, @unchecked Sendable {
       for i in files.indices {
         let jobs = files[i].packed.map { [groupJobs[$0.group]] } ?? Array(files[i].firstJob..<files[i].firstJob + files[i].jobCount)
         let list = jobs.compactMap { results[$0] }
-        guard list.count == jobs.count else { throw ChunkStoreError.chunkMissing(chunk: emptyContent, content: emptyContent) }
+        guard list.count == jobs.count else { throw ChunkStoreError.chunkMissing(chunk: nil, content: files[i].content) }
         // Empty and packed files are named already; one chunk: the file's SHA-256 is its name.
-        let content = files[i].content ?? (list.count == 1 ? list[0].id : .ofChunkList(list))
+        let content = files[i].content ?? (list.count == 1 ? ContentID(chunk: list[0].id) : .ofChunkList(list))
         files[i].content = content
         chunks[content] = list
         if let p = files[i].packed {
@@ -253,7 +253,7 @@ public final class Ingest: NARSink, @unchecked Sendable {
   }
 }
 
-let emptyContent = SHA256Digest.of([UInt8]())
+let emptyContent = ContentID.of([UInt8]())
 
 /// Why `ChunkStore.ingest(_:fetching:)` did not store a NAR: the fetch failed or refused it, or the
 /// store could not take it. Either way nothing of it was kept.

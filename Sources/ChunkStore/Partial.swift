@@ -99,7 +99,7 @@ extension ChunkStore {
         let raw = try chunkBytes(loc)
         let ok =
           skip + size <= raw.count
-          && raw.withUnsafeBytes { SHA256Digest.of(UnsafeRawBufferPointer(rebasing: $0[skip..<skip + size])) } == content
+          && raw.withUnsafeBytes { ContentID.of(UnsafeRawBufferPointer(rebasing: $0[skip..<skip + size])) } == content
         if !ok { bad = content }
       }
     }
@@ -136,7 +136,7 @@ extension ChunkStore {
         guard content == emptyContent else { throw refuse("an empty file is not named as empty") }
       } else {
         guard total == size else { throw refuse("content \(content): chunks hold \(total) bytes, the file \(size)") }
-        let name = refs.count == 1 ? refs[0].id : ContentID.ofChunkList(refs)
+        let name = refs.count == 1 ? ContentID(chunk: refs[0].id) : ContentID.ofChunkList(refs)
         guard name == content else { throw refuse("content \(content) is not named by its chunks") }
       }
     }

@@ -182,7 +182,7 @@ final class ChunkPipeline: @unchecked Sendable {
   private func process(
     _ index: Int, _ bytes: UnsafeRawBufferPointer, _ cctx: OpaquePointer, _ staging: Staging
   ) throws(ChunkStoreError) {
-    let id = SHA256Digest.of(bytes)
+    let id = ChunkID.of(bytes)
     let known: Bool = cond.locked {
       resultSlots[index] = ChunkRef(id: id, size: UInt32(bytes.count))
       return !claimed.insert(id).inserted

@@ -102,11 +102,8 @@ final class Statement {
         x.withUnsafeBytes { b in
           _ = sqlite3_bind_blob(handle, idx, b.baseAddress ?? UnsafeRawPointer(bitPattern: 1), Int32(b.count), nixfs_sqlite_transient())
         }
-      case let x as SHA256Digest:
-        // Big-endian words laid out in order are the digest's bytes; no array needed.
-        withUnsafeBytes(of: (x.w0.bigEndian, x.w1.bigEndian, x.w2.bigEndian, x.w3.bigEndian)) { b in
-          _ = sqlite3_bind_blob(handle, idx, b.baseAddress, 32, nixfs_sqlite_transient())
-        }
+      case let x as SHA256Digest: set(idx, x)
+      case let x as any DigestName: set(idx, x.digest)
       default: preconditionFailure("unsupported SQL value \(String(describing: v))")
       }
     }
@@ -125,7 +122,9 @@ final class Statement {
   func set(_ idx: Int32, _ v: Int) { sqlite3_bind_int64(handle, idx, Int64(v)) }
   func set(_ idx: Int32, _ v: UInt64) { sqlite3_bind_int64(handle, idx, Int64(bitPattern: v)) }
   func setNull(_ idx: Int32) { sqlite3_bind_null(handle, idx) }
+  func set(_ idx: Int32, _ name: some DigestName) { set(idx, name.digest) }
   func set(_ idx: Int32, _ d: SHA256Digest) {
+    // Big-endian words laid out in order are the digest's bytes; no array needed.
     withUnsafeBytes(of: (d.w0.bigEndian, d.w1.bigEndian, d.w2.bigEndian, d.w3.bigEndian)) { b in
       _ = sqlite3_bind_blob(handle, idx, b.baseAddress, 32, nixfs_sqlite_transient())
     }
@@ -166,6 +165,8 @@ final class Statement {
     guard sqlite3_column_bytes(handle, col) == 32, let p = sqlite3_column_blob(handle, col) else { return nil }
     return SHA256Digest(bytes: UnsafeRawBufferPointer(start: p, count: 32))
   }
+  func chunkID(_ col: Int32) -> ChunkID? { digest(col).map(ChunkID.init) }
+  func contentID(_ col: Int32) -> ContentID? { digest(col).map(ContentID.init) }
 }
 
 protocol SQLValue {}
@@ -175,3 +176,5 @@ extension UInt64: SQLValue {}
 extension String: SQLValue {}
 extension Array: SQLValue where Element == UInt8 {}
 extension SHA256Digest: SQLValue {}
+extension ChunkID: SQLValue {}
+extension ContentID: SQLValue {}

@@ -46,7 +46,7 @@ extension Manifest {
         kind = .directory(firstChild: UInt32(first), childCount: UInt32(cnt))
       case 1, 2:
         guard let size = r.varint(), let d = r.take(32) else { return nil }
-        kind = .regular(content: SHA256Digest(bytes: d), size: size, executable: tag == 2)
+        kind = .regular(content: ContentID(bytes: d), size: size, executable: tag == 2)
       case 3:
         guard let len = r.varint(), len < 1 << 16, let t = r.take(Int(len)) else { return nil }
         kind = .symlink(target: t)

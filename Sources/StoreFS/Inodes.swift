@@ -17,7 +17,7 @@ enum Inode {
 
   /// 62 bits of a content digest: the file's inode number less the tag and executable bit.
   static func fileNumber(_ content: ContentID) -> UInt64 {
-    content.w0 & (1 << 62 - 1)
+    content.digest.w0 & (1 << 62 - 1)
   }
 
   static func node(instance: UInt32, index: Int32) -> UInt64 {
