@@ -2,7 +2,7 @@
 import PackageDescription
 
 // Layers, bottom up (a lower layer never imports a higher one):
-//   C shims -> NixFormats (pure) -> cache client -> chunk store -> filesystem -> CSI -> nixfs;
+//   C shims -> NixFormats (pure), SQLiteDatabase -> cache client -> chunk store -> filesystem -> CSI -> nixfs;
 //   NodeControl (the local control protocol) sits beside them, under the filesystem and CSI.
 let strict: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
 
@@ -46,11 +46,15 @@ let package = Package(
       dependencies: [.product(name: "Crypto", package: "swift-crypto")],
       swiftSettings: strict),
 
+    // One SQLite wrapper (connections, cached statements, typed binds) for the chunk store's index
+    // and the narinfo cache.
+    .target(name: "SQLiteDatabase", dependencies: ["CSQLite"], swiftSettings: strict),
+
     // Binary cache client: substituters, narinfo cache, NAR download, decompression, verification.
     .target(
       name: "BinaryCache",
       dependencies: [
-        "NixFormats", "CCurl", "CZstd", "CLzma", "CBzip2", "CSQLite",
+        "NixFormats", "CCurl", "CZstd", "CLzma", "CBzip2", "SQLiteDatabase",
         .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),
@@ -59,7 +63,7 @@ let package = Package(
     .target(
       name: "ChunkStore",
       dependencies: [
-        "NixFormats", "CZstd", "CSQLite",
+        "NixFormats", "CZstd", "CSQLite", "SQLiteDatabase",
         .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
       ],
