@@ -60,86 +60,69 @@ extension ChunkStore {
     func problem(_ s: String) {
       if scan.problems.count < 1000 { scan.problems.append(s) }
     }
-    let integrity = try db.prepare("PRAGMA quick_check")
-    while try integrity.step() {
-      if let t = integrity.text(0), t != "ok" { problem("index: \(t)") }
-    }
+    for t in try db.integrityProblems() { problem("index: \(t)") }
     // Packs.
     var committed: [Int64: UInt64] = [:]
-    let p = try db.prepare("SELECT id, committed FROM packs")
-    while try p.step() {
-      let id = p.int(0)
-      committed[id] = UInt64(p.int(1))
+    for (id, length) in try db.packCommits() {
+      committed[id] = UInt64(length)
       var st = stat()
       if stat(packPath(id), &st) != 0 {
-        if p.int(1) > 0 { problem("pack \(id): file \(packPath(id)) is missing") }
-      } else if UInt64(st.st_size) < UInt64(p.int(1)) {
-        problem("pack \(id): file is \(st.st_size) bytes, index says \(p.int(1)) are committed")
+        if length > 0 { problem("pack \(id): file \(packPath(id)) is missing") }
+      } else if UInt64(st.st_size) < UInt64(length) {
+        problem("pack \(id): file is \(st.st_size) bytes, index says \(length) are committed")
       }
     }
     // Chunk reference counts as the contents say.
-    var chunkRefs: [Int64: Int64] = [:]
-    let cr = try db.prepare("SELECT chunk, COUNT(*) FROM content_chunks GROUP BY chunk")
-    while try cr.step() { chunkRefs[cr.int(0)] = cr.int(1) }
+    let chunkRefs = try db.chunkListReferences()
     // Packed small files, by the shared chunk holding them: their bytes are checked against their
     // digest with the chunk's (the chunk digest alone does not prove where each one starts).
-    var packedIn: [Int64: [(content: Int64, digest: ContentID?, skip: Int, size: Int)]] = [:]
-    let pk = try db.prepare(
-      """
-      SELECT c.id, c.digest, c.skip, c.size, cc.chunk FROM contents c JOIN content_chunks cc ON cc.content = c.id
-      JOIN chunks ch ON ch.id = cc.chunk WHERE c.skip > 0 OR c.size < ch.size
-      """)
-    while try pk.step() {
-      packedIn[pk.int(4), default: []].append((pk.int(0), pk.contentID(1), Int(pk.int(2)), Int(pk.int(3))))
-    }
+    let packedIn = try db.packedFilesByChunk()
     // Every chunk: location, bytes, digest, refs.
-    let c = try db.prepare("SELECT id, digest, size, stored, codec, pack, offset, data, refs FROM chunks")
     var chunkSize: [Int64: Int64] = [:]
     var chunkDigest: [Int64: ChunkID] = [:]
-    while try c.step() {
+    try db.forEachChunk { c in
       scan.chunksChecked += 1
-      let row = c.int(0)
-      chunkSize[row] = c.int(2)
-      guard let digest = c.chunkID(1) else {
+      let row = c.row
+      chunkSize[row] = c.size
+      guard let digest = c.digest else {
         problem("chunk row \(row): malformed digest")
         scan.badChunkRows.insert(row)
-        continue
+        return
       }
       chunkDigest[row] = digest
-      let refs = c.int(8)
+      let refs = c.refs
       if refs != (chunkRefs[row] ?? 0) {
         problem("chunk \(digest): reference count \(refs), but \(chunkRefs[row] ?? 0) content references")
       }
       if refs == 0 && chunkRefs[row] == nil && !isBorrowed(digest) { problem("chunk \(digest): orphan (no references)") }
-      if c.int(4) == Codec.absent.rawValue {
+      if c.codec == Codec.absent.rawValue {
         // A partial path's chunk not fetched yet: nothing to check but its references.
         scan.chunksAbsent += 1
-        continue
+        return
       }
       let stored: [UInt8]?
-      let offset = UInt64(c.int(6))
-      let storedSize = Int(c.int(3))
-      if c.isNull(5) {
-        stored = c.blob(7)
-      } else {
-        let pack = c.int(5)
+      let offset = c.offset
+      let storedSize = Int(c.stored)
+      if let pack = c.pack {
         if let limit = committed[pack], offset + UInt64(storedSize) <= limit {
           stored = preadFully(try packFD(pack), count: storedSize, offset: offset)
         } else {
           stored = nil
         }
+      } else {
+        stored = c.inline
       }
-      let location = c.isNull(5) ? "inline" : "pack \(c.int(5)) offset \(offset)"
+      let location = c.pack.map { "pack \($0) offset \(offset)" } ?? "inline"
       guard let stored, stored.count == storedSize else {
         problem("chunk \(digest) (\(location)): stored bytes missing or short")
         scan.badChunkRows.insert(row)
-        continue
+        return
       }
-      let raw: [UInt8]? = c.int(4) == Codec.zstd.rawValue ? decompress(stored, rawSize: Int(c.int(2))) : stored
-      guard let raw, raw.count == Int(c.int(2)), ChunkID.of(raw) == digest else {
+      let raw: [UInt8]? = c.codec == Codec.zstd.rawValue ? decompress(stored, rawSize: Int(c.size)) : stored
+      guard let raw, raw.count == Int(c.size), ChunkID.of(raw) == digest else {
         problem("chunk \(digest) (\(location)): content does not match its digest")
         scan.badChunkRows.insert(row)
-        continue
+        return
       }
       for f in packedIn[row] ?? [] {
         let fits = f.skip + f.size <= raw.count
@@ -156,13 +139,12 @@ extension ChunkStore {
     // Content references as the trees say.
     var contentRefs: [ContentID: Int64] = [:]
     var pathContents: [Int64: Set<ContentID>] = [:]
-    let t = try db.prepare("SELECT id, store_path, tree FROM paths WHERE state IN (1, 3)")
-    while try t.step() {
+    try db.forEachServablePath { pathRow, path, tree in
       scan.pathsChecked += 1
-      guard let blob = t.blob(2), let nodes = Manifest.decodeTree(blob) else {
-        problem("\(t.text(1) ?? "?"): tree does not decode")
-        scan.badPathRows.insert(t.int(0))
-        continue
+      guard let blob = tree, let nodes = Manifest.decodeTree(blob) else {
+        problem("\(path ?? "?"): tree does not decode")
+        scan.badPathRows.insert(pathRow)
+        return
       }
       var mine: Set<ContentID> = []
       for n in nodes {
@@ -171,16 +153,13 @@ extension ChunkStore {
           mine.insert(cid)
         }
       }
-      pathContents[t.int(0)] = mine
+      pathContents[pathRow] = mine
     }
     // Every content: refs, and chunk list covering exactly its size with good chunks.
     var badContents: Set<ContentID> = []
     var seenContents: Set<ContentID> = []
     let listNamed = try Self.schemaFacts(db, indexPath).version >= Self.listNamedVersion
-    let ct = try db.prepare("SELECT id, digest, size, refs, skip FROM contents")
-    var contentsList: [(Int64, ContentID?, Int64, Int64, Int64)] = []
-    while try ct.step() { contentsList.append((ct.int(0), ct.contentID(1), ct.int(2), ct.int(3), ct.int(4))) }
-    for (row, digest, size, refs, skip) in contentsList {
+    for (row, digest, size, refs, skip) in try db.contentRows() {
       scan.contentsChecked += 1
       guard let digest else {
         problem("content row \(row): malformed digest")
@@ -190,16 +169,14 @@ extension ChunkStore {
       if refs != contentRefs[digest] ?? 0 {
         problem("content \(digest): reference count \(refs), but \(contentRefs[digest] ?? 0) files reference it")
       }
-      let l = try db.prepare("SELECT offset, chunk FROM content_chunks WHERE content = ? ORDER BY offset").bind(row)
       var expect: Int64 = 0
       var count = 0
       var list: [ChunkRef] = []
       let reported = scan.badContentRows.contains(row)
       var bad = reported
-      while try l.step() {
-        let chunk = l.int(1)
-        if l.int(0) != expect || chunkSize[chunk] == nil || scan.badChunkRows.contains(chunk) { bad = true }
-        expect = l.int(0) + (chunkSize[chunk] ?? 0)
+      for (offset, chunk) in try db.chunkList(ofContent: row) {
+        if offset != expect || chunkSize[chunk] == nil || scan.badChunkRows.contains(chunk) { bad = true }
+        expect = offset + (chunkSize[chunk] ?? 0)
         count += 1
         if let d = chunkDigest[chunk], let n = chunkSize[chunk] { list.append(ChunkRef(id: d, size: UInt32(n))) }
       }
