@@ -1,4 +1,6 @@
-internal import CSQLite
+// Public: the small wrappers below are inlinable, so the callers' hot loops (a commit binds
+// thousands of rows, a cold read runs three statements) call SQLite directly.
+import CSQLite
 import Foundation
 
 /// How a user of this wrapper reports SQLite's failures: as its own error, made from the
@@ -13,7 +15,7 @@ public protocol SQLiteFailure: Error {
 public final class Database<Failure: SQLiteFailure>: @unchecked Sendable {
   public let handle: OpaquePointer
   public let path: String
-  private var statements: [String: Statement<Failure>] = [:]
+  @usableFromInline var statements: [String: Statement<Failure>] = [:]
 
   /// `serialized`: SQLite's own mutex on every call (FULLMUTEX), for a connection several threads
   /// may use; without it (NOMUTEX) one thread at a time must, as the chunk store's pool ensures.
@@ -39,7 +41,7 @@ public final class Database<Failure: SQLiteFailure>: @unchecked Sendable {
     sqlite3_close_v2(handle)
   }
 
-  public func error(_ operation: String) -> Failure {
+  @inlinable public func error(_ operation: String) -> Failure {
     .sqlite(path: path, operation: operation, message: String(cString: sqlite3_errmsg(handle)))
   }
 
@@ -53,7 +55,7 @@ public final class Database<Failure: SQLiteFailure>: @unchecked Sendable {
   }
 
   /// A cached prepared statement, reset and with bindings cleared.
-  public func prepare(_ sql: String) throws(Failure) -> Statement<Failure> {
+  @inlinable public func prepare(_ sql: String) throws(Failure) -> Statement<Failure> {
     if let s = statements[sql] {
       sqlite3_reset(s.handle)
       sqlite3_clear_bindings(s.handle)
@@ -83,24 +85,24 @@ public final class Database<Failure: SQLiteFailure>: @unchecked Sendable {
 
   /// Resets every cached statement: a statement left mid-result keeps its read snapshot open,
   /// which would pin the WAL and hide later commits from this connection.
-  public func resetAll() {
+  @inlinable public func resetAll() {
     for s in statements.values { sqlite3_reset(s.handle) }
   }
 
-  public var changes: Int { Int(sqlite3_changes(handle)) }
-  public var lastInsertRowID: Int64 { sqlite3_last_insert_rowid(handle) }
+  @inlinable public var changes: Int { Int(sqlite3_changes(handle)) }
+  @inlinable public var lastInsertRowID: Int64 { sqlite3_last_insert_rowid(handle) }
 }
 
 public final class Statement<Failure: SQLiteFailure> {
-  let handle: OpaquePointer
-  unowned let db: Database<Failure>
-  init(handle: OpaquePointer, db: Database<Failure>) {
+  @usableFromInline let handle: OpaquePointer
+  @usableFromInline unowned let db: Database<Failure>
+  @usableFromInline init(handle: OpaquePointer, db: Database<Failure>) {
     self.handle = handle
     self.db = db
   }
 
   @discardableResult
-  public func bind(_ values: (any SQLValue)?...) -> Statement {
+  @inlinable public func bind(_ values: (any SQLValue)?...) -> Statement {
     for (i, v) in values.enumerated() {
       let idx = Int32(i + 1)
       if let v { v.bind(to: self, at: idx) } else { setNull(idx) }
@@ -112,17 +114,17 @@ public final class Statement<Failure: SQLiteFailure> {
   // costs more than SQLite's own work for a small row.
   /// Resets for another execution, keeping the bindings.
   @discardableResult
-  public func again() -> Statement {
+  @inlinable public func again() -> Statement {
     sqlite3_reset(handle)
     return self
   }
-  public func set(_ idx: Int32, _ v: Int64) { sqlite3_bind_int64(handle, idx, v) }
-  public func set(_ idx: Int32, _ v: Int) { sqlite3_bind_int64(handle, idx, Int64(v)) }
-  public func set(_ idx: Int32, _ v: UInt64) { sqlite3_bind_int64(handle, idx, Int64(bitPattern: v)) }
-  public func set(_ idx: Int32, _ v: Double) { sqlite3_bind_double(handle, idx, v) }
-  public func set(_ idx: Int32, _ v: String) { sqlite3_bind_text(handle, idx, v, -1, nixfs_sqlite_transient()) }
-  public func setNull(_ idx: Int32) { sqlite3_bind_null(handle, idx) }
-  public func set(_ idx: Int32, blob x: [UInt8]) {
+  @inlinable public func set(_ idx: Int32, _ v: Int64) { sqlite3_bind_int64(handle, idx, v) }
+  @inlinable public func set(_ idx: Int32, _ v: Int) { sqlite3_bind_int64(handle, idx, Int64(v)) }
+  @inlinable public func set(_ idx: Int32, _ v: UInt64) { sqlite3_bind_int64(handle, idx, Int64(bitPattern: v)) }
+  @inlinable public func set(_ idx: Int32, _ v: Double) { sqlite3_bind_double(handle, idx, v) }
+  @inlinable public func set(_ idx: Int32, _ v: String) { sqlite3_bind_text(handle, idx, v, -1, nixfs_sqlite_transient()) }
+  @inlinable public func setNull(_ idx: Int32) { sqlite3_bind_null(handle, idx) }
+  @inlinable public func set(_ idx: Int32, blob x: [UInt8]) {
     x.withUnsafeBytes { b in
       // A non-null pointer even when empty: a null one would bind NULL, not an empty blob.
       let p = b.baseAddress ?? UnsafeRawPointer(bitPattern: 1)
@@ -130,30 +132,30 @@ public final class Statement<Failure: SQLiteFailure> {
     }
   }
   /// Binds a blob copied from `bytes` (which need not outlive the call).
-  public func set(_ idx: Int32, blobBytes bytes: UnsafeRawBufferPointer) {
+  @inlinable public func set(_ idx: Int32, blobBytes bytes: UnsafeRawBufferPointer) {
     _ = sqlite3_bind_blob(handle, idx, bytes.baseAddress, Int32(bytes.count), nixfs_sqlite_transient())
   }
 
   /// Steps once: true when a row is available.
-  public func step() throws(Failure) -> Bool {
+  @inlinable public func step() throws(Failure) -> Bool {
     let rc = sqlite3_step(handle)
     if rc == SQLITE_ROW { return true }
     if rc == SQLITE_DONE { return false }
     throw db.error("step \(String(cString: sqlite3_sql(handle)).prefix(60))")
   }
 
-  public func run() throws(Failure) {
+  @inlinable public func run() throws(Failure) {
     while try step() {}
   }
 
-  public func int(_ col: Int32) -> Int64 { sqlite3_column_int64(handle, col) }
-  public func double(_ col: Int32) -> Double { sqlite3_column_double(handle, col) }
-  public func isNull(_ col: Int32) -> Bool { sqlite3_column_type(handle, col) == SQLITE_NULL }
-  public func text(_ col: Int32) -> String? {
+  @inlinable public func int(_ col: Int32) -> Int64 { sqlite3_column_int64(handle, col) }
+  @inlinable public func double(_ col: Int32) -> Double { sqlite3_column_double(handle, col) }
+  @inlinable public func isNull(_ col: Int32) -> Bool { sqlite3_column_type(handle, col) == SQLITE_NULL }
+  @inlinable public func text(_ col: Int32) -> String? {
     guard let p = sqlite3_column_text(handle, col) else { return nil }
     return String(cString: p)
   }
-  public func blob(_ col: Int32) -> [UInt8]? {
+  @inlinable public func blob(_ col: Int32) -> [UInt8]? {
     if isNull(col) { return nil }
     let n = Int(sqlite3_column_bytes(handle, col))
     guard n > 0, let p = sqlite3_column_blob(handle, col) else { return [] }
@@ -161,7 +163,7 @@ public final class Statement<Failure: SQLiteFailure> {
   }
   /// A blob column's bytes in place, valid until the statement steps or resets; nil for NULL (or
   /// an empty blob).
-  public func blobBytes(_ col: Int32) -> UnsafeRawBufferPointer? {
+  @inlinable public func blobBytes(_ col: Int32) -> UnsafeRawBufferPointer? {
     let n = Int(sqlite3_column_bytes(handle, col))
     guard let p = sqlite3_column_blob(handle, col) else { return nil }
     return UnsafeRawBufferPointer(start: p, count: n)
@@ -174,20 +176,20 @@ public protocol SQLValue {
 }
 
 extension Int64: SQLValue {
-  public func bind<F>(to statement: Statement<F>, at index: Int32) { statement.set(index, self) }
+  @inlinable public func bind<F>(to statement: Statement<F>, at index: Int32) { statement.set(index, self) }
 }
 extension Int: SQLValue {
-  public func bind<F>(to statement: Statement<F>, at index: Int32) { statement.set(index, self) }
+  @inlinable public func bind<F>(to statement: Statement<F>, at index: Int32) { statement.set(index, self) }
 }
 extension UInt64: SQLValue {
-  public func bind<F>(to statement: Statement<F>, at index: Int32) { statement.set(index, self) }
+  @inlinable public func bind<F>(to statement: Statement<F>, at index: Int32) { statement.set(index, self) }
 }
 extension Double: SQLValue {
-  public func bind<F>(to statement: Statement<F>, at index: Int32) { statement.set(index, self) }
+  @inlinable public func bind<F>(to statement: Statement<F>, at index: Int32) { statement.set(index, self) }
 }
 extension String: SQLValue {
-  public func bind<F>(to statement: Statement<F>, at index: Int32) { statement.set(index, self) }
+  @inlinable public func bind<F>(to statement: Statement<F>, at index: Int32) { statement.set(index, self) }
 }
 extension Array: SQLValue where Element == UInt8 {
-  public func bind<F>(to statement: Statement<F>, at index: Int32) { statement.set(index, blob: self) }
+  @inlinable public func bind<F>(to statement: Statement<F>, at index: Int32) { statement.set(index, blob: self) }
 }
