@@ -2,8 +2,9 @@
 import PackageDescription
 
 // Layers, bottom up (a lower layer never imports a higher one):
-//   C shims -> NixFormats (pure) -> BinaryCache -> ChunkStore -> StoreFS (the FUSE-free core)
-//   -> FuseMount (libfuse) -> NodeDaemon (substitution, control) -> CSINode / NixServe -> nixfs;
+//   C shims, SystemCalls, SQLiteDatabase -> NixFormats (pure) -> BinaryCache -> ChunkStore
+//   -> StoreFS (the FUSE-free core) -> FuseMount (libfuse) -> NodeDaemon (substitution, control)
+//   -> CSINode / NixServe -> nixfs;
 //   NodeControl (the local control protocol) sits beside them, under the filesystem and CSI.
 //   StoreFS knows no cache client: it fetches through its Materialiser protocol.
 let strict: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
@@ -55,11 +56,15 @@ let package = Package(
       dependencies: ["BuildInfo", .product(name: "Crypto", package: "swift-crypto")],
       swiftSettings: strict),
 
+    // One SQLite wrapper (connections, cached statements, typed binds) for the chunk store's index
+    // and the narinfo cache.
+    .target(name: "SQLiteDatabase", dependencies: ["CSQLite"], swiftSettings: strict),
+
     // Binary cache client: substituters, narinfo cache, NAR download, decompression, verification.
     .target(
       name: "BinaryCache",
       dependencies: [
-        "NixFormats", "CCurl", "CZstd", "CLzma", "CBzip2", "CSQLite",
+        "NixFormats", "CCurl", "CZstd", "CLzma", "CBzip2", "SQLiteDatabase",
         .product(name: "Logging", package: "swift-log"),
         .product(name: "CoreMetrics", package: "swift-metrics"),
       ],
@@ -69,7 +74,7 @@ let package = Package(
     .target(
       name: "ChunkStore",
       dependencies: [
-        "NixFormats", "CZstd", "CSQLite",
+        "NixFormats", "CZstd", "CSQLite", "SQLiteDatabase",
         .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
       ],

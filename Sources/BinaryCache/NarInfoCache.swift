@@ -1,10 +1,16 @@
-import CSQLite
 import Foundation
+import SQLiteDatabase
 
 /// What a substituter said about a path, remembered for a while (Nix's narinfo disk cache).
 enum CachedLookup: Equatable {
   case present(String)  // the narinfo text
   case absent
+}
+
+/// SQLite's message alone: the cache's own errors say which file and step failed.
+struct NarInfoCacheFailure: SQLiteFailure {
+  let message: String
+  static func sqlite(path: String, operation: String, message: String) -> NarInfoCacheFailure { .init(message: message) }
 }
 
 /// Positive and negative narinfo lookups, per substituter, with TTLs. Persisted in SQLite under the
@@ -14,7 +20,7 @@ final class NarInfoCache: @unchecked Sendable {
   let positiveTTL: Double
   let negativeTTL: Double
   private let lock = NSLock()
-  private var db: OpaquePointer? = nil
+  private var db: Database<NarInfoCacheFailure>? = nil
   private var memory: [String: (CachedLookup, Double)] = [:]
   let path: String?
 
@@ -43,15 +49,10 @@ final class NarInfoCache: @unchecked Sendable {
       throw .invalidConfiguration("cannot create narinfo cache \(file): \(reason)")
     }
     close(fd)
-    var handle: OpaquePointer? = nil
-    let flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX
-    guard sqlite3_open_v2(file, &handle, flags, nil) == SQLITE_OK, let handle else {
-      let message = handle.map { String(cString: sqlite3_errmsg($0)) } ?? "out of memory"
-      sqlite3_close(handle)
-      throw .invalidConfiguration("cannot open narinfo cache \(file): \(message)")
+    let handle: Database<NarInfoCacheFailure>
+    do { handle = try Database(path: file, serialized: true, busyTimeout: 5000) } catch {
+      throw .invalidConfiguration("cannot open narinfo cache \(file): \(error.message)")
     }
-    db = handle
-    sqlite3_busy_timeout(handle, 5000)
     // WAL without fsync per commit: losing the last lookups in a power cut only costs a re-fetch.
     let schema = """
       PRAGMA journal_mode=WAL;
@@ -65,16 +66,10 @@ final class NarInfoCache: @unchecked Sendable {
         PRIMARY KEY (substituter, hash_part)
       ) WITHOUT ROWID;
       """
-    if sqlite3_exec(handle, schema, nil, nil, nil) != SQLITE_OK {
-      let message = String(cString: sqlite3_errmsg(handle))
-      sqlite3_close(handle)
-      db = nil
-      throw .invalidConfiguration("cannot initialise narinfo cache \(file): \(message)")
+    do { try handle.exec(schema) } catch {
+      throw .invalidConfiguration("cannot initialise narinfo cache \(file): \(error.message)")
     }
-  }
-
-  deinit {
-    if let db { sqlite3_close(db) }
+    db = handle
   }
 
   /// A fresh entry, or nil when there is none or it has expired.
@@ -99,38 +94,27 @@ final class NarInfoCache: @unchecked Sendable {
       memory["\(substituter)\n\(hashPart)"] = (value, now)
       return
     }
-    var stmt: OpaquePointer? = nil
     let sql = "INSERT OR REPLACE INTO narinfos (substituter, hash_part, present, narinfo, timestamp) VALUES (?, ?, ?, ?, ?)"
-    guard sqlite3_prepare_v2(db, sql, -1, &stmt, nil) == SQLITE_OK else { return }
-    defer { sqlite3_finalize(stmt) }
-    let transient = nixfs_sqlite_transient()
-    sqlite3_bind_text(stmt, 1, substituter, -1, transient)
-    sqlite3_bind_text(stmt, 2, hashPart, -1, transient)
+    guard let stmt = try? db.prepare(sql) else { return }
+    defer { db.resetAll() }
     switch value {
-    case .present(let text):
-      sqlite3_bind_int(stmt, 3, 1)
-      sqlite3_bind_text(stmt, 4, text, -1, transient)
-    case .absent:
-      sqlite3_bind_int(stmt, 3, 0)
-      sqlite3_bind_null(stmt, 4)
+    case .present(let text): stmt.bind(substituter, hashPart, 1, text, now)
+    case .absent: stmt.bind(substituter, hashPart, 0, nil, now)
     }
-    sqlite3_bind_double(stmt, 5, now)
     // A failed write only costs a future re-fetch; never fail a lookup over it.
-    _ = sqlite3_step(stmt)
+    _ = try? stmt.step()
   }
 
-  private func query(_ db: OpaquePointer, substituter: String, hashPart: String) -> (CachedLookup, Double)? {
-    var stmt: OpaquePointer? = nil
+  private func query(_ db: Database<NarInfoCacheFailure>, substituter: String, hashPart: String) -> (CachedLookup, Double)? {
     let sql = "SELECT present, narinfo, timestamp FROM narinfos WHERE substituter = ? AND hash_part = ?"
-    guard sqlite3_prepare_v2(db, sql, -1, &stmt, nil) == SQLITE_OK else { return nil }
-    defer { sqlite3_finalize(stmt) }
-    let transient = nixfs_sqlite_transient()
-    sqlite3_bind_text(stmt, 1, substituter, -1, transient)
-    sqlite3_bind_text(stmt, 2, hashPart, -1, transient)
-    guard sqlite3_step(stmt) == SQLITE_ROW else { return nil }
-    let timestamp = sqlite3_column_double(stmt, 2)
-    if sqlite3_column_int(stmt, 0) == 0 { return (.absent, timestamp) }
-    guard let text = sqlite3_column_text(stmt, 1) else { return nil }
-    return (.present(String(cString: text)), timestamp)
+    guard let stmt = try? db.prepare(sql) else { return nil }
+    // Reset once read: a statement left on its row would keep a read snapshot of the WAL open.
+    defer { db.resetAll() }
+    stmt.bind(substituter, hashPart)
+    guard (try? stmt.step()) == true else { return nil }
+    let timestamp = stmt.double(2)
+    if stmt.int(0) == 0 { return (.absent, timestamp) }
+    guard let text = stmt.text(1) else { return nil }
+    return (.present(text), timestamp)
   }
 }

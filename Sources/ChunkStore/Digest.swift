@@ -109,14 +109,60 @@ extension SHA256Digest: CodingKeyRepresentable {
   }
 }
 
+/// What a chunk's name and a content's name share: a SHA-256-sized digest, hashed, ordered and
+/// written (hex, in JSON and as a dictionary key) as the digest. Two types, not one, so that a
+/// content's name cannot be passed where a chunk's is meant, or the other way round.
+public protocol DigestName: Hashable, Comparable, Sendable, CustomStringConvertible, Codable, CodingKeyRepresentable {
+  var digest: SHA256Digest { get }
+  init(_ digest: SHA256Digest)
+}
+
+extension DigestName {
+  public init(bytes: some Collection<UInt8>) { self.init(SHA256Digest(bytes: bytes)) }
+
+  public init?(hex: String) {
+    guard let d = SHA256Digest(hex: hex) else { return nil }
+    self.init(d)
+  }
+
+  /// Named by the SHA-256 of these bytes.
+  public static func of(_ bytes: UnsafeRawBufferPointer) -> Self { Self(SHA256Digest.of(bytes)) }
+  public static func of(_ bytes: [UInt8]) -> Self { Self(SHA256Digest.of(bytes)) }
+
+  public var bytes: [UInt8] { digest.bytes }
+  public var hex: String { digest.hex }
+  public var description: String { digest.hex }
+
+  public func hash(into hasher: inout Hasher) { digest.hash(into: &hasher) }
+  public static func == (a: Self, b: Self) -> Bool { a.digest == b.digest }
+  public static func < (a: Self, b: Self) -> Bool { a.digest < b.digest }
+
+  // These defaults take precedence over synthesis: the JSON form stays the digest's hex string.
+  public init(from decoder: any Decoder) throws { self.init(try SHA256Digest(from: decoder)) }
+  public func encode(to encoder: any Encoder) throws { try digest.encode(to: encoder) }
+  public var codingKey: any CodingKey { digest.codingKey }
+  public init?<T: CodingKey>(codingKey: T) {
+    guard let d = SHA256Digest(codingKey: codingKey) else { return nil }
+    self.init(d)
+  }
+}
+
 /// The name of a chunk: SHA-256 of its uncompressed bytes.
-public typealias ChunkID = SHA256Digest
+public struct ChunkID: DigestName {
+  public let digest: SHA256Digest
+  public init(_ digest: SHA256Digest) { self.digest = digest }
+}
+
 /// The name of a regular file's whole content; identical files in different store paths share it,
 /// so the filesystem can give them one inode. A file of one chunk (or a small file packed with
 /// others) is named by the SHA-256 of its bytes; a file of several chunks by `ofChunkList`.
-public typealias ContentID = SHA256Digest
+public struct ContentID: DigestName {
+  public let digest: SHA256Digest
+  public init(_ digest: SHA256Digest) { self.digest = digest }
 
-extension SHA256Digest {
+  /// The name of a file that is this one chunk: the same SHA-256.
+  public init(chunk: ChunkID) { digest = chunk.digest }
+
   /// The content ID of a file cut into several chunks: a hash list over the chunks' sizes and
   /// digests in order, so it commits to every byte and a receiver of a manifest checks it from the
   /// chunk list alone. Hashing the file's bytes a second time, in order, on the thread that reads
@@ -126,11 +172,12 @@ extension SHA256Digest {
     var h = SHA512()
     h.update(data: Array("nixfs chunk list 1\n".utf8))
     for c in chunks {
+      let d = c.id.digest
       withUnsafeBytes(of: c.size.littleEndian) { h.update(bufferPointer: $0) }
-      withUnsafeBytes(of: (c.id.w0.bigEndian, c.id.w1.bigEndian, c.id.w2.bigEndian, c.id.w3.bigEndian)) {
+      withUnsafeBytes(of: (d.w0.bigEndian, d.w1.bigEndian, d.w2.bigEndian, d.w3.bigEndian)) {
         h.update(bufferPointer: $0)
       }
     }
-    return h.finalize().withUnsafeBytes { SHA256Digest(raw: UnsafeRawBufferPointer(rebasing: $0[0..<32])) }
+    return ContentID(h.finalize().withUnsafeBytes { SHA256Digest(raw: UnsafeRawBufferPointer(rebasing: $0[0..<32])) })
   }
 }

@@ -18,7 +18,8 @@ public enum ChunkStoreError: Error, Sendable, Hashable, CustomStringConvertible 
   case notComplete(storePath: String)
   case contentNotFound(ContentID)
   case readPastEnd(content: ContentID, offset: UInt64, size: UInt64)
-  case chunkMissing(chunk: ChunkID, content: ContentID)
+  /// Either may be unknown where the index lost the row that would name it.
+  case chunkMissing(chunk: ChunkID?, content: ContentID?)
   case chunkCorrupt(chunk: ChunkID, pack: Int64, offset: UInt64, reason: String)
   case manifestCorrupt(storePath: String, reason: String)
   case pinned(storePath: String)
@@ -49,7 +50,7 @@ public enum ChunkStoreError: Error, Sendable, Hashable, CustomStringConvertible 
     case .contentNotFound(let c): "file content \(c) is not in the store (evicted or never ingested)"
     case .readPastEnd(let c, let off, let size): "read at offset \(off) past the end of content \(c) (\(size) bytes)"
     case .chunkMissing(let chunk, let content):
-      "chunk \(chunk) of content \(content) is missing from the index; run nixfs fsck --repair"
+      "\(chunk.map { "chunk \($0)" } ?? "a chunk") of \(content.map { "content \($0)" } ?? "a file") is missing from the index; run nixfs fsck --repair"
     case .chunkCorrupt(let chunk, let pack, let off, let why):
       "chunk \(chunk) in pack \(pack) at offset \(off) is corrupt (\(why)); run nixfs fsck --repair"
     case .manifestCorrupt(let p, let why): "\(p): stored manifest is corrupt (\(why)); run nixfs fsck --repair"
@@ -57,6 +58,14 @@ public enum ChunkStoreError: Error, Sendable, Hashable, CustomStringConvertible 
     case .chunkAbsent(let chunk, let size): "chunk \(chunk) (\(size) bytes) has not been fetched yet"
     case .chunkRejected(let chunk, let source, let why): "chunk \(chunk) from \(source) refused: \(why); it was not stored"
     case .indexRefused(let p, let why): "\(p): chunk index refused: \(why)"
+    }
+  }
+}
+
+extension ChunkStore {
+  func wrap<T>(_ operation: String, _ body: () throws -> T) throws(ChunkStoreError) -> T {
+    do { return try body() } catch let e as ChunkStoreError { throw e } catch {
+      throw .index(path: indexPath, operation: operation, message: "\(error)")
     }
   }
 }

@@ -17,7 +17,7 @@ package enum Inode {
 
   /// 62 bits of a content digest: the file's inode number less the tag and executable bit.
   package static func fileNumber(_ content: ContentID) -> UInt64 {
-    content.w0 & (1 << 62 - 1)
+    content.digest.w0 & (1 << 62 - 1)
   }
 
   package static func node(instance: UInt32, index: Int32) -> UInt64 {

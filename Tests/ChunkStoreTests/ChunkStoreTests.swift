@@ -127,14 +127,14 @@ import Testing
         let refs = back.chunks[content] ?? []
         #expect(refs.count == 1 && UInt64(skip) + size <= UInt64(refs.first?.size ?? 0))
         let bytes = try store.read(content: content, offset: 0, count: Int(size))
-        #expect(SHA256Digest.of(bytes) == content)
+        #expect(ContentID.of(bytes) == content)
         try bytes.withUnsafeBytes { try emit($0) }
         return
       }
       var off: UInt64 = 0
       for ref in back.chunks[content] ?? [] {
         let bytes = try store.read(content: content, offset: off, count: Int(ref.size))
-        #expect(SHA256Digest.of(bytes) == ref.id)
+        #expect(ChunkID.of(bytes) == ref.id)
         try bytes.withUnsafeBytes { try emit($0) }
         off += UInt64(ref.size)
       }
@@ -464,8 +464,8 @@ extension PackedSmallFileTests {
     let list = try #require(full.chunks[big])
     #expect(list.count > 3)
     #expect(ContentID.ofChunkList(list) == big)
-    #expect(big != SHA256Digest.of(bigBytes))
-    #expect(one == SHA256Digest.of(Tree.bytes(10_000, seed: 92)))
+    #expect(big != ContentID.of(bigBytes))
+    #expect(one == ContentID.of(Tree.bytes(10_000, seed: 92)))
     #expect(try store.fsck(repair: false).isConsistent)
 
     // Swap the first two chunks of big, with offsets rewritten so the list still covers its size;
@@ -482,7 +482,7 @@ extension PackedSmallFileTests {
       while try rows.step() { chunks.append(rows.int(0)) }
       try db.exec("DELETE FROM content_chunks WHERE content = \(bigRow) AND offset < \(list[0].size + list[1].size)")
       try db.exec("INSERT INTO content_chunks VALUES(\(bigRow), 0, \(chunks[1])), (\(bigRow), \(list[1].size), \(chunks[0]))")
-      let two = try row(SHA256Digest.of(Tree.bytes(10_000, seed: 93)))
+      let two = try row(ContentID.of(Tree.bytes(10_000, seed: 93)))
       try db.exec("UPDATE content_chunks SET chunk = (SELECT chunk FROM content_chunks WHERE content = \(two)) WHERE content = \(try row(one))")
     }
     store.dropLayouts()

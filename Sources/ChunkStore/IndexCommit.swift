@@ -1,0 +1,180 @@
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+extension ChunkPipeline {
+  /// The commit: durable data first, then one index transaction.
+  /// Returns the manifest as stored: a small file the store already held keeps the shared chunk
+  /// it was packed in first, not the one this ingest packed it in.
+  func publish(manifest: Manifest, fileCount: Int) throws -> Manifest {
+    var stored = manifest
+    // The pack's fdatasync runs while the index rows go in; the transaction waits for it before
+    // COMMIT, so the index still never points at bytes that are not durable.
+    let sync = lease.flatMap { packEnd > $0.start ? PendingSync(fd: $0.fd) : nil }
+    defer { _ = sync?.wait() }
+    var duplicates: [(UInt64, Int)] = []
+    var added: UInt64 = 0
+    let info = manifest.info
+    let multiplicity = manifest.multiplicity
+    try store.withWriter { db in
+      try db.transaction {
+        if let state = try db.pathState(info.storePath) {
+          // A complete path, or a partial one registered while this ingest ran (it holds references).
+          if state != ChunkStore.PathState.incomplete.rawValue {
+            throw ChunkStoreError.alreadyComplete(storePath: info.storePath)
+          }
+          try db.deletePath(info.storePath)
+        }
+        // Statements are prepared once and bound by type, and rows go in in digest order (the
+        // digest indexes then grow at neighbouring leaves): this matters for paths of many small
+        // files, where the commit is most of the ingest.
+        //
+        // Which contents are new: only their chunk lists are recorded and counted. A live content
+        // never has zero references (GC deletes it with its last one), so an existing row is a
+        // complete one and only gains our references. (Plain statements: RETURNING would put
+        // every execution through a temporary table.)
+        var newContents: [(ContentID, Int64)] = []
+        var knownSingles: [ContentID] = []
+        let insertContent = try db.insertContentStatement()
+        let addContentRefs = try db.addContentRefsStatement()
+        for (content, m) in multiplicity.sorted(by: { $0.key < $1.key }) {
+          insertContent.again()
+          insertContent.set(1, content)
+          insertContent.set(2, m.size)
+          insertContent.set(3, m.count)
+          insertContent.set(4, Int(manifest.slices[content] ?? 0))
+          try insertContent.run()
+          if db.changes == 1 {
+            newContents.append((content, db.lastInsertRowID))
+          } else {
+            addContentRefs.again()
+            addContentRefs.set(1, m.count)
+            addContentRefs.set(2, content)
+            try addContentRefs.run()
+            // Neither inserted nor there: the content's row is what is missing, not a chunk.
+            guard db.changes == 1 else { throw ChunkStoreError.contentNotFound(content) }
+            // A same-named file of several chunks has the same list; one chunk may have been
+            // stored (or packed) otherwise.
+            if manifest.chunks[content]?.count == 1 { knownSingles.append(content) }
+          }
+        }
+        // References each chunk gains: one per position in a new content's chunk list.
+        var gained: [ChunkID: Int] = [:]
+        gained.reserveCapacity(written.count)
+        for (content, _) in newContents {
+          for ref in manifest.chunks[content] ?? [] { gained[ref.id, default: 0] += 1 }
+        }
+        // Chunks this ingest wrote go in with their final count; INSERT OR IGNORE because a
+        // concurrent ingest may have committed the same chunk first.
+        var rowOf: [ChunkID: Int64] = [:]
+        rowOf.reserveCapacity(gained.count)
+        // Chunks a partial path knows but lacks, which this ingest wrote: their rows get the bytes
+        // (and keep their references; new ones come below like any deduplicated chunk's).
+        var filled: Set<ChunkID> = []
+        if try db.hasAbsentChunks() {
+          let fill = try db.fillAbsentChunkStatement()
+          for (id, w) in written.sorted(by: { $0.key < $1.key }) {
+            fill.again()
+            switch w.stored {
+            case .inline(let codec, let data):
+              fill.set(1, data.count)
+              fill.set(2, codec.rawValue)
+              fill.setNull(3)
+              fill.set(4, 0)
+              fill.set(5, blob: data)
+            case .pack(let codec, let offset, let stored):
+              fill.set(1, stored)
+              fill.set(2, codec.rawValue)
+              fill.set(3, lease!.id)
+              fill.set(4, offset)
+              fill.setNull(5)
+            }
+            fill.set(6, id)
+            try fill.run()
+            guard db.changes == 1 else { continue }
+            filled.insert(id)
+            switch w.stored {
+            case .inline(_, let data): added += UInt64(data.count)
+            case .pack(_, _, let stored): added += UInt64(stored)
+            }
+          }
+        }
+        let insertChunk = try db.insertChunkStatement()
+        for (id, w) in written.sorted(by: { $0.key < $1.key }) where !filled.contains(id) {
+          guard let refs = gained[id] else {
+            // Nothing new uses it: a small-file group whose files were all in the store already.
+            if case .pack(_, let offset, let stored) = w.stored { duplicates.append((offset, stored)) }
+            continue
+          }
+          insertChunk.again()
+          insertChunk.set(1, id)
+          insertChunk.set(2, w.size)
+          insertChunk.set(8, refs)
+          switch w.stored {
+          case .inline(let codec, let data):
+            insertChunk.set(3, data.count)
+            insertChunk.set(4, codec.rawValue)
+            insertChunk.setNull(5)
+            insertChunk.setNull(6)
+            insertChunk.set(7, blob: data)
+            try insertChunk.run()
+          case .pack(let codec, let offset, let stored):
+            insertChunk.set(3, stored)
+            insertChunk.set(4, codec.rawValue)
+            insertChunk.set(5, lease!.id)
+            insertChunk.set(6, offset)
+            insertChunk.setNull(7)
+            try insertChunk.run()
+            if db.changes == 0 { duplicates.append((offset, stored)) }
+          }
+          if db.changes == 1 {
+            rowOf[id] = db.lastInsertRowID
+            gained[id] = nil
+            switch w.stored {
+            case .inline(_, let data): added += UInt64(data.count)
+            case .pack(_, _, let stored): added += UInt64(stored)
+            }
+          }
+        }
+        // Chunks that were already there (deduplicated) gain references.
+        let addRefs = try db.addChunkRefsStatement()
+        for (id, n) in gained.sorted(by: { $0.key < $1.key }) {
+          addRefs.again()
+          addRefs.set(1, n)
+          addRefs.set(2, id)
+          guard try addRefs.step() else { throw ChunkStoreError.chunkMissing(chunk: id, content: nil) }
+          rowOf[id] = addRefs.int(0)
+          _ = try addRefs.step()
+        }
+        try db.insertChunkLists(newContents, of: manifest, rows: rowOf)
+        // Their layouts as stored: the rows were there before this transaction, and no other
+        // writer can remove them while it runs.
+        for content in knownSingles {
+          let layout = try store.layout(content)
+          stored.chunks[content] = layout.refs
+          stored.slices[content] = layout.slice
+        }
+        try db.insertPath(manifest, state: .complete, files: fileCount)
+        if let lease {
+          try db.commitPack(lease.id, upTo: packEnd)
+          if let e = sync?.wait(), e != 0 {
+            throw ChunkStoreError.io(path: store.packPath(lease.id), operation: "fdatasync", errno: e)
+          }
+        }
+      }
+    }
+    // Committed: the rest is housekeeping a crash may skip (fsck --repair punches dead ranges).
+    store.adjustStored(adding: added)
+    store.giveBack(existing)
+    existing = []
+    if let lease {
+      for (offset, len) in duplicates { punchHole(lease.fd, offset: offset, length: UInt64(len)) }
+      store.returnPack(lease, end: packEnd)
+      self.lease = nil
+    }
+    return stored
+  }
+}
+
