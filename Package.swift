@@ -38,7 +38,8 @@ let package = Package(
     .systemLibrary(name: "CLzma", pkgConfig: "liblzma", providers: [.apt(["liblzma-dev"])]),
     .systemLibrary(name: "CSQLite", pkgConfig: "sqlite3", providers: [.apt(["libsqlite3-dev"])]),
     .systemLibrary(name: "CBzip2", providers: [.apt(["libbz2-dev"])]),
-    // Descriptor passing over Unix sockets (SCM_RIGHTS), for the FUSE connection's takeover.
+    // Unix calls Swift cannot make directly: descriptor passing over Unix sockets (SCM_RIGHTS,
+    // for the FUSE connection's takeover), fallocate and sync_file_range.
     .systemLibrary(name: "CUnix"),
     .systemLibrary(
       name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
@@ -74,7 +75,7 @@ let package = Package(
     .target(
       name: "ChunkStore",
       dependencies: [
-        "NixFormats", "CZstd", "CSQLite", "SQLiteDatabase",
+        "NixFormats", "CZstd", "CSQLite", "SQLiteDatabase", "CUnix", "SystemCalls",
         .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
       ],

@@ -72,6 +72,8 @@ final class NARDownload: @unchecked Sendable {
   private var delivered: UInt64 = 0
   /// The sink hashes what it gets: do not hash it here too.
   private let sinkHashes: Bool
+  /// The sink parses what it gets: do not parse it here too.
+  private let sinkParses: Bool
   private var decompressor: any Decompressor
   private var reader: NARReader
   /// Whether FileHash needs its own hasher: uncompressed, it is the NarHash over the same bytes.
@@ -95,6 +97,7 @@ final class NARDownload: @unchecked Sendable {
     self.reader = NARReader(totalSize: info.narSize)
     self.hashFile = info.fileHash != nil && !(info.compression == .none && info.fileHash == info.narHash)
     self.sinkHashes = sink.computesNARHash
+    self.sinkParses = sink.parsesNAR
   }
 
   /// Back to byte 0: fresh state, and the sink forgets what it got.
@@ -172,12 +175,17 @@ final class NARDownload: @unchecked Sendable {
       throw CacheError.sizeMismatch(url: url, field: "NarSize", expected: info.narSize, actual: delivered + UInt64(piece.count))
     }
     if !sinkHashes { narHasher.update(piece) }
-    do {
-      try reader.feed(piece) { _ in }
-    } catch let e as NARError {
-      throw CacheError.invalidNAR(url: url, error: e)
+    if !sinkParses {
+      do {
+        try reader.feed(piece) { _ in }
+      } catch let e as NARError {
+        throw CacheError.invalidNAR(url: url, error: e)
+      }
     }
     do { try sink.write(piece) } catch {
+      if let nar = (error as? NARError) ?? (error as? any NARParseFailure)?.narError {
+        throw CacheError.invalidNAR(url: url, error: nar)
+      }
       throw CacheError.sink(url: url, error: error)
     }
     delivered += UInt64(piece.count)
@@ -212,7 +220,9 @@ final class NARDownload: @unchecked Sendable {
     if actual != info.narHash {
       throw CacheError.hashMismatch(url: url, field: "NarHash", expected: info.narHash, actual: actual)
     }
-    do { try reader.finish() } catch let e as NARError { throw CacheError.invalidNAR(url: url, error: e) }
+    if !sinkParses {
+      do { try reader.finish() } catch let e as NARError { throw CacheError.invalidNAR(url: url, error: e) }
+    }
   }
 
 }

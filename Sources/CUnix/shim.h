@@ -63,4 +63,18 @@ static inline ssize_t nixfs_recv_with_fd(int sock, void *data, size_t len, int *
 // view of the system headers differ from every other module's (clang then refuses to merge them).
 extern int accept4(int fd, struct sockaddr *addr, socklen_t *addr_len, int flags);
 static inline int nixfs_accept_cloexec(int sock) { return accept4(sock, NULL, NULL, SOCK_CLOEXEC); }
+
+// fallocate and sync_file_range: glibc declares them only under _GNU_SOURCE, which Swift's Glibc
+// module is built without, so their prototypes (as glibc has them) are here.
+#include <sys/types.h>
+extern int fallocate(int fd, int mode, off_t offset, off_t len);
+extern int sync_file_range(int fd, off_t offset, off_t nbytes, unsigned int flags);
+
+static inline int nixfs_fallocate(int fd, int mode, long long offset, long long len) {
+  return fallocate(fd, mode, (off_t)offset, (off_t)len);
+}
+static inline int nixfs_sync_file_range(int fd, long long offset, long long len, unsigned int flags) {
+  return sync_file_range(fd, (off_t)offset, (off_t)len, flags);
+}
+
 #endif

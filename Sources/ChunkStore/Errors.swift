@@ -69,3 +69,10 @@ extension ChunkStore {
     }
   }
 }
+
+extension ChunkStoreError: NARParseFailure {
+  /// The parse failure underneath, for a download to report as an invalid NAR.
+  public var narError: NARError? {
+    if case .nar(_, let error) = self { error } else { nil }
+  }
+}

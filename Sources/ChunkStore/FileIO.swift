@@ -1,4 +1,6 @@
+import CUnix
 import Foundation
+import SystemCalls
 
 #if canImport(Glibc)
   import Glibc
@@ -9,9 +11,9 @@ import Foundation
 func preadFully(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, offset: UInt64) -> Bool {
   var done = 0
   while done < buffer.count {
-    let r = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-    if r < 0 && errno == EINTR { continue }
-    if r <= 0 { return false }
+    guard let r = try? systemCall("pread", { pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done)) }),
+      r > 0
+    else { return false }
     done += r
   }
   return true
@@ -22,9 +24,9 @@ func preadFully(_ fd: Int32, count: Int, offset: UInt64) -> [UInt8]? {
   var failed = false
   let out = [UInt8](unsafeUninitializedCapacity: count) { buf, n in
     while done < count {
-      let r = pread(fd, buf.baseAddress! + done, count - done, off_t(offset) + off_t(done))
-      if r < 0 && errno == EINTR { continue }
-      if r <= 0 {
+      guard let r = try? systemCall("pread", { pread(fd, buf.baseAddress! + done, count - done, off_t(offset) + off_t(done)) }),
+        r > 0
+      else {
         failed = true
         break
       }
@@ -35,15 +37,15 @@ func preadFully(_ fd: Int32, count: Int, offset: UInt64) -> [UInt8]? {
   return failed ? nil : out
 }
 
+/// The errno of a failed write, or nil once every byte is written.
 func pwriteFully(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, offset: UInt64) -> Int32? {
   var done = 0
   while done < bytes.count {
-    let r = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
-    if r < 0 {
-      if errno == EINTR { continue }
-      return errno
+    do throws(SystemCallError) {
+      done += try systemCall("pwrite") { pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done)) }
+    } catch {
+      return error.errno
     }
-    done += r
   }
   return nil
 }
@@ -52,21 +54,14 @@ func pwriteFully(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, offset: UInt64) -
 /// FALLOC_FL_KEEP_SIZE): packs are never rewritten, so no live chunk ever moves under a reader.
 func punchHole(_ fd: Int32, offset: UInt64, length: UInt64) {
   guard length > 0 else { return }
-  _ = linuxFallocate(fd, 0x02 | 0x01, Int64(offset), Int64(length))
+  _ = nixfs_fallocate(fd, 0x02 | 0x01, Int64(offset), Int64(length))
 }
 
 /// Starts writeback of a range without waiting (SYNC_FILE_RANGE_WRITE), so the fdatasync at
 /// commit finds most of the data already on disk instead of flushing it all at once.
 func startWriteback(_ fd: Int32, offset: UInt64, length: UInt64) {
-  _ = linuxSyncFileRange(fd, Int64(offset), Int64(length), 2)
+  _ = nixfs_sync_file_range(fd, Int64(offset), Int64(length), 2)
 }
-
-@_silgen_name("sync_file_range")
-func linuxSyncFileRange(_ fd: Int32, _ offset: Int64, _ length: Int64, _ flags: UInt32) -> Int32
-
-// Glibc declares fallocate only under _GNU_SOURCE, which Swift's Glibc module does not set.
-@_silgen_name("fallocate")
-func linuxFallocate(_ fd: Int32, _ mode: Int32, _ offset: Int64, _ length: Int64) -> Int32
 
 func fsyncDirectory(_ path: String) {
   let fd = open(path, O_RDONLY | O_DIRECTORY)

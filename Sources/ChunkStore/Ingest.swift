@@ -82,6 +82,8 @@ public final class Ingest: NARSink, @unchecked Sendable {
   public var computesNARHash: Bool { true }
   /// The SHA-256 of the bytes fed since the start or the last `reset()`.
   public func writtenNARHash() -> NixHash? { narHasher.finalize() }
+  /// Every byte fed is parsed here (strictly, by `NARReader`): a download need not parse it too.
+  public var parsesNAR: Bool { true }
 
   /// Takes the next piece of the NAR.
   public func feed(_ bytes: UnsafeRawBufferPointer) throws(ChunkStoreError) {

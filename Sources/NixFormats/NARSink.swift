@@ -17,10 +17,21 @@ public protocol NARSink: AnyObject, Sendable {
   var computesNARHash: Bool { get }
   /// The SHA-256 of all bytes written since the last reset (only asked when `computesNARHash`).
   func writtenNARHash() -> NixHash?
+  /// True for a sink that parses the NAR as strictly as `NARReader` (the chunk store's ingest
+  /// does, to cut it into files): the download leaves the parse to it rather than parse every
+  /// byte twice. Its parse failures are `NARError`s or carry one (`NARParseFailure`). The sink
+  /// checks the NAR's end itself. False by default.
+  var parsesNAR: Bool { get }
 }
 
 extension NARSink {
   public var computesNARHash: Bool { false }
   public func writtenNARHash() -> NixHash? { nil }
+  public var parsesNAR: Bool { false }
+}
+
+/// An error that is, underneath, a NAR parse failure: a download reports it as an invalid NAR.
+public protocol NARParseFailure: Error {
+  var narError: NARError? { get }
 }
 
