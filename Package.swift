@@ -48,7 +48,8 @@ let package = Package(
     .plugin(name: "BuildInfoPlugin", capability: .buildTool()),
     .target(name: "BuildInfo", plugins: ["BuildInfoPlugin"]),
 
-    // System calls: the one EINTR loop, and errors that name the call.
+    // System calls: the one EINTR loop, errors that name the call, the one way to run blocking
+    // work from async code.
     .target(name: "SystemCalls", swiftSettings: strict),
 
     // Nix formats: NAR, narinfo, Nix32, store paths, signatures. Pure, no I/O.
@@ -115,7 +116,7 @@ let package = Package(
     .target(
       name: "NodeDaemon",
       dependencies: [
-        "StoreFS", "FuseMount", "BinaryCache", "ChunkStore", "NixFormats", "NodeControl",
+        "StoreFS", "FuseMount", "BinaryCache", "ChunkStore", "NixFormats", "NodeControl", "SystemCalls",
         .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
       ],
@@ -144,7 +145,7 @@ let package = Package(
     .target(
       name: "NixServe",
       dependencies: [
-        "NixFormats", "BinaryCache", "ChunkStore",
+        "NixFormats", "BinaryCache", "ChunkStore", "SystemCalls",
         .product(name: "Hummingbird", package: "hummingbird"),
         .product(name: "HTTPTypes", package: "swift-http-types"),
         .product(name: "Logging", package: "swift-log"),

@@ -30,29 +30,11 @@ final class RWLock: @unchecked Sendable {
   }
 }
 
-extension NSLock {
+/// Runs `body` holding the lock (an NSLock, or an NSCondition whose waits need it).
+extension NSLocking {
   func locked<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
     lock()
     defer { unlock() }
     return try body()
-  }
-}
-
-extension NSCondition {
-  func locked<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
-    lock()
-    defer { unlock() }
-    return try body()
-  }
-}
-
-/// Runs blocking store work (fsync and SQL at commit, GC, fsck) on a thread of its own and awaits
-/// it, so it never holds one of Swift concurrency's few threads: the filesystem's replies and the
-/// serve's requests run there.
-public func blockingWork<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-  try await withCheckedThrowingContinuation { continuation in
-    let thread = Thread { continuation.resume(with: Result { try body() }) }
-    thread.name = "nixfs-blocking"
-    thread.start()
   }
 }

@@ -69,6 +69,21 @@ extension Database {
     return rows
   }
 
+  /// Inserts the row of `content` (its size, `count` references, where its packed file starts)
+  /// with `insert` (`insertContentStatement`): the new row's id, or nil when the index already
+  /// has the content (the caller then adds references). Ingest and partial registration alike.
+  func insertContent(_ insert: Statement, _ content: ContentID, size: UInt64, count: Int, skip: Int) throws(ChunkStoreError)
+    -> Int64?
+  {
+    insert.again()
+    insert.set(1, content)
+    insert.set(2, size)
+    insert.set(3, count)
+    insert.set(4, skip)
+    try insert.run()
+    return changes == 1 ? lastInsertRowID : nil
+  }
+
   /// Binds digest, size, refs, skip.
   func insertContentStatement() throws(ChunkStoreError) -> Statement {
     try prepare("INSERT OR IGNORE INTO contents(digest, size, refs, skip) VALUES(?, ?, ?, ?)")

@@ -1,5 +1,6 @@
 internal import CZstd
 import Foundation
+import SystemCalls
 import NixFormats
 
 #if canImport(Glibc)

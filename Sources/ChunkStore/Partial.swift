@@ -27,14 +27,9 @@ extension ChunkStore {
           let insertContent = try db.insertContentStatement()
           let known = try db.addContentRefsReturningSizeStatement()
           for (content, m) in multiplicity.sorted(by: { $0.key < $1.key }) {
-            insertContent.again()
-            insertContent.set(1, content)
-            insertContent.set(2, m.size)
-            insertContent.set(3, m.count)
-            insertContent.set(4, Int(manifest.slices[content] ?? 0))
-            try insertContent.run()
-            if db.changes == 1 {
-              newContents.append((content, db.lastInsertRowID))
+            let skip = Int(manifest.slices[content] ?? 0)
+            if let row = try db.insertContent(insertContent, content, size: m.size, count: m.count, skip: skip) {
+              newContents.append((content, row))
               continue
             }
             known.again()

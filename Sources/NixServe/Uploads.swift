@@ -1,6 +1,7 @@
 import BinaryCache
 import ChunkStore
 import Foundation
+import SystemCalls
 import Logging
 import NixFormats
 

@@ -33,11 +33,7 @@ public struct DaemonStatus: Codable, Sendable, Equatable {
     public var name: String
     public var value: String
     public var source: String
-    public init(name: String, value: String, source: String) {
-      self.name = name
-      self.value = value
-      self.source = source
-    }
+    public init(name: String, value: String, source: String) { (self.name, self.value, self.source) = (name, value, source) }
   }
   public struct Substituter: Codable, Sendable, Equatable {
     public var url: String

@@ -2,6 +2,7 @@ import BinaryCache
 import ChunkStore
 import Crypto
 import Foundation
+import SystemCalls
 import FuseMount
 import Logging
 import NixFormats

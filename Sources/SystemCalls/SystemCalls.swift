@@ -7,10 +7,7 @@
 public struct SystemCallError: Error, Sendable, Equatable, CustomStringConvertible {
   public let call: String
   public let errno: Int32
-  public init(call: String, errno: Int32) {
-    self.call = call
-    self.errno = errno
-  }
+  public init(call: String, errno: Int32) { (self.call, self.errno) = (call, errno) }
   public var description: String { "\(call): \(String(cString: strerror(errno))) (errno \(errno))" }
 }
 

@@ -3,6 +3,7 @@ import Hummingbird
 import Logging
 import Prometheus
 import Synchronization
+import SystemCalls
 
 /// The mount daemon's metrics endpoint, on the HTTP stack `nixfs serve` uses: `/metrics` (and
 /// any other path) answers the Prometheus text exposition, `/healthz` answers `ok`. A connection
@@ -69,9 +70,7 @@ final class MetricsEndpoint: Sendable {
   /// The same from async code: the wait for the listener happens on a thread of its own, not on
   /// the concurrency pool the listener itself needs.
   static func start(listen address: String, registry: PrometheusCollectorRegistry, logger: Logger) async throws -> MetricsEndpoint {
-    try await withCheckedThrowingContinuation { c in
-      Thread.detachNewThread { c.resume(with: Result { try MetricsEndpoint(listen: address, registry: registry, logger: logger) }) }
-    }
+    try await blockingWork { try MetricsEndpoint(listen: address, registry: registry, logger: logger) }
   }
 
   func stop() { task.cancel() }

@@ -180,11 +180,7 @@ struct GCCommand: ParsableCommand {
   func run() throws {
     guard let budget = parseSize(maxSize) else { fail("--max-size: '\(maxSize)' is not a size (e.g. 20G)") }
     if let daemon = state.daemon() {
-      let r: ControlResponse
-      do { r = try daemon.send(.gc(maxStoredBytes: budget), timeout: 86_400) } catch { fail("\(error)") }
-      if let failure = r.failure { fail("\(failure): \(r.message ?? "")") }
-      for line in r.report ?? [] { print(line) }
-      print("(through the running daemon)")
+      _ = throughDaemon(daemon, .gc(maxStoredBytes: budget))
       return
     }
     let store = state.open()
@@ -207,12 +203,7 @@ struct FsckCommand: ParsableCommand {
   func run() throws {
     if let daemon = state.daemon() {
       if repair { fail("--repair needs the store to itself: stop the nixfs mount daemon on \(state.stateDir) first") }
-      let r: ControlResponse
-      do { r = try daemon.send(.fsck, timeout: 86_400) } catch { fail("\(error)") }
-      if let failure = r.failure { fail("\(failure): \(r.message ?? "")") }
-      for line in r.report ?? [] { print(line) }
-      print("(through the running daemon)")
-      if r.consistent != true { throw ExitCode(1) }
+      if throughDaemon(daemon, .fsck).consistent != true { throw ExitCode(1) }
       return
     }
     let store = state.open()
@@ -252,4 +243,14 @@ struct StatsCommand: ParsableCommand {
       NAR / stored:      \(String(format: "%.2f", s.overallRatio))
       """)
   }
+}
+
+/// Runs a maintenance request (gc, fsck) through the running daemon and prints its report.
+func throughDaemon(_ daemon: ControlClient, _ request: ControlRequest) -> ControlResponse {
+  let r: ControlResponse
+  do { r = try daemon.send(request, timeout: 86_400) } catch { fail("\(error)") }
+  if let failure = r.failure { fail("\(failure): \(r.message ?? "")") }
+  for line in r.report ?? [] { print(line) }
+  print("(through the running daemon)")
+  return r
 }
