@@ -75,6 +75,9 @@ public struct Manifest: Codable, Sendable, Hashable {
 
   public static let root = 0
 
+  /// The tree and metadata alone, as `tree(of:)` loads them: what the filesystem caches.
+  public var withoutChunkLists: Manifest { Manifest(info: info, nodes: nodes, chunks: [:]) }
+
   public init(info: PathInfo, nodes: [Node], chunks: [ContentID: [ChunkRef]], slices: [ContentID: UInt32] = [:]) {
     self.info = info
     self.nodes = nodes

@@ -26,11 +26,12 @@ public final class Substitution: Materialiser, Sendable {
     chunks = ChunkFetcher(cache: cache, store: store, logger: logger)
   }
 
-  public func materialise(_ path: StorePath, whole: Bool = false) async throws {
-    if store.isComplete(path) { return }
+  @discardableResult
+  public func materialise(_ path: StorePath, whole: Bool = false) async throws -> Manifest? {
+    if store.isComplete(path) { return nil }
     if store.isPartial(path) {
       if whole { try await complete(path) }
-      return
+      return nil
     }
     let info: CachedPathInfo
     do {
@@ -39,17 +40,19 @@ public final class Substitution: Materialiser, Sendable {
       if case .notFound = error { throw MaterialiseFailure.notFound(path, cause: error) }
       throw MaterialiseFailure.failed(path, cause: error)
     }
-    if await registerFromIndex(info) {
+    if let partial = await registerFromIndex(info) {
       if whole { try await complete(path) }
-      return
+      return partial
     }
+    let committed: Manifest
     do throws(IngestFailure) {
-      _ = try await store.ingest(PathInfo(info.info)) { ingest in try await cache.fetchNAR(info, into: ingest) }
+      committed = try await store.ingest(PathInfo(info.info)) { ingest in try await cache.fetchNAR(info, into: ingest) }
     } catch {
       throw MaterialiseFailure.failed(path, cause: error)
     }
     FSMetrics.narBytesFetched.increment(by: Int64(info.info.narSize))
     FSMetrics.downloadBytes.increment(by: Int64(info.info.fileSize ?? info.info.narSize))
+    return committed
   }
 
   /// The path's chunk index, checked against the trusted keys and the narinfo; nil (and the
@@ -105,25 +108,26 @@ public final class Substitution: Materialiser, Sendable {
   public func materialiseFromIndex(_ path: StorePath) async -> Bool {
     if store.isComplete(path) || store.isPartial(path) { return true }
     guard let info = try? await cache.narInfo(for: path) else { return false }
-    return await registerFromIndex(info)
+    return await registerFromIndex(info) != nil
   }
 
-  /// Registers the path partial from its verified chunk index; false (the caller fetches the
-  /// whole NAR, or leaves the path for later) when there is none or the store refuses it.
-  func registerFromIndex(_ info: CachedPathInfo) async -> Bool {
-    guard useChunkIndex, let manifest = await verifiedIndex(info) else { return false }
+  /// Registers the path partial from its verified chunk index, and returns it; nil (the caller
+  /// fetches the whole NAR, or leaves the path for later) when there is none or the store
+  /// refuses it.
+  func registerFromIndex(_ info: CachedPathInfo) async -> Manifest? {
+    guard useChunkIndex, let manifest = await verifiedIndex(info) else { return nil }
     do {
       try store.registerPartial(manifest)
     } catch {
       FSMetrics.indexRefused.increment()
       logger.warning(
         "chunk index not used; fetching the whole NAR", metadata: ["path": "\(info.info.storePath)", "error": "\(error)"])
-      return false
+      return nil
     }
     FSMetrics.pathsFromIndex.increment()
     logger.debug(
       "materialised from the chunk index", metadata: ["path": "\(info.info.storePath)", "substituter": "\(info.substituter)"])
-    return true
+    return manifest
   }
 
   /// Where a `fetchClosure` is: paths and NAR bytes done of those it has to fetch, and the path

@@ -119,7 +119,8 @@ extension StoreFileSystem {
         defer { metrics.inflight.decrement() }
         let start = ContinuousClock.now
         do {
-          try await materialiser.materialise(path, whole: false)
+          // The tree the materialiser registered goes straight into the tree cache.
+          if let tree = try await materialiser.materialise(path, whole: false) { self.remember(path, tree.withoutChunkLists) }
         } catch {
           self.finished(path, negative: { if case MaterialiseFailure.notFound = error { true } else { false } }())
           throw error

@@ -30,8 +30,10 @@ public enum MaterialiseFailure: Error, Sendable, CustomStringConvertible {
 public protocol Materialiser: Sendable {
   /// Returns once the path can be served: complete, or partial (its tree from a verified chunk
   /// index, chunks fetched as read). With `whole`, only once it is complete. Throws
-  /// `MaterialiseFailure`.
-  func materialise(_ path: StorePath, whole: Bool) async throws
+  /// `MaterialiseFailure`. Returns the tree it just registered (the filesystem keeps it rather
+  /// than read it back from the index), or nil when the path was already there.
+  @discardableResult
+  func materialise(_ path: StorePath, whole: Bool) async throws -> Manifest?
   /// Fetches chunks partial paths lack into the store, each checked against its digest.
   func fetchChunks(_ refs: [ChunkRef]) async throws
   /// Makes the path servable from its chunk index if its substituter offers a good one, with no

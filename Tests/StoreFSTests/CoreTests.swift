@@ -78,17 +78,17 @@ import TestSupport
 
     init(store: ChunkStore) { self.store = store }
 
-    func materialise(_ path: StorePath, whole: Bool) async throws {
+    func materialise(_ path: StorePath, whole: Bool) async throws -> Manifest? {
       counts.withLock { $0.paths[path, default: 0] += 1 }
       if gated { await withCheckedContinuation { c in DispatchQueue.global().async { self.gate.wait(); self.gate.signal(); c.resume() } } }
       if let manifest = indexes[path] {
         try store.registerPartial(manifest)
-        return
+        return manifest
       }
       guard let (info, nar) = nars[path] else { throw MaterialiseFailure.notFound(path, cause: FakeFailure("\(path): in no cache")) }
       let ingest = try store.ingest(info)
       try ingest.feed(nar)
-      _ = try ingest.commit()
+      return try ingest.commit()
     }
 
     func fetchChunks(_ refs: [ChunkRef]) async throws {
