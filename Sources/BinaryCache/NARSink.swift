@@ -1,5 +1,6 @@
 import Foundation
 import NixFormats
+import Synchronization
 
 /// A sink that promised its NAR hash did not report one.
 struct MissingSinkHash: Error, CustomStringConvertible {
@@ -7,31 +8,24 @@ struct MissingSinkHash: Error, CustomStringConvertible {
 }
 
 /// Collects a NAR in memory (tests, small paths).
-public final class NARBuffer: NARSink, @unchecked Sendable {
-  private let lock = NSLock()
-  private var storage: [UInt8] = []
-  /// How many times the download restarted from zero.
-  public private(set) var resets = 0
+public final class NARBuffer: NARSink, Sendable {
+  private let state = Mutex<(storage: [UInt8], resets: Int)>(([], 0))
 
   public init() {}
 
-  public var bytes: [UInt8] {
-    lock.lock()
-    defer { lock.unlock() }
-    return storage
-  }
+  public var bytes: [UInt8] { state.withLock { $0.storage } }
+  /// How many times the download restarted from zero.
+  public var resets: Int { state.withLock { $0.resets } }
 
   public func write(_ bytes: UnsafeRawBufferPointer) throws {
-    lock.lock()
-    storage.append(contentsOf: bytes)
-    lock.unlock()
+    state.withLock { $0.storage.append(contentsOf: bytes) }
   }
 
   public func reset() throws {
-    lock.lock()
-    storage.removeAll(keepingCapacity: true)
-    resets += 1
-    lock.unlock()
+    state.withLock {
+      $0.storage.removeAll(keepingCapacity: true)
+      $0.resets += 1
+    }
   }
 }
 

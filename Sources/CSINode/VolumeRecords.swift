@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// A published volume, recorded in the state directory so a restarted plugin can reconcile.
 struct VolumeRecord: Codable, Equatable {
@@ -10,43 +11,44 @@ struct VolumeRecord: Codable, Equatable {
 }
 
 /// `<state-dir>/csi-volumes.json`, rewritten atomically on every change.
-final class VolumeRecords: @unchecked Sendable {
+final class VolumeRecords: Sendable {
   let file: String
-  let lock = NSLock()
-  private var records: [String: VolumeRecord] = [:]
+  private let records: Mutex<[String: VolumeRecord]>
 
   init(stateDir: String) {
     file = (stateDir as NSString).appendingPathComponent("csi-volumes.json")
+    var loaded: [String: VolumeRecord] = [:]
     if let data = FileManager.default.contents(atPath: file),
       let list = try? JSONDecoder().decode([VolumeRecord].self, from: data)
     {
-      for r in list { records[r.volumeID] = r }
+      for r in list { loaded[r.volumeID] = r }
     }
+    records = Mutex(loaded)
   }
 
-  var all: [VolumeRecord] { lock.withLock { Array(records.values) } }
+  var all: [VolumeRecord] { records.withLock { Array($0.values) } }
 
-  func get(_ id: String) -> VolumeRecord? { lock.withLock { records[id] } }
+  func get(_ id: String) -> VolumeRecord? { records.withLock { $0[id] } }
 
   func byTarget(_ target: String) -> VolumeRecord? {
-    lock.withLock { records.values.first { $0.targetPath == target } }
+    records.withLock { $0.values.first { $0.targetPath == target } }
   }
 
   func put(_ r: VolumeRecord) throws {
-    try lock.withLock {
-      records[r.volumeID] = r
-      try save()
+    try records.withLock {
+      $0[r.volumeID] = r
+      try save($0)
     }
   }
 
   func remove(_ id: String) throws {
-    try lock.withLock {
-      records[id] = nil
-      try save()
+    try records.withLock {
+      $0[id] = nil
+      try save($0)
     }
   }
 
-  private func save() throws {
+  private func save(_ records: [String: VolumeRecord]) throws {
     let data = try JSONEncoder().encode(records.values.sorted { $0.volumeID < $1.volumeID })
     try data.write(to: URL(fileURLWithPath: file), options: .atomic)
   }

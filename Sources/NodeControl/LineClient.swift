@@ -1,13 +1,15 @@
 import CUnix
 import Foundation
+import Synchronization
 #if canImport(Glibc)
   import Glibc
 #endif
 
 /// A client of a line server; one request at a time.
-public final class LineClient<Request: Encodable & Sendable, Response: Decodable & Sendable>: @unchecked Sendable {
+public final class LineClient<Request: Encodable & Sendable, Response: Decodable & Sendable>: Sendable {
   public let path: String
-  let lock = NSLock()
+  /// One exchange at a time per client.
+  private let serial = Mutex<Void>(())
 
   public init(path: String) { self.path = path }
 
@@ -23,8 +25,10 @@ public final class LineClient<Request: Encodable & Sendable, Response: Decodable
   public func exchange(_ request: Request, descriptor: Int32? = nil, timeout: Double = 30) throws -> (
     Response, Int32?
   ) {
-    lock.lock()
-    defer { lock.unlock() }
+    try serial.withLock { _ in try exchangeAlone(request, descriptor: descriptor, timeout: timeout) }
+  }
+
+  private func exchangeAlone(_ request: Request, descriptor: Int32?, timeout: Double) throws -> (Response, Int32?) {
     let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { throw ControlError(socket: path, reason: "socket failed") }
     defer { close(fd) }
