@@ -1,5 +1,6 @@
 import CFuse3
 import Foundation
+import Synchronization
 import StoreFS
 import Logging
 import NodeControl
@@ -37,8 +38,7 @@ final class FuseSession: @unchecked Sendable {
   /// True when the kernel's mount entry came from libfuse in this process (it unmounts it then).
   private let mountedHere: Bool
   /// False once the mount is unmounted or handed to a successor: deinit leaves it alone.
-  private var owned = true
-  private let ownershipLock = NSLock()
+  private let owned = Mutex(true)
 
   private static func newSession(
     mountpoint: String, options: [String], operations: fuse_lowlevel_ops, userdata: UnsafeMutableRawPointer
@@ -89,7 +89,7 @@ final class FuseSession: @unchecked Sendable {
     mountedHere = false
     session = try Self.newSession(mountpoint: mountpoint, options: options, operations: operations, userdata: userdata)
     // On a throw from here on, deinit destroys the session; it must never unmount the live mount.
-    owned = false
+    owned.withLock { $0 = false }
     guard nixfs_fuse_session_custom_io(session, fd, 1) == 0 else {
       throw MountError(mountpoint: mountpoint, reason: "fuse_session_custom_io failed on the handed-over descriptor")
     }
@@ -97,7 +97,7 @@ final class FuseSession: @unchecked Sendable {
     guard armed == 0 else {
       throw MountError(mountpoint: mountpoint, reason: "the handed-over INIT request is malformed")
     }
-    owned = true
+    owned.withLock { $0 = true }
   }
 
   /// The kernel's INIT request for this connection (what a successor replays); empty until the
@@ -133,27 +133,24 @@ final class FuseSession: @unchecked Sendable {
   }
 
   /// The connection now belongs to a successor: never unmount it from here.
-  func relinquish() {
-    ownershipLock.lock()
-    defer { ownershipLock.unlock() }
-    owned = false
-  }
+  func relinquish() { owned.withLock { $0 = false } }
 
   /// Idempotent; safe from the signal watcher and the serving thread at once. The kernel then
   /// ends every worker's read and `run()` returns.
   func unmount() {
-    ownershipLock.lock()
-    defer { ownershipLock.unlock() }
-    guard owned else { return }
-    owned = false
-    // Wake the workers waiting in epoll first: libfuse closes its descriptor before unmounting,
-    // and a closed descriptor wakes no epoll.
-    nixfs_fuse_stop()
-    if mountedHere {
-      fuse_session_unmount(session)
-    } else {
-      // libfuse knows no mountpoint for an adopted connection: detach it as libfuse would.
-      umount2(mountpoint, Int32(MNT_DETACH))
+    // Held while unmounting: a relinquish that comes meanwhile waits for it.
+    owned.withLock { owned in
+      guard owned else { return }
+      owned = false
+      // Wake the workers waiting in epoll first: libfuse closes its descriptor before unmounting,
+      // and a closed descriptor wakes no epoll.
+      nixfs_fuse_stop()
+      if mountedHere {
+        fuse_session_unmount(session)
+      } else {
+        // libfuse knows no mountpoint for an adopted connection: detach it as libfuse would.
+        umount2(mountpoint, Int32(MNT_DETACH))
+      }
     }
   }
 
