@@ -1,5 +1,6 @@
 import Foundation
 import SQLiteDatabase
+import Synchronization
 
 /// What a substituter said about a path, remembered for a while (Nix's narinfo disk cache).
 enum CachedLookup: Equatable {
@@ -16,12 +17,13 @@ struct NarInfoCacheFailure: SQLiteFailure {
 /// Positive and negative narinfo lookups, per substituter, with TTLs. Persisted in SQLite under the
 /// state directory so a restarted daemon does not ask the caches again; in memory without one.
 /// Every entry is re-verified when used (trust settings may have changed since it was stored).
-final class NarInfoCache: @unchecked Sendable {
+final class NarInfoCache: Sendable {
   let positiveTTL: Double
   let negativeTTL: Double
-  private let lock = NSLock()
-  private var db: Database<NarInfoCacheFailure>? = nil
-  private var memory: [String: (CachedLookup, Double)] = [:]
+  private let db: Database<NarInfoCacheFailure>?
+  /// The in-memory entries (without a state directory); held too while the database's cached
+  /// statements are in use, one lookup or store at a time.
+  private let memory = Mutex<[String: (CachedLookup, Double)]>([:])
   let path: String?
 
   init(stateDirectory: String?, positiveTTL: Double, negativeTTL: Double) throws(CacheError) {
@@ -29,6 +31,7 @@ final class NarInfoCache: @unchecked Sendable {
     self.negativeTTL = negativeTTL
     guard let dir = stateDirectory else {
       path = nil
+      db = nil
       return
     }
     do {
@@ -74,13 +77,9 @@ final class NarInfoCache: @unchecked Sendable {
 
   /// A fresh entry, or nil when there is none or it has expired.
   func lookup(substituter: String, hashPart: String, now: Double = Date().timeIntervalSince1970) -> CachedLookup? {
-    lock.lock()
-    defer { lock.unlock() }
-    let entry: (CachedLookup, Double)?
-    if let db {
-      entry = query(db, substituter: substituter, hashPart: hashPart)
-    } else {
-      entry = memory["\(substituter)\n\(hashPart)"]
+    let entry = memory.withLock { memory -> (CachedLookup, Double)? in
+      if let db { return query(db, substituter: substituter, hashPart: hashPart) }
+      return memory["\(substituter)\n\(hashPart)"]
     }
     guard let (value, timestamp) = entry else { return nil }
     let ttl = value == .absent ? negativeTTL : positiveTTL
@@ -88,21 +87,21 @@ final class NarInfoCache: @unchecked Sendable {
   }
 
   func store(substituter: String, hashPart: String, _ value: CachedLookup, now: Double = Date().timeIntervalSince1970) {
-    lock.lock()
-    defer { lock.unlock() }
-    guard let db else {
-      memory["\(substituter)\n\(hashPart)"] = (value, now)
-      return
+    memory.withLock { memory in
+      guard let db else {
+        memory["\(substituter)\n\(hashPart)"] = (value, now)
+        return
+      }
+      let sql = "INSERT OR REPLACE INTO narinfos (substituter, hash_part, present, narinfo, timestamp) VALUES (?, ?, ?, ?, ?)"
+      guard let stmt = try? db.prepare(sql) else { return }
+      defer { db.resetAll() }
+      switch value {
+      case .present(let text): stmt.bind(substituter, hashPart, 1, text, now)
+      case .absent: stmt.bind(substituter, hashPart, 0, nil, now)
+      }
+      // A failed write only costs a future re-fetch; never fail a lookup over it.
+      _ = try? stmt.step()
     }
-    let sql = "INSERT OR REPLACE INTO narinfos (substituter, hash_part, present, narinfo, timestamp) VALUES (?, ?, ?, ?, ?)"
-    guard let stmt = try? db.prepare(sql) else { return }
-    defer { db.resetAll() }
-    switch value {
-    case .present(let text): stmt.bind(substituter, hashPart, 1, text, now)
-    case .absent: stmt.bind(substituter, hashPart, 0, nil, now)
-    }
-    // A failed write only costs a future re-fetch; never fail a lookup over it.
-    _ = try? stmt.step()
   }
 
   private func query(_ db: Database<NarInfoCacheFailure>, substituter: String, hashPart: String) -> (CachedLookup, Double)? {

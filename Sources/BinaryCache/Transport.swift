@@ -1,6 +1,7 @@
 import CCurl
 import Foundation
 import NixFormats
+import Synchronization
 
 /// What a response said before its body.
 struct ResponseHead: Sendable {
@@ -147,8 +148,8 @@ private final class TransferContext: @unchecked Sendable {
   let onStart: @Sendable (ResponseHead) throws -> Void
   let onData: @Sendable (UnsafeRawBufferPointer) throws -> Void
   let onEnd: (@Sendable () throws -> Void)?
-  let lock = NSLock()
-  var cancelledFlag = false
+  /// Set from the cancelling task, read by the transfer's thread.
+  private let cancelled = Atomic<Bool>(false)
   var easy: UnsafeMutableRawPointer? = nil
   var head: ResponseHead? = nil
   var headers: [String: String] = [:]
@@ -177,15 +178,11 @@ private final class TransferContext: @unchecked Sendable {
   }
 
   func cancel() {
-    lock.lock()
-    cancelledFlag = true
-    lock.unlock()
+    cancelled.store(true, ordering: .releasing)
   }
 
   var isCancelled: Bool {
-    lock.lock()
-    defer { lock.unlock() }
-    return cancelledFlag
+    cancelled.load(ordering: .acquiring)
   }
 
   /// Called by libcurl at least once a second: true aborts the transfer. A transfer stalls when
