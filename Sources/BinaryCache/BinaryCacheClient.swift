@@ -52,15 +52,17 @@ public final class BinaryCacheClient: Sendable {
 
   public init(configuration: CacheConfiguration, logger: Logger = Logger(label: "nixfs.cache")) throws(CacheError) {
     var config = configuration
+    let environment = ProcessInfo.processInfo.environment
     if config.caFile == nil {
-      let env = ProcessInfo.processInfo.environment
-      config.caFile = env["NIX_SSL_CERT_FILE"] ?? env["SSL_CERT_FILE"]
+      config.caFile = environment["NIX_SSL_CERT_FILE"] ?? environment["SSL_CERT_FILE"]
     }
     var signers: [S3Signer] = []
     var bases: [(base: String, priority: Int?)] = []
-    let environment = ProcessInfo.processInfo.environment
+    // Metrics name each substituter as configured, without its query (`s3://bucket`).
+    var series: [(base: String, label: String)] = []
     for url in config.substituters {
       var target = Self.base(of: url)
+      let label = target.base
       if url.hasPrefix("s3://") {
         let location = try S3Location(parsing: url)
         target.base = location.baseURL
@@ -75,6 +77,7 @@ public final class BinaryCacheClient: Sendable {
         throw .invalidConfiguration("substituter '\(url)': only http://, https://, file:// and s3:// are supported")
       }
       bases.append(target)
+      series.append((target.base, label))
     }
     self.bases = bases
     guard config.maxConnections >= 1, config.maxAttempts >= 1 else {
@@ -87,8 +90,7 @@ public final class BinaryCacheClient: Sendable {
     self.narinfoCache = try NarInfoCache(
       stateDirectory: config.stateDirectory, positiveTTL: config.narinfoCachePositiveTTL,
       negativeTTL: config.narinfoCacheNegativeTTL)
-    let metrics = CacheMetrics(
-      substituters: zip(bases, config.substituters).map { ($0.base, Self.base(of: $1).base) })
+    let metrics = CacheMetrics(substituters: series)
     self.transport = Transport(
       settings: TransportSettings(
         userAgent: Self.userAgent, connectTimeout: config.connectTimeout, stallTimeout: config.stallTimeout,
@@ -116,7 +118,7 @@ public final class BinaryCacheClient: Sendable {
   public func probeSubstituters() async -> [(url: String, result: Result<Substituter, CacheError>)] {
     let urls = configuration.substituters
     return await withTaskGroup(of: (Int, Result<Substituter, CacheError>).self) { group in
-      for (position, url) in urls.enumerated() { group.addTask { (position, await self.resolve(url, position: position)) } }
+      for position in urls.indices { group.addTask { (position, await self.resolve(position: position)) } }
       var out: [(Int, Result<Substituter, CacheError>)] = []
       for await r in group { out.append(r) }
       return out.sorted { $0.0 < $1.0 }.map { (urls[$0.0], $0.1) }
@@ -146,8 +148,8 @@ public final class BinaryCacheClient: Sendable {
     var table = resolved.withLock { $0 }.filter { $0.value.1.map { $0 > now } ?? true }.mapValues(\.0)
     if table.count < urls.count {
       let fresh = await withTaskGroup(of: (Int, Result<Substituter, CacheError>).self) { group in
-        for (position, url) in urls.enumerated() where table[position] == nil {
-          group.addTask { (position, await self.resolve(url, position: position)) }
+        for position in urls.indices where table[position] == nil {
+          group.addTask { (position, await self.resolve(position: position)) }
         }
         var fresh: [(Int, Result<Substituter, CacheError>)] = []
         for await r in group { fresh.append(r) }
@@ -187,9 +189,9 @@ public final class BinaryCacheClient: Sendable {
     return (base, priority)
   }
 
-  private func resolve(_ configured: String, position: Int) async -> Result<Substituter, CacheError> {
+  private func resolve(position: Int) async -> Result<Substituter, CacheError> {
     // An s3:// substituter is asked at its bucket's HTTP(S) URL.
-    let (base, override) = position < bases.count ? bases[position] : Self.base(of: configured)
+    let (base, override) = bases[position]
     let infoURL = base + "/nix-cache-info"
     do {
       let text = try await fetchText(infoURL)

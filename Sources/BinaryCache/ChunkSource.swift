@@ -67,9 +67,6 @@ extension BinaryCacheClient {
             $0.append(contentsOf: bytes)
           }
         })
-      if head.status == 403, let refusal = S3Refusal(head.errorBody), refusal.isAboutCredentials {
-        throw .s3Refused(url: url, code: refusal.code, message: refusal.message)
-      }
       if head.status == 404 || head.status == 403 { return nil }
       guard head.isSuccess else { throw .httpStatus(url: url, status: head.status, attempts: 1) }
       return (buffer.withLock { $0 }, head.headers)

@@ -66,7 +66,8 @@ final class Transport: @unchecked Sendable {
   /// Performs one GET. `onStart` runs once before the first body byte of a 2xx response;
   /// `onData` gets the body in order. Both run on a transport thread, never concurrently.
   /// `onEnd` runs there too, after the last byte of a complete 2xx response.
-  /// Non-2xx statuses are returned, not thrown; transport failures throw.
+  /// Non-2xx statuses are returned, not thrown (but an S3 credential refusal); transport
+  /// failures throw.
   /// With `post`, the request is a POST of those bytes instead.
   func get(
     _ url: String, from offset: UInt64 = 0, post: [UInt8]? = nil,
@@ -76,7 +77,7 @@ final class Transport: @unchecked Sendable {
   ) async throws(CacheError) -> ResponseHead {
     let context = TransferContext(url: url, settings: settings, onStart: onStart, onData: onData, onEnd: onEnd)
     context.postBody = post
-    let result: Result<ResponseHead, CacheError> = await withTaskCancellationHandler {
+    var result: Result<ResponseHead, CacheError> = await withTaskCancellationHandler {
       await withCheckedContinuation { continuation in
         submit { easy, errorBuffer in
           continuation.resume(returning: context.perform(easy: easy, errorBuffer: errorBuffer, offset: offset))
@@ -84,6 +85,13 @@ final class Transport: @unchecked Sendable {
       }
     } onCancel: {
       context.cancel()
+    }
+    // A 403 is a miss to Nix, unless S3 says it is about who asks: then it is an error, for
+    // every kind of request.
+    if case .success(let head) = result, head.status == 403, let refusal = S3Refusal(head.errorBody),
+      refusal.isAboutCredentials
+    {
+      result = .failure(.s3Refused(url: url, code: refusal.code, message: refusal.message))
     }
     observer?(url, result, context.bodyBytes)
     return try result.get()

@@ -189,7 +189,7 @@ func code(_ body: () async throws -> Void) async -> RPCError.Code? {
   }
 
   @Test func idempotencyAndErrors() async throws {
-    let port = Int(try run(["python3", "-c", "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"]).trimmed)!
+    let port = try freePort()
     let node = try Node(csiArguments: ["--metrics-listen", "127.0.0.1:\(port)"])
     let app = fx.paths["app"]!.path
     let t = node.target("pod-e")
@@ -228,7 +228,7 @@ func code(_ body: () async throws -> Void) async -> RPCError.Code? {
       #expect(await code { _ = try await csi.nodeUnpublishVolume(noUnpubID) } == .invalidArgument)
     }
     // The plugin's own metrics: every call by method and status, publish latency by outcome.
-    let body = try run(["python3", "-c", "import urllib.request, sys; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())", "http://127.0.0.1:\(port)/metrics"]).text
+    let body = try httpBody("http://127.0.0.1:\(port)/metrics")
     func value(_ series: String) -> Double? {
       body.split(separator: "\n").first { $0.hasPrefix(series + " ") }.flatMap { Double($0.split(separator: " ").last!) }
     }

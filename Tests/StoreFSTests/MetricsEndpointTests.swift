@@ -8,11 +8,6 @@ import TestSupport
   let fx: StoreFixture
   init() throws { fx = try StoreFixture.shared() }
 
-  /// A port nothing listens on right now.
-  func freePort() throws -> Int {
-    Int(try run(["python3", "-c", "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"]).trimmed)!
-  }
-
   /// (status, body) of a GET with a 10 s timeout, while another client holds an idle connection.
   func get(_ url: String, holdingIdle: (host: String, port: Int)? = nil) throws -> (Int, String) {
     let script = """

@@ -158,6 +158,18 @@ public final class S3Server: @unchecked Sendable {
   deinit { process.stop() }
 }
 
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+public func freePort() throws -> Int {
+  let out = try run(["python3", "-c", "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"])
+  guard let port = Int(out.trimmed) else { throw CommandError(argv: ["python3", "free port"], status: -1, stderr: out.text) }
+  return port
+}
+
+/// The body of a GET (10 s timeout); throws on anything but a 2xx.
+public func httpBody(_ url: String) throws -> String {
+  try run(["python3", "-c", "import urllib.request, sys; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())", url]).text
+}
+
 /// True when `path` is a FUSE mount point (from /proc/self/mountinfo).
 public func isFuseMount(_ path: String) -> Bool {
   guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
