@@ -2,7 +2,7 @@
 import PackageDescription
 
 // Layers, bottom up (a lower layer never imports a higher one):
-//   C shims, SystemCalls, SQLiteDatabase -> NixFormats (pure) -> BinaryCache -> ChunkStore
+//   C shims, SystemCalls, Threads, SQLiteDatabase -> NixFormats (pure) -> BinaryCache -> ChunkStore
 //   -> StoreFS (the FUSE-free core) -> FuseMount (libfuse) -> NodeDaemon (substitution, control)
 //   -> CSINode / NixServe -> nixfs;
 //   NodeControl (the local control protocol) sits beside them, under the filesystem and CSI.
@@ -29,6 +29,7 @@ let package = Package(
     .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
     .package(url: "https://github.com/swiftlang/swift-subprocess.git", from: "1.0.2"),
     .package(url: "https://github.com/apple/swift-system.git", from: "1.4.0"),
+    .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.8.0"),
   ],
   targets: [
     // C libraries. Each shim.h wraps the macros and variadic functions Swift cannot call.
@@ -48,9 +49,12 @@ let package = Package(
     .plugin(name: "BuildInfoPlugin", capability: .buildTool()),
     .target(name: "BuildInfo", plugins: ["BuildInfoPlugin"]),
 
-    // System calls: the one EINTR loop, errors that name the call, the one way to run blocking
-    // work from async code.
+    // System calls: the one EINTR loop, errors that name the call, writing a buffer whole.
     .target(name: "SystemCalls", swiftSettings: strict),
+
+    // Threads: the lock box that can be waited on (`Locked`), the readers-writer lock, and the
+    // one pool for blocking work with its async entry point.
+    .target(name: "Threads", swiftSettings: strict),
 
     // Nix formats: NAR, narinfo, Nix32, store paths, signatures. Pure, no I/O.
     .target(
@@ -66,7 +70,7 @@ let package = Package(
     .target(
       name: "BinaryCache",
       dependencies: [
-        "NixFormats", "CCurl", "CZstd", "CLzma", "CBzip2", "SQLiteDatabase",
+        "NixFormats", "CCurl", "CZstd", "CLzma", "CBzip2", "SQLiteDatabase", "Threads",
         .product(name: "Logging", package: "swift-log"),
         .product(name: "CoreMetrics", package: "swift-metrics"),
       ],
@@ -76,7 +80,7 @@ let package = Package(
     .target(
       name: "ChunkStore",
       dependencies: [
-        "NixFormats", "CZstd", "CSQLite", "SQLiteDatabase", "CUnix", "SystemCalls",
+        "NixFormats", "CZstd", "CSQLite", "SQLiteDatabase", "CUnix", "SystemCalls", "Threads",
         .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
       ],
@@ -86,7 +90,7 @@ let package = Package(
     // the handover record and the keeper, signals. Shared by the daemon and the CSI plugin.
     .target(
       name: "NodeControl",
-      dependencies: ["CUnix", "SystemCalls", .product(name: "Logging", package: "swift-log")],
+      dependencies: ["CUnix", "SystemCalls", "Threads", .product(name: "Logging", package: "swift-log")],
       swiftSettings: strict),
 
     // The filesystem core, FUSE-free: inodes, trees, views, the negative cache, fetch
@@ -106,7 +110,7 @@ let package = Package(
     .target(
       name: "FuseMount",
       dependencies: [
-        "StoreFS", "ChunkStore", "NixFormats", "NodeControl", "CFuse3",
+        "StoreFS", "ChunkStore", "NixFormats", "NodeControl", "Threads", "CFuse3",
         .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),
@@ -116,7 +120,7 @@ let package = Package(
     .target(
       name: "NodeDaemon",
       dependencies: [
-        "StoreFS", "FuseMount", "BinaryCache", "ChunkStore", "NixFormats", "NodeControl", "SystemCalls",
+        "StoreFS", "FuseMount", "BinaryCache", "ChunkStore", "NixFormats", "NodeControl", "SystemCalls", "Threads",
         .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
       ],
@@ -127,7 +131,7 @@ let package = Package(
     .target(
       name: "CSINode",
       dependencies: [
-        "NixFormats", "NodeControl",
+        "NixFormats", "NodeControl", "Threads",
         .product(name: "Logging", package: "swift-log"),
         .product(name: "CoreMetrics", package: "swift-metrics"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
@@ -136,6 +140,7 @@ let package = Package(
         .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
         .product(name: "Subprocess", package: "swift-subprocess"),
         .product(name: "SystemPackage", package: "swift-system"),
+        .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
       ],
       swiftSettings: strict),
 
@@ -145,7 +150,7 @@ let package = Package(
     .target(
       name: "NixServe",
       dependencies: [
-        "NixFormats", "BinaryCache", "ChunkStore", "SystemCalls",
+        "NixFormats", "BinaryCache", "ChunkStore", "SystemCalls", "Threads",
         .product(name: "Hummingbird", package: "hummingbird"),
         .product(name: "HTTPTypes", package: "swift-http-types"),
         .product(name: "Logging", package: "swift-log"),
@@ -157,7 +162,7 @@ let package = Package(
       name: "nixfs",
       dependencies: [
         "NixFormats", "BinaryCache", "ChunkStore", "StoreFS", "FuseMount", "NodeDaemon", "NodeControl", "CSINode", "NixServe",
-        "SystemCalls",
+        "SystemCalls", "Threads",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Hummingbird", package: "hummingbird"),
         .product(name: "Logging", package: "swift-log"),

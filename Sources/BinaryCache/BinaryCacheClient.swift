@@ -1,6 +1,7 @@
 // The binary cache client: narinfo, NAR streams, decompression, verification, closures.
 import CCurl
 import Foundation
+import Threads
 import Logging
 import NixFormats
 

@@ -3,6 +3,7 @@
 // here is believed: the chunk store checks documents against trusted keys and chunks against
 // their digests.
 import Foundation
+import Threads
 import NixFormats
 
 /// Names of the chunk index wire format.

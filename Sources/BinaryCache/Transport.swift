@@ -2,6 +2,7 @@ import CCurl
 import Foundation
 import NixFormats
 import Synchronization
+import Threads
 
 /// What a response said before its body.
 struct ResponseHead: Sendable {
@@ -40,19 +41,10 @@ typealias TransferObserver = @Sendable (_ url: String, _ outcome: Result<Respons
 /// which gives natural back-pressure (a slow consumer slows the socket reads) and lets parallel NAR
 /// downloads decompress on several cores. Workers start on demand up to `maxConnections` and exit
 /// after a short idle period, so an unused client holds no threads.
-final class Transport: @unchecked Sendable {
-  typealias Job = (UnsafeMutableRawPointer, UnsafeMutablePointer<CChar>) -> Void
-
+final class Transport: Sendable {
   let settings: TransportSettings
   let observer: TransferObserver?
-  private let condition = NSCondition()
-  /// Pending jobs from `queueHead` on. A taken slot is cleared at once: a finished job must not
-  /// keep its transfer's closures (and the buffers and sinks they hold) alive until compaction.
-  private var queue: [Job?] = []
-  private var queueHead = 0
-  private var workers = 0
-  private var idleWorkers = 0
-  private static let idleExitSeconds = 20.0
+  private let workers: WorkerPool<Handle>
 
   /// `curl_global_init` must run once before any thread uses libcurl.
   private static let globalInit: Void = { _ = curl_global_init(Int(CURL_GLOBAL_ALL)) }()
@@ -61,6 +53,16 @@ final class Transport: @unchecked Sendable {
     _ = Self.globalInit
     self.settings = settings
     self.observer = observer
+    workers = WorkerPool(
+      name: "nixfs-curl", maxThreads: settings.maxConnections, idleSeconds: 20,
+      makeResource: {
+        guard let easy = curl_easy_init() else { return nil }
+        return Handle(easy: easy, errorBuffer: .allocate(capacity: Int(CURL_ERROR_SIZE) + 1))
+      },
+      releaseResource: { handle in
+        curl_easy_cleanup(handle.easy)
+        handle.errorBuffer.deallocate()
+      })
   }
 
   /// Performs one GET. `onStart` runs once before the first body byte of a 2xx response;
@@ -79,8 +81,8 @@ final class Transport: @unchecked Sendable {
     context.postBody = post
     var result: Result<ResponseHead, CacheError> = await withTaskCancellationHandler {
       await withCheckedContinuation { continuation in
-        submit { easy, errorBuffer in
-          continuation.resume(returning: context.perform(easy: easy, errorBuffer: errorBuffer, offset: offset))
+        workers.submit { handle in
+          continuation.resume(returning: context.perform(easy: handle.easy, errorBuffer: handle.errorBuffer, offset: offset))
         }
       }
     } onCancel: {
@@ -97,55 +99,10 @@ final class Transport: @unchecked Sendable {
     return try result.get()
   }
 
-  private func submit(_ job: @escaping Job) {
-    condition.lock()
-    queue.append(job)
-    let pending = queue.count - queueHead
-    let spawn = idleWorkers < pending && workers < settings.maxConnections
-    if spawn { workers += 1 }
-    condition.signal()
-    condition.unlock()
-    if spawn {
-      let thread = Thread { [self] in workerLoop() }
-      thread.name = "nixfs-curl"
-      thread.start()
-    }
-  }
-
-  private func workerLoop() {
-    guard let easy = curl_easy_init() else {
-      condition.lock()
-      workers -= 1
-      condition.unlock()
-      return
-    }
-    let errorBuffer = UnsafeMutablePointer<CChar>.allocate(capacity: Int(CURL_ERROR_SIZE) + 1)
-    defer {
-      curl_easy_cleanup(easy)
-      errorBuffer.deallocate()
-    }
-    while true {
-      condition.lock()
-      while queueHead == queue.count {
-        idleWorkers += 1
-        let signalled = condition.wait(until: Date(timeIntervalSinceNow: Self.idleExitSeconds))
-        idleWorkers -= 1
-        if !signalled && queueHead == queue.count {
-          workers -= 1
-          condition.unlock()
-          return
-        }
-      }
-      let job = queue[queueHead]!
-      queue[queueHead] = nil
-      queueHead += 1
-      if queueHead > 64 && queueHead * 2 > queue.count {
-        queue.removeFirst(queueHead)
-        queueHead = 0
-      }
-      condition.unlock()
-      job(easy, errorBuffer)
-    }
+  /// One easy handle per worker thread, with its error buffer.
+  struct Handle: @unchecked Sendable {
+    let easy: UnsafeMutableRawPointer
+    let errorBuffer: UnsafeMutablePointer<CChar>
   }
 }
 

@@ -32,7 +32,7 @@ public struct IdentityService: Csi_V1_Identity.SimpleServiceProtocol {
 
   public func probe(request: Csi_V1_ProbeRequest, context: ServerContext) async throws -> Csi_V1_ProbeResponse {
     var r = Csi_V1_ProbeResponse()
-    let answer = try? control.send(.ping, timeout: 5)
+    let answer = try? await control.request(.ping, timeout: 5)
     r.ready = Google_Protobuf_BoolValue(answer?.mountpoint != nil)
     return r
   }

@@ -5,6 +5,7 @@ import NixFormats
 import NodeControl
 import Subprocess
 import SwiftProtobuf
+import Threads
 
 #if canImport(System)
   import System
@@ -17,20 +18,18 @@ import SwiftProtobuf
 #endif
 
 /// CSI Node: publishes views of the node's one FUSE mount into pods.
-public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, @unchecked Sendable {
+public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, Sendable {
   let config: CSIConfiguration
   let control: ControlClient
   let records: VolumeRecords
   let logger: Logger
   /// Serialises publish/unpublish (kubelet may retry while a call still runs), and keeps their
-  /// blocking work (control socket, mount syscalls, nix eval) off the concurrency pool.
-  let queue = DispatchQueue(label: "nixfs.csi.node")
+  /// blocking work (control socket, mount syscalls) off the concurrency pool.
+  let serial = SerialWork()
   let metrics = CSIMetrics()
 
   func serially<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-    try await withCheckedThrowingContinuation { c in
-      queue.async { c.resume(with: Result { try body() }) }
-    }
+    try await serial.run(body)
   }
 
   public init(config: CSIConfiguration, logger: Logger) {

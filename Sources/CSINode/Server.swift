@@ -2,7 +2,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
-import NodeControl
+import ServiceLifecycle
 
 /// Serves the CSI Identity and Node services on a Unix socket until SIGTERM/SIGINT.
 public enum CSIServer {
@@ -16,10 +16,26 @@ public enum CSIServer {
     let server = GRPCServer(
       transport: .http2NIOPosix(address: .unixDomainSocket(path: path), transportSecurity: .plaintext),
       services: [IdentityService(config: config), node])
-    TerminationSignals.onTermination { server.beginGracefulShutdown() }
     logger.info("serving CSI", metadata: ["endpoint": "\(endpoint)", "driver": "\(config.driverName)", "node": "\(config.nodeID)"])
-    try await server.serve()
+    // swift-service-lifecycle turns SIGTERM (kubelet stopping the pod) and SIGINT into a graceful
+    // shutdown: calls in flight finish, new ones are refused.
+    let group = ServiceGroup(
+      services: [GracefulGRPCServer(server: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+    try await group.run()
     unlink(path)
     logger.info("stopped")
+  }
+}
+
+/// A gRPC server as a service of a `ServiceGroup`.
+struct GracefulGRPCServer: Service {
+  let server: GRPCServer<HTTP2ServerTransport.Posix>
+
+  func run() async throws {
+    try await withGracefulShutdownHandler {
+      try await server.serve()
+    } onGracefulShutdown: {
+      server.beginGracefulShutdown()
+    }
   }
 }

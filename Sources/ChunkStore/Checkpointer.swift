@@ -1,17 +1,14 @@
 internal import CSQLite
 import Foundation
+import Threads
 
 /// Checkpoints the WAL on its own thread and connection. SQLite's automatic checkpoint runs
 /// inside the COMMIT that crosses the threshold: that commit waits while the whole WAL is copied
 /// into the database and synced (tens of MB after a path of many small inline files). Here the
 /// copy overlaps whatever comes next instead; PASSIVE never blocks readers or the writer.
-final class Checkpointer: @unchecked Sendable {
+final class Checkpointer: Sendable {
   private let db: Database
-  private let cond = NSCondition()
-  // Guarded by `cond`.
-  private var requested = false
-  private var stopping = false
-  private var running = true
+  private let state = Locked((requested: false, stopping: false, running: true))
   /// WAL pages after a commit that trigger a checkpoint (SQLite's own default).
   static let threshold: Int32 = 1000
 
@@ -38,33 +35,25 @@ final class Checkpointer: @unchecked Sendable {
   func detach(from writer: Database) { sqlite3_wal_hook(writer.handle, nil, nil) }
 
   func request() {
-    cond.locked {
-      requested = true
-      cond.signal()
-    }
+    state.withLock { $0.requested = true }
+    state.signal()
   }
 
   /// Stops the thread after any checkpoint in progress.
   func stop() {
-    cond.lock()
-    stopping = true
-    cond.broadcast()
-    while running { cond.wait() }
-    cond.unlock()
+    state.withLock { $0.stopping = true }
+    state.broadcast()
+    state.withLock(when: { !$0.running }) { _ in }
   }
 
   private func loop() {
-    cond.lock()
-    while true {
-      while !requested && !stopping { cond.wait() }
-      if stopping { break }
-      requested = false
-      cond.unlock()
+    while state.withLock(when: { $0.requested || $0.stopping }, { s in
+      s.requested = false
+      return !s.stopping
+    }) {
       _ = sqlite3_wal_checkpoint_v2(db.handle, nil, SQLITE_CHECKPOINT_PASSIVE, nil, nil)
-      cond.lock()
     }
-    running = false
-    cond.broadcast()
-    cond.unlock()
+    state.withLock { $0.running = false }
+    state.broadcast()
   }
 }

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import NixFormats
 import Synchronization
+import Threads
 
 #if canImport(Glibc)
   import Glibc
@@ -27,7 +28,7 @@ import Synchronization
 ///
 /// Thread-safe: reads use a pool of SQLite connections (WAL readers never wait for the writer)
 /// and `pread`; ingests run concurrently and serialise only for their index commit.
-public final class ChunkStore: @unchecked Sendable {
+public final class ChunkStore: Sendable {
   public struct Configuration: Sendable {
     public var stateDirectory: String
     public var chunking: FastCDC
@@ -71,32 +72,35 @@ public final class ChunkStore: @unchecked Sendable {
   let logger = Logger(label: "nixfs.chunkstore")
   let indexPath: String
   let packDirectory: String
-  private var lockFD: Int32 = -1
+  /// The flock'ed `lock` file of the writer (-1 when read-only).
+  private let lockFD: Int32
 
-  /// The writer connection: ingest commits, GC, fsck, pins. Guarded by `writerLock`.
-  let writer: Database?
-  let writerLock = NSLock()
+  /// The writer connection (nil when read-only): ingest commits, GC, fsck, pins.
+  private let writer: Mutex<Database?>
+  let isWriter: Bool
   /// Checkpoints the writer's WAL off the commit path.
   private let checkpointer: Checkpointer?
   /// Idle reader connections.
-  private var readers: [Database] = []
-  private let readersLock = NSLock()
+  private let readers = Mutex<[Database]>([])
 
   /// Shared by reads and ingest dedup checks, exclusive for GC deletion.
-  let gcLock = RWLock()
+  let gcLock = ReadersWriterLock()
 
-  let stateLock = NSLock()
-  var packFDs: [Int64: Int32] = [:]
-  /// Packs with room that no ingest is appending to; an ingest leases one exclusively.
-  var idlePacks: [Int64] = []
-  var leasedPacks: Set<Int64> = []
-  var ingesting: Set<String> = []
-  /// Existing chunks an in-flight ingest relies on: GC keeps their rows even at zero references.
-  var borrowed: [ChunkID: Int] = [:]
-  var memoryPins: [String: Int] = [:]
-  var touches: [String: Int64] = [:]
-  /// Running total of chunks' stored bytes (writer only); nil until first computed.
-  var storedTotal: UInt64?
+  /// The in-memory bookkeeping of packs, ingests, pins and totals, under one lock.
+  struct Bookkeeping {
+    var packFDs: [Int64: Int32] = [:]
+    /// Packs with room that no ingest is appending to; an ingest leases one exclusively.
+    var idlePacks: [Int64] = []
+    var leasedPacks: Set<Int64> = []
+    var ingesting: Set<String> = []
+    /// Existing chunks an in-flight ingest relies on: GC keeps their rows even at zero references.
+    var borrowed: [ChunkID: Int] = [:]
+    var memoryPins: [String: Int] = [:]
+    var touches: [String: Int64] = [:]
+    /// Running total of chunks' stored bytes (writer only); nil until first computed.
+    var storedTotal: UInt64?
+  }
+  let bookkeeping = Mutex(Bookkeeping())
   /// Read on every tree lookup of the filesystem: an atomic, not the state lock.
   let evictionCount = Atomic<UInt64>(0)
   let chunkLocations = ChunkLocations()
@@ -106,8 +110,7 @@ public final class ChunkStore: @unchecked Sendable {
   let chunkCache: ChunkCache
   /// Fetched, verified chunks not yet written to a pack (see `accept`).
   let arriving = ArrivingChunks()
-  let layoutCache = NSLock()
-  var layouts: [ContentID: ContentLayout] = [:]
+  let layouts = Mutex<[ContentID: ContentLayout]>([:])
 
   /// Opens (creating if needed) the store. Unless read-only, takes the writer lock and reclaims
   /// what a crashed writer left: pack bytes past the committed length, unreferenced chunks.
@@ -123,8 +126,10 @@ public final class ChunkStore: @unchecked Sendable {
       }
       let facts = try Self.schemaFacts(try Database(path: indexPath, readOnly: true), indexPath)
       hasSkipColumn = facts.hasSkip
-      writer = nil
+      writer = Mutex(nil)
+      isWriter = false
       checkpointer = nil
+      lockFD = -1
       return
     }
     try preparePrivateDirectory(dir)
@@ -141,24 +146,32 @@ public final class ChunkStore: @unchecked Sendable {
       throw .locked(stateDir: dir)
     }
     lockFD = fd
-    let db = try Database(path: indexPath)
-    hasSkipColumn = true
-    writer = db
-    try db.configureWriter()
-    let c = try Checkpointer(path: indexPath)
+    let db: Database
+    let c: Checkpointer
+    do {
+      db = try Database(path: indexPath)
+      try db.configureWriter()
+      c = try Checkpointer(path: indexPath)
+    } catch {
+      close(fd)
+      throw error
+    }
     c.attach(to: db)
+    hasSkipColumn = true
+    writer = Mutex(db)
+    isWriter = true
     checkpointer = c
     try migrate(db)
-    try recover()
+    try recover(db)
   }
 
   deinit {
     flushTouches()
-    if let writer, let checkpointer {
-      checkpointer.detach(from: writer)
+    if let checkpointer {
+      writer.withLock { db in if let db { checkpointer.detach(from: db) } }
       checkpointer.stop()
     }
-    for fd in packFDs.values { close(fd) }
+    for fd in bookkeeping.withLock({ $0.packFDs.values }) { close(fd) }
     if lockFD >= 0 { close(lockFD) }
   }
 
@@ -175,7 +188,7 @@ public final class ChunkStore: @unchecked Sendable {
 
   func withReader<T>(_ body: (Database) throws -> T) throws -> T {
     let db: Database
-    if let d = readersLock.locked({ readers.popLast() }) {
+    if let d = readers.withLock({ $0.popLast() }) {
       db = d
     } else {
       db = try Database(path: indexPath, readOnly: configuration.readOnly)
@@ -183,14 +196,14 @@ public final class ChunkStore: @unchecked Sendable {
     }
     defer {
       db.resetAll()
-      readersLock.locked { readers.append(db) }
+      readers.withLock { $0.append(db) }
     }
     return try body(db)
   }
 
   func withWriter<T>(_ body: (Database) throws -> T) throws -> T {
-    guard let writer else { throw ChunkStoreError.index(path: indexPath, operation: "write", message: "store opened read-only") }
-    return try writerLock.locked {
+    try writer.withLock { writer in
+      guard let writer else { throw ChunkStoreError.index(path: indexPath, operation: "write", message: "store opened read-only") }
       defer { writer.resetAll() }
       return try body(writer)
     }

@@ -1,6 +1,7 @@
 import CUnix
 import Foundation
 import SystemCalls
+import Threads
 
 #if canImport(Glibc)
   import Glibc
@@ -72,25 +73,18 @@ func fsyncDirectory(_ path: String) {
 }
 
 /// An fdatasync running on another thread.
-final class PendingSync: @unchecked Sendable {
-  private let done = DispatchSemaphore(value: 0)
-  // Written before `done` is signalled, read after it is waited for.
-  private var error: Int32 = 0
-  private var waited = false
+final class PendingSync: Sendable {
+  /// The errno once done, 0 on success.
+  private let result = Locked<Int32?>(nil)
 
   init(fd: Int32) {
-    DispatchQueue.global(qos: .userInitiated).async { [self] in
-      if fdatasync(fd) != 0 { error = errno }
-      done.signal()
+    blockingPool.submit { [result] _ in
+      let e = fdatasync(fd) != 0 ? errno : 0
+      result.withLock { $0 = e }
+      result.broadcast()
     }
   }
 
-  /// Waits (once; later calls return at once) and returns the errno, 0 on success. One thread only.
-  func wait() -> Int32 {
-    if !waited {
-      done.wait()
-      waited = true
-    }
-    return error
-  }
+  /// Waits until done and returns the errno, 0 on success.
+  func wait() -> Int32 { result.withLock(when: { $0 != nil }) { $0! } }
 }

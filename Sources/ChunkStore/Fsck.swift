@@ -20,7 +20,7 @@ extension ChunkStore {
   /// missing chunks are removed, the paths that used them are marked incomplete (to be fetched
   /// again), reference counts are rebuilt and dead pack ranges punched; then it checks again.
   public func fsck(repair: Bool) throws(ChunkStoreError) -> FsckReport {
-    guard writer != nil else { throw .index(path: indexPath, operation: "fsck", message: "store opened read-only") }
+    guard isWriter else { throw .index(path: indexPath, operation: "fsck", message: "store opened read-only") }
     var report = try check()
     guard repair, !report.isConsistent else { return report }
     let repaired = try repairStore()
@@ -262,7 +262,7 @@ extension ChunkStore {
           }
         }
       }
-      for (pack, off, len) in freedRanges where !stateLock.locked({ leasedPacks.contains(pack) }) {
+      for (pack, off, len) in freedRanges where !bookkeeping.withLock({ $0.leasedPacks.contains(pack) }) {
         punchHole(try packFD(pack), offset: off, length: len)
       }
     }

@@ -10,6 +10,9 @@ extension ChunkPipeline {
   /// it was packed in first, not the one this ingest packed it in.
   func publish(manifest: Manifest, fileCount: Int) throws -> Manifest {
     var stored = manifest
+    // The workers are done (`finish`): what they wrote is final.
+    let (written, existing, packEnd) = shared.withLock { ($0.written, $0.existing, $0.packEnd) }
+    let lease = self.lease.withLock { $0 }
     // The pack's fdatasync runs while the index rows go in; the transaction waits for it before
     // COMMIT, so the index still never points at bytes that are not durable.
     let sync = lease.flatMap { packEnd > $0.start ? PendingSync(fd: $0.fd) : nil }
@@ -163,11 +166,11 @@ extension ChunkPipeline {
     // Committed: the rest is housekeeping a crash may skip (fsck --repair punches dead ranges).
     store.adjustStored(adding: added)
     store.giveBack(existing)
-    existing = []
+    shared.withLock { $0.existing = [] }
     if let lease {
       for (offset, len) in duplicates { punchHole(lease.fd, offset: offset, length: UInt64(len)) }
       store.returnPack(lease, end: packEnd)
-      self.lease = nil
+      self.lease.withLock { $0 = nil }
     }
     return stored
   }

@@ -1,6 +1,6 @@
 internal import CZstd
 import Foundation
-import SystemCalls
+import Threads
 import NixFormats
 
 #if canImport(Glibc)
@@ -275,7 +275,7 @@ public enum IngestFailure: Error, Sendable, CustomStringConvertible {
 extension ChunkStore {
   /// Starts ingesting `info.storePath` from its uncompressed NAR. Feed the bytes, then commit.
   public func ingest(_ info: PathInfo) throws(ChunkStoreError) -> Ingest {
-    guard writer != nil else { throw .index(path: indexPath, operation: "ingest", message: "store opened read-only") }
+    guard isWriter else { throw .index(path: indexPath, operation: "ingest", message: "store opened read-only") }
     if isComplete(info.storePath) { throw .alreadyComplete(storePath: info.storePath) }
     // A whole NAR replaces a partial path: its references go first (readers excluded), so the
     // commit starts from a row with none.
@@ -302,23 +302,23 @@ extension ChunkStore {
   }
 
   func beginIngesting(_ path: String) throws(ChunkStoreError) {
-    try stateLock.locked { () throws(ChunkStoreError) in
-      if ingesting.contains(path) { throw .ingestInProgress(storePath: path) }
-      ingesting.insert(path)
+    try bookkeeping.withLock { (b) throws(ChunkStoreError) in
+      if b.ingesting.contains(path) { throw .ingestInProgress(storePath: path) }
+      b.ingesting.insert(path)
     }
   }
-  func endIngesting(_ path: String) { _ = stateLock.locked { ingesting.remove(path) } }
+  func endIngesting(_ path: String) { _ = bookkeeping.withLock { $0.ingesting.remove(path) } }
 
-  func borrow(_ id: ChunkID) { stateLock.locked { borrowed[id, default: 0] += 1 } }
+  func borrow(_ id: ChunkID) { bookkeeping.withLock { $0.borrowed[id, default: 0] += 1 } }
   func giveBack(_ ids: some Sequence<ChunkID>) {
-    stateLock.locked {
+    bookkeeping.withLock {
       for id in ids {
-        let n = (borrowed[id] ?? 1) - 1
-        borrowed[id] = n == 0 ? nil : n
+        let n = ($0.borrowed[id] ?? 1) - 1
+        $0.borrowed[id] = n == 0 ? nil : n
       }
     }
   }
-  func isBorrowed(_ id: ChunkID) -> Bool { stateLock.locked { borrowed[id] != nil } }
+  func isBorrowed(_ id: ChunkID) -> Bool { bookkeeping.withLock { $0.borrowed[id] != nil } }
 
   /// The one way a NAR enters the store from a cache, for the node and the serve alike: `fetching`
   /// streams it into the ingest (the cache client parses and verifies it on the way); only once

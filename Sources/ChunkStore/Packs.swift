@@ -11,19 +11,19 @@ extension ChunkStore {
 
   /// A cached descriptor of a pack, opened for reading and (unless read-only) writing.
   func packFD(_ id: Int64) throws(ChunkStoreError) -> Int32 {
-    stateLock.lock()
-    defer { stateLock.unlock() }
-    if let fd = packFDs[id] { return fd }
-    let path = packPath(id)
-    let fd = open(path, (configuration.readOnly ? O_RDONLY : O_RDWR | O_CREAT) | O_CLOEXEC, 0o600)
-    guard fd >= 0 else { throw .io(path: path, operation: "open", errno: errno) }
-    packFDs[id] = fd
-    return fd
+    try bookkeeping.withLock { (b) throws(ChunkStoreError) -> Int32 in
+      if let fd = b.packFDs[id] { return fd }
+      let path = packPath(id)
+      let fd = open(path, (configuration.readOnly ? O_RDONLY : O_RDWR | O_CREAT) | O_CLOEXEC, 0o600)
+      guard fd >= 0 else { throw .io(path: path, operation: "open", errno: errno) }
+      b.packFDs[id] = fd
+      return fd
+    }
   }
 
   func closePack(_ id: Int64) {
-    stateLock.locked {
-      if let fd = packFDs.removeValue(forKey: id) { close(fd) }
+    bookkeeping.withLock {
+      if let fd = $0.packFDs.removeValue(forKey: id) { close(fd) }
     }
   }
 
@@ -35,7 +35,7 @@ extension ChunkStore {
 
   func leasePack() throws(ChunkStoreError) -> PackLease {
     let id: Int64
-    if let idle = stateLock.locked({ idlePacks.popLast() }) {
+    if let idle = bookkeeping.withLock({ $0.idlePacks.popLast() }) {
       id = idle
     } else {
       do {
@@ -45,7 +45,7 @@ extension ChunkStore {
       // The pack's directory entry must be durable before any chunk in it is committed.
       fsyncDirectory(packDirectory)
     }
-    stateLock.locked { _ = leasedPacks.insert(id) }
+    bookkeeping.withLock { _ = $0.leasedPacks.insert(id) }
     let fd = try packFD(id)
     var st = stat()
     guard fstat(fd, &st) == 0 else { throw .io(path: packPath(id), operation: "stat", errno: errno) }
@@ -53,17 +53,17 @@ extension ChunkStore {
   }
 
   func returnPack(_ lease: PackLease, end: UInt64) {
-    stateLock.locked {
-      leasedPacks.remove(lease.id)
-      if end < configuration.packLimit { idlePacks.append(lease.id) }
+    bookkeeping.withLock {
+      $0.leasedPacks.remove(lease.id)
+      if end < configuration.packLimit { $0.idlePacks.append(lease.id) }
     }
   }
 
   /// Forgets a pack GC emptied, unless an ingest is appending to it. Returns true if forgotten.
   func retirePack(_ id: Int64) -> Bool {
-    let ok = stateLock.locked { () -> Bool in
-      if leasedPacks.contains(id) { return false }
-      idlePacks.removeAll { $0 == id }
+    let ok = bookkeeping.withLock { b -> Bool in
+      if b.leasedPacks.contains(id) { return false }
+      b.idlePacks.removeAll { $0 == id }
       return true
     }
     if ok { closePack(id) }

@@ -7,7 +7,7 @@ extension ChunkStore {
   /// (`accept`). The index must also agree with itself and with what the store already holds
   /// (content names, sizes); else nothing is registered. A path already here stays as it is.
   public func registerPartial(_ manifest: Manifest) throws(ChunkStoreError) {
-    guard writer != nil else { throw .index(path: indexPath, operation: "register", message: "store opened read-only") }
+    guard isWriter else { throw .index(path: indexPath, operation: "register", message: "store opened read-only") }
     let info = manifest.info
     try checkIndex(manifest)
     let multiplicity = manifest.multiplicity

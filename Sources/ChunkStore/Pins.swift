@@ -5,11 +5,11 @@ extension ChunkStore {
   /// Pins a path for as long as this process runs (e.g. while files of it are open). Counted.
   public func pin(_ path: StorePath) { pin(path.path) }
   public func unpin(_ path: StorePath) { unpin(path.path) }
-  func pin(_ path: String) { stateLock.locked { memoryPins[path, default: 0] += 1 } }
+  func pin(_ path: String) { bookkeeping.withLock { $0.memoryPins[path, default: 0] += 1 } }
   func unpin(_ path: String) {
-    stateLock.locked {
-      let n = (memoryPins[path] ?? 1) - 1
-      memoryPins[path] = n <= 0 ? nil : n
+    bookkeeping.withLock {
+      let n = ($0.memoryPins[path] ?? 1) - 1
+      $0.memoryPins[path] = n <= 0 ? nil : n
     }
   }
 
@@ -33,26 +33,24 @@ extension ChunkStore {
   }
 
   /// Marks a path used now, for LRU eviction. Cheap: kept in memory and written at GC or close.
-  public func touch(_ path: StorePath) { stateLock.locked { touches[path.path] = now() } }
+  public func touch(_ path: StorePath) { bookkeeping.withLock { $0.touches[path.path] = now() } }
 
   func flushTouches() {
-    guard let writer else { return }
-    let pending = stateLock.locked { () -> [String: Int64] in
-      defer { touches = [:] }
-      return touches
+    guard isWriter else { return }
+    let pending = bookkeeping.withLock { b -> [String: Int64] in
+      defer { b.touches = [:] }
+      return b.touches
     }
     guard !pending.isEmpty else { return }
-    writerLock.locked {
-      _ = try? writer.transaction {
-        for (p, t) in pending {
-          try writer.touchPath(p, at: t)
-        }
+    _ = try? withWriter { db in
+      try db.transaction {
+        for (p, t) in pending { try db.touchPath(p, at: t) }
       }
     }
   }
 
   func pinnedPaths(_ db: Database) throws -> Set<String> {
-    var out = Set(stateLock.locked { Array(memoryPins.keys) + Array(ingesting) })
+    var out = Set(bookkeeping.withLock { Array($0.memoryPins.keys) + Array($0.ingesting) })
     out.formUnion(try db.pinnedStorePaths())
     return out
   }

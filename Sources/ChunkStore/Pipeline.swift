@@ -1,6 +1,8 @@
 internal import CZstd
 import Foundation
 import NixFormats
+import Synchronization
+import Threads
 
 #if canImport(Glibc)
   import Glibc
@@ -26,28 +28,32 @@ final class ChunkPipeline: @unchecked Sendable {
   let storePath: String
   let level: Int32
   let inlineLimit: Int
-  let cond = NSCondition()
-  // Guarded by `cond`.
-  private var queue: [Batch] = []
-  /// Emptied batch buffers, back from the workers for the feeding thread to fill again: fresh
-  /// half-MiB allocations would come from (and go back to) the kernel, costing page faults.
-  private var spareBuffers: [[UInt8]] = []
-  private var queueHead = 0
-  private var inFlight = 0
-  private var stopping = false
-  private var firstError: ChunkStoreError?
-  private(set) var jobCount = 0
-  private var resultSlots: [ChunkRef?] = []
-  var written: [ChunkID: (size: Int, stored: Stored)] = [:]
-  private var claimed: Set<ChunkID> = []
-  var existing: Set<ChunkID> = []
-  var packEnd: UInt64 = 0
-  private var writebackStart: UInt64 = 0
-  var lease: ChunkStore.PackLease?
-  private let leaseLock = NSLock()
+  /// What the feeding thread and the workers share.
+  struct Shared {
+    var queue: [Batch] = []
+    var queueHead = 0
+    /// Emptied batch buffers, back from the workers for the feeding thread to fill again: fresh
+    /// half-MiB allocations would come from (and go back to) the kernel, costing page faults.
+    var spareBuffers: [[UInt8]] = []
+    var inFlight = 0
+    var stopping = false
+    var firstError: ChunkStoreError?
+    var resultSlots: [ChunkRef?] = []
+    var written: [ChunkID: (size: Int, stored: Stored)] = [:]
+    var claimed: Set<ChunkID> = []
+    var existing: Set<ChunkID> = []
+    var packEnd: UInt64 = 0
+    var writebackStart: UInt64 = 0
+    var queued: Int { queue.count - queueHead }
+  }
+  let shared = Locked(Shared())
+  /// The pack this ingest appends to, leased on the first chunk that needs one.
+  let lease = Mutex<ChunkStore.PackLease?>(nil)
   private let group = DispatchGroup()
-  private var started = false
   private let maxQueued: Int
+  // Owned by the feeding thread.
+  private(set) var jobCount = 0
+  private var started = false
 
   init(store: ChunkStore, storePath: String) {
     self.store = store
@@ -57,8 +63,8 @@ final class ChunkPipeline: @unchecked Sendable {
     maxQueued = 4 * max(1, store.configuration.ingestThreads)
   }
 
-  var error: ChunkStoreError? { cond.lock(); defer { cond.unlock() }; return firstError }
-  var results: [ChunkRef?] { cond.lock(); defer { cond.unlock() }; return resultSlots }
+  var error: ChunkStoreError? { shared.withLock { $0.firstError } }
+  var results: [ChunkRef?] { shared.withLock { $0.resultSlots } }
 
   private func startWorkers() {
     started = true
@@ -92,16 +98,17 @@ final class ChunkPipeline: @unchecked Sendable {
   private func flush() throws(ChunkStoreError) {
     guard !pending.jobs.isEmpty else { return }
     if !started { startWorkers() }
-    cond.lock()
-    defer { cond.unlock() }
-    while queue.count - queueHead >= maxQueued && firstError == nil { cond.wait() }
-    if let e = firstError { throw e }
-    resultSlots.append(contentsOf: repeatElement(nil, count: pending.jobs.count))
-    queue.append(pending)
-    pending = Batch()
-    if let spare = spareBuffers.popLast() { pending.bytes = spare }
-    inFlight += 1
-    cond.signal()
+    let maxQueued = maxQueued
+    try shared.withLock(when: { $0.queued < maxQueued || $0.firstError != nil }) { (s) throws(ChunkStoreError) in
+      if let e = s.firstError { throw e }
+      s.resultSlots.append(contentsOf: repeatElement(nil, count: pending.jobs.count))
+      // Moved, not copied: the worker empties the buffer in place for reuse.
+      s.queue.append(pending)
+      pending = Batch()
+      if let spare = s.spareBuffers.popLast() { pending.bytes = spare }
+      s.inFlight += 1
+    }
+    shared.signal()
   }
 
   /// A worker's pack bytes not yet written: chunks are compressed straight into it and go to the
@@ -128,42 +135,51 @@ final class ChunkPipeline: @unchecked Sendable {
     // small-file limit): room for whichever is bigger, raw or compressed.
     let largest = store.largestChunk
     let staging = Staging(maxChunk: largest)
+    let maxQueued = maxQueued
     while true {
-      cond.lock()
-      while queue.count == queueHead && !stopping { cond.wait() }
-      if queue.count == queueHead {
-        let failed = firstError != nil
-        cond.unlock()
+      var wasFull = false
+      var failed = false
+      // nil: stopping with nothing queued (`failed`: after a failure). One reference to the batch
+      // only, so emptying its buffer below does not copy it.
+      var batch: Batch? = shared.withLock(when: { $0.queued > 0 || $0.stopping }) { s in
+        guard s.queued > 0 else {
+          failed = s.firstError != nil
+          return nil
+        }
+        wasFull = s.queued >= maxQueued
+        var taken = Batch()
+        swap(&taken, &s.queue[s.queueHead])
+        s.queueHead += 1
+        if s.queueHead > 1024 && s.queueHead * 2 > s.queue.count {
+          s.queue.removeFirst(s.queueHead)
+          s.queueHead = 0
+        }
+        return taken
+      }
+      guard batch != nil else {
         // Finishing: what this worker staged goes to the pack before `finish` returns.
         if !failed, let e = catching({ () throws(ChunkStoreError) in try writeStaged(staging) }) { fail(e) }
         return
       }
-      let wasFull = queue.count - queueHead >= maxQueued
-      var batch = queue[queueHead]
-      queue[queueHead] = Batch()
-      queueHead += 1
-      if queueHead > 1024 && queueHead * 2 > queue.count {
-        queue.removeFirst(queueHead)
-        queueHead = 0
-      }
       // Only the feeding thread can be waiting for room; wake it only then.
-      if wasFull { cond.broadcast() }
-      cond.unlock()
-      let failure: ChunkStoreError? = batch.bytes.withUnsafeBytes { all in
+      if wasFull { shared.broadcast() }
+      let jobs = batch!.jobs
+      let failure: ChunkStoreError? = batch!.bytes.withUnsafeBytes { all in
         catching { () throws(ChunkStoreError) in
-          for job in batch.jobs {
+          for job in jobs {
             let bytes = UnsafeRawBufferPointer(rebasing: all[job.start..<job.start + job.count])
             try process(job.index, bytes, cctx, staging)
           }
         }
       }
-      batch.bytes.removeAll(keepingCapacity: true)
-      cond.lock()
-      if spareBuffers.count <= maxQueued { spareBuffers.append(batch.bytes) }
-      if let failure, firstError == nil { firstError = failure }
-      inFlight -= 1
-      if inFlight == 0 || failure != nil { cond.broadcast() }
-      cond.unlock()
+      batch!.bytes.removeAll(keepingCapacity: true)
+      let wake = shared.withLock { s -> Bool in
+        if s.spareBuffers.count <= maxQueued { s.spareBuffers.append(batch!.bytes) }
+        if let failure, s.firstError == nil { s.firstError = failure }
+        s.inFlight -= 1
+        return s.inFlight == 0 || failure != nil
+      }
+      if wake { shared.broadcast() }
     }
   }
 
@@ -173,19 +189,17 @@ final class ChunkPipeline: @unchecked Sendable {
   }
 
   private func fail(_ e: ChunkStoreError) {
-    cond.locked {
-      if firstError == nil { firstError = e }
-      cond.broadcast()
-    }
+    shared.withLock { s in if s.firstError == nil { s.firstError = e } }
+    shared.broadcast()
   }
 
   private func process(
     _ index: Int, _ bytes: UnsafeRawBufferPointer, _ cctx: OpaquePointer, _ staging: Staging
   ) throws(ChunkStoreError) {
     let id = ChunkID.of(bytes)
-    let known: Bool = cond.locked {
-      resultSlots[index] = ChunkRef(id: id, size: UInt32(bytes.count))
-      return !claimed.insert(id).inserted
+    let known: Bool = shared.withLock { s in
+      s.resultSlots[index] = ChunkRef(id: id, size: UInt32(bytes.count))
+      return !s.claimed.insert(id).inserted
     }
     if known { return }
     if bytes.count <= inlineLimit {
@@ -193,7 +207,7 @@ final class ChunkPipeline: @unchecked Sendable {
       // the commit's INSERT OR IGNORE dedups them.
       let compressed = compress(bytes, level: level, context: cctx)
       let stored = (compressed == nil ? Codec.raw : .zstd, compressed ?? Array(bytes))
-      cond.locked { written[id] = (bytes.count, .inline(stored.0, stored.1)) }
+      shared.withLock { $0.written[id] = (bytes.count, .inline(stored.0, stored.1)) }
       return
     }
     // Borrow before looking so GC cannot delete the chunk between our look and our commit.
@@ -210,7 +224,7 @@ final class ChunkPipeline: @unchecked Sendable {
       return found
     }
     if exists {
-      cond.locked { _ = existing.insert(id) }
+      shared.withLock { _ = $0.existing.insert(id) }
       return
     }
     // Compressed straight into the staging buffer; kept raw when that saves under 1/32.
@@ -234,20 +248,20 @@ final class ChunkPipeline: @unchecked Sendable {
   private func writeStaged(_ staging: Staging) throws(ChunkStoreError) {
     guard staging.used > 0 else { return }
     let lease = try leasedPack()
-    let offset: UInt64 = cond.locked {
-      defer { packEnd += UInt64(staging.used) }
-      return packEnd
+    let offset: UInt64 = shared.withLock { s in
+      defer { s.packEnd += UInt64(staging.used) }
+      return s.packEnd
     }
     if let e = pwriteFully(lease.fd, UnsafeRawBufferPointer(start: staging.base, count: staging.used), offset: offset) {
       throw .io(path: store.packPath(lease.id), operation: "write \(staging.used) bytes at \(offset)", errno: e)
     }
-    let flush: (UInt64, UInt64)? = cond.locked {
+    let flush: (UInt64, UInt64)? = shared.withLock { s in
       for e in staging.entries {
-        written[e.id] = (e.size, .pack(e.codec, offset: offset + UInt64(e.at), stored: e.stored))
+        s.written[e.id] = (e.size, .pack(e.codec, offset: offset + UInt64(e.at), stored: e.stored))
       }
-      guard packEnd - writebackStart >= 8 << 20 else { return nil }
-      defer { writebackStart = packEnd }
-      return (writebackStart, packEnd)
+      guard s.packEnd - s.writebackStart >= 8 << 20 else { return nil }
+      defer { s.writebackStart = s.packEnd }
+      return (s.writebackStart, s.packEnd)
     }
     staging.used = 0
     staging.entries.removeAll(keepingCapacity: true)
@@ -255,12 +269,12 @@ final class ChunkPipeline: @unchecked Sendable {
   }
 
   private func leasedPack() throws(ChunkStoreError) -> ChunkStore.PackLease {
-    try leaseLock.locked { () throws(ChunkStoreError) -> ChunkStore.PackLease in
+    try lease.withLock { (lease) throws(ChunkStoreError) -> ChunkStore.PackLease in
       if let lease { return lease }
       let l = try store.leasePack()
-      cond.locked {
-        packEnd = l.start
-        writebackStart = l.start
+      shared.withLock { s in
+        s.packEnd = l.start
+        s.writebackStart = l.start
       }
       lease = l
       return l
@@ -270,11 +284,8 @@ final class ChunkPipeline: @unchecked Sendable {
   /// Waits for the workers to finish every chunk and write what they staged, and stops them.
   func finish() throws(ChunkStoreError) {
     try flush()
-    cond.lock()
-    while inFlight > 0 { cond.wait() }
-    stopping = true
-    cond.broadcast()
-    cond.unlock()
+    shared.withLock(when: { $0.inFlight == 0 }) { $0.stopping = true }
+    shared.broadcast()
     if started { group.wait() }
     if let e = error { throw e }
   }
@@ -282,21 +293,23 @@ final class ChunkPipeline: @unchecked Sendable {
   /// Abort: stop the workers, cut the pack back, forget borrows.
   func discard() {
     pending = Batch()
-    cond.lock()
-    stopping = true
-    firstError = firstError ?? .ingestFinished(storePath: storePath)
-    inFlight -= queue.count - queueHead
-    queueHead = queue.count
-    cond.broadcast()
-    while inFlight > 0 { cond.wait() }
-    cond.unlock()
+    let storePath = storePath
+    shared.withLock { s in
+      s.stopping = true
+      s.firstError = s.firstError ?? .ingestFinished(storePath: storePath)
+      s.inFlight -= s.queued
+      s.queueHead = s.queue.count
+    }
+    shared.broadcast()
+    shared.withLock(when: { $0.inFlight == 0 }) { _ in }
     if started { group.wait() }
-    store.giveBack(existing)
-    existing = []
-    if let lease {
+    store.giveBack(shared.withLock { s in
+      defer { s.existing = [] }
+      return s.existing
+    })
+    if let lease = lease.withLock({ l in defer { l = nil }; return l }) {
       _ = ftruncate(lease.fd, off_t(lease.start))
       store.returnPack(lease, end: lease.start)
-      self.lease = nil
     }
   }
 }

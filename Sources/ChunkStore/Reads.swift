@@ -30,12 +30,12 @@ extension ChunkStore {
   }
 
   func layout(_ content: ContentID) throws(ChunkStoreError) -> ContentLayout {
-    if let l = layoutCache.locked({ layouts[content] }) { return l }
+    if let l = layouts.withLock({ $0[content] }) { return l }
     let l: ContentLayout
     do {
       l = try withReader { db in try db.contentLayout(content, hasSkip: hasSkipColumn) }
     } catch let e as ChunkStoreError { throw e } catch { throw .index(path: indexPath, operation: "layout", message: "\(error)") }
-    layoutCache.locked {
+    layouts.withLock { layouts in
       // Crude bound: layouts are small, and dropping them all costs only re-reading the index.
       if layouts.count >= 65536 { layouts.removeAll(keepingCapacity: true) }
       layouts[content] = l
@@ -151,9 +151,9 @@ extension ChunkStore {
     }
   }
 
-  func dropLayouts() { layoutCache.locked { layouts.removeAll() } }
+  func dropLayouts() { layouts.withLock { $0.removeAll() } }
 
   func invalidate(contents: [ContentID]) {
-    layoutCache.locked { for c in contents { layouts[c] = nil } }
+    layouts.withLock { layouts in for c in contents { layouts[c] = nil } }
   }
 }

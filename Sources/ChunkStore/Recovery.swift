@@ -7,8 +7,8 @@ import Foundation
 extension ChunkStore {
   /// Undo a crashed writer: cut packs back to their committed length, delete pack files the
   /// index does not know, and drop chunks no content references.
-  func recover() throws(ChunkStoreError) {
-    guard let db = writer else { return }
+  /// Runs in `init`, before the store is shared, on the writer connection `db`.
+  func recover(_ db: Database) throws(ChunkStoreError) {
     var known: Set<String> = []
     for (id, committed) in try db.packCommits() {
       let path = packPath(id)
@@ -18,7 +18,7 @@ extension ChunkStore {
         logger.info("reclaiming \(Int64(st.st_size) - committed) uncommitted bytes of \(path)")
         if truncate(path, off_t(committed)) != 0 { throw .io(path: path, operation: "truncate", errno: errno) }
       }
-      if committed < Int64(configuration.packLimit) { idlePacks.append(id) }
+      if committed < Int64(configuration.packLimit) { bookkeeping.withLock { $0.idlePacks.append(id) } }
     }
     for name in (try? FileManager.default.contentsOfDirectory(atPath: packDirectory)) ?? [] where !known.contains(name) {
       logger.info("removing unknown pack file \(name)")
@@ -31,7 +31,7 @@ extension ChunkStore {
   /// an ingest in flight borrows them. Caller holds the writer (or is `init`).
   func sweepOrphanChunks(_ db: Database) throws(ChunkStoreError) {
     var dead: [(Int64, Int64?, UInt64, UInt64)] = []
-    let keep = stateLock.locked { borrowed }
+    let keep = bookkeeping.withLock { $0.borrowed }
     for c in try db.unreferencedChunks() {
       guard let d = c.digest, keep[d] == nil else { continue }
       dead.append((c.row, c.pack, c.offset, c.stored))

@@ -44,23 +44,23 @@ extension ChunkStore {
   /// Stored bytes of all chunks. The writer keeps a running total (it is the only process that
   /// changes it), so the online budget check after each commit is not a scan of the chunks.
   public func storedBytes() throws(ChunkStoreError) -> UInt64 {
-    if writer != nil, let total = stateLock.locked({ storedTotal }) { return total }
+    if isWriter, let total = bookkeeping.withLock({ $0.storedTotal }) { return total }
     let total: UInt64 = try wrap("stored bytes") {
       try withReader { db in try db.sumStoredBytes() }
     }
-    if writer != nil { stateLock.locked { storedTotal = total } }
+    if isWriter { bookkeeping.withLock { $0.storedTotal = total } }
     return total
   }
 
   /// Adjusts the running total after a committed change (nil total: recomputed when next asked).
   func adjustStored(adding: UInt64 = 0, removing: UInt64 = 0) {
-    stateLock.locked {
-      guard let t = storedTotal else { return }
-      storedTotal = t + adding - min(t + adding, removing)
+    bookkeeping.withLock {
+      guard let t = $0.storedTotal else { return }
+      $0.storedTotal = t + adding - min(t + adding, removing)
     }
   }
 
-  func forgetStoredTotal() { stateLock.locked { storedTotal = nil } }
+  func forgetStoredTotal() { bookkeeping.withLock { $0.storedTotal = nil } }
 
   public func stats() throws(ChunkStoreError) -> StoreStats {
     try wrap("stats") {

@@ -1,6 +1,7 @@
 import Foundation
 import StoreFS
 import NodeControl
+import Threads
 
 #if canImport(Glibc)
   import Glibc
@@ -35,57 +36,49 @@ public enum ServeOutcome: Sendable {
 }
 
 /// Coordinates the serving thread and a takeover request from the control socket.
-final class HandoverGate: @unchecked Sendable {
+final class HandoverGate: Sendable {
   enum Phase: Equatable {
     case serving, stopping, stopped
     case decided(handedOver: Bool)
   }
 
-  private let condition = NSCondition()
-  private var phase = Phase.serving
+  private let phase = Locked(Phase.serving)
 
   /// Called by the serving thread when the session loop returned. Returns whether to run again
   /// (a handover was attempted and failed), and whether the connection was handed over.
   func loopEnded() -> (again: Bool, handedOver: Bool) {
-    condition.lock()
-    defer { condition.unlock() }
-    guard phase == .stopping else { return (false, false) }
-    phase = .stopped
-    condition.broadcast()
-    while phase == .stopped { condition.wait() }
-    guard case .decided(let handedOver) = phase else { return (false, false) }
-    phase = .serving
-    return (!handedOver, handedOver)
+    let stopped = phase.withLock { p -> Bool in
+      guard p == .stopping else { return false }
+      p = .stopped
+      return true
+    }
+    guard stopped else { return (false, false) }
+    phase.broadcast()
+    return phase.withLock(when: { $0 != .stopped }) { p in
+      guard case .decided(let handedOver) = p else { return (false, false) }
+      p = .serving
+      return (!handedOver, handedOver)
+    }
   }
 
   /// Stops the loop through `stop` and waits until it has ended; false if it did not within `timeout`.
   func stop(timeout: Double, _ stop: () -> Void) -> Bool {
-    condition.lock()
-    guard phase == .serving else {
-      condition.unlock()
-      return false
+    let began = phase.withLock { p -> Bool in
+      guard p == .serving else { return false }
+      p = .stopping
+      return true
     }
-    phase = .stopping
-    condition.unlock()
+    guard began else { return false }
     stop()
-    condition.lock()
-    defer { condition.unlock() }
-    let deadline = Date().addingTimeInterval(timeout)
-    while phase == .stopping {
-      if !condition.wait(until: deadline) { break }
-    }
-    if phase == .stopping {
+    return phase.withLock(when: { $0 != .stopping }, timeout: timeout) { p, ended in
       // Not stopped in time: serve on (the caller resumes the session).
-      phase = .serving
-      return false
+      if !ended { p = .serving }
+      return ended
     }
-    return true
   }
 
   func decide(handedOver: Bool) {
-    condition.lock()
-    defer { condition.unlock() }
-    phase = .decided(handedOver: handedOver)
-    condition.broadcast()
+    phase.withLock { $0 = .decided(handedOver: handedOver) }
+    phase.broadcast()
   }
 }

@@ -7,6 +7,7 @@ import Logging
 import NIOCore
 import NixFormats
 import Synchronization
+import Threads
 
 /// The HTTP side of `nixfs serve`: a Nix binary cache (`nix-cache-info`, `<hash>.narinfo`,
 /// `nar/…`) over Hummingbird. Every answer that comes from the store is immutable.
@@ -313,8 +314,8 @@ public struct ServeServer: Sendable {
 final class NARDump: Sendable {
   let stream: AsyncThrowingStream<ByteBuffer, any Error>
   private let continuation: AsyncThrowingStream<ByteBuffer, any Error>.Continuation
-  private let window = DispatchSemaphore(value: 4)
-  private let cancelled = Atomic<Bool>(false)
+  /// Pieces the dump may make before the client takes one, and whether the response ended.
+  private let window = Locked((credit: 4, cancelled: false))
 
   init(path: StorePath, store: ChunkStore, counters: ServeCounters) {
     (stream, continuation) = AsyncThrowingStream<ByteBuffer, any Error>.makeStream()
@@ -326,8 +327,11 @@ final class NARDump: Sendable {
   private func run(path: StorePath, store: ChunkStore, counters: ServeCounters) {
     do {
       try store.dump(path) { piece in
-        window.wait()
-        if cancelled.load(ordering: .acquiring) { throw CancellationError() }
+        let cancelled = window.withLock(when: { $0.credit > 0 || $0.cancelled }) { w -> Bool in
+          w.credit -= 1
+          return w.cancelled
+        }
+        if cancelled { throw CancellationError() }
         counters.narBytesServed.increment(by: Int64(piece.count))
         continuation.yield(ByteBuffer(bytes: piece))
       }
@@ -338,11 +342,14 @@ final class NARDump: Sendable {
   }
 
   /// The client took a piece: the dump may make another.
-  func consumed() { window.signal() }
+  func consumed() {
+    window.withLock { $0.credit += 1 }
+    window.signal()
+  }
 
   /// The response ended (done, or the client went away): stop the dump.
   func cancel() {
-    cancelled.store(true, ordering: .releasing)
+    window.withLock { $0.cancelled = true }
     window.signal()
   }
 }

@@ -1,7 +1,7 @@
 import BinaryCache
 import ChunkStore
 import Foundation
-import SystemCalls
+import Threads
 import Logging
 import NixFormats
 

@@ -1,6 +1,7 @@
 import CUnix
 import Foundation
 import Synchronization
+import Threads
 #if canImport(Glibc)
   import Glibc
 #endif
@@ -18,6 +19,11 @@ public final class LineClient<Request: Encodable & Sendable, Response: Decodable
     let (response, descriptor) = try exchange(request, timeout: timeout)
     if let descriptor { close(descriptor) }
     return response
+  }
+
+  /// `send` from async code: the exchange waits on the blocking pool, not on a concurrency thread.
+  public func request(_ request: Request, timeout: Double = 300) async throws -> Response {
+    try await blockingWork { try self.send(request, timeout: timeout) }
   }
 
   /// Sends one request, with `descriptor` attached if given, and returns the response with the

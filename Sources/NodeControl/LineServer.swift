@@ -1,6 +1,7 @@
 import CUnix
 import Foundation
 import SystemCalls
+import Threads
 #if canImport(Glibc)
   import Glibc
 #endif
@@ -88,17 +89,16 @@ public final class LineServer<Request: Decodable & Sendable, Response: Encodable
       // A descriptor sent with a request (the keeper's `hold`) goes to the handler's request.
       let reply: LineReply<Response>
       if let request = try? JSONDecoder().decode(Request.self, from: Data(line)) {
-        let box = ResultBox<Response>()
-        let semaphore = DispatchSemaphore(value: 0)
+        let answer = Locked<LineReply<Response>?>(nil)
         let handler = self.handler
         let received = reader.descriptor
         reader.descriptor = nil
         Task {
-          box.value = await ReceivedDescriptor.$current.withValue(received) { await handler(request) }
-          semaphore.signal()
+          let r = await ReceivedDescriptor.$current.withValue(received) { await handler(request) }
+          answer.withLock { $0 = r }
+          answer.broadcast()
         }
-        semaphore.wait()
-        reply = box.value ?? LineReply(.malformed("no response"))
+        reply = answer.withLock(when: { $0 != nil }) { $0! }
       } else {
         reply = LineReply(.malformed("malformed request"))
       }
@@ -135,6 +135,3 @@ public enum ReceivedDescriptor {
   @TaskLocal public static var current: Int32?
 }
 
-final class ResultBox<Response: Encodable & Sendable>: @unchecked Sendable {
-  var value: LineReply<Response>?
-}

@@ -2,7 +2,7 @@ import BinaryCache
 import ChunkStore
 import Crypto
 import Foundation
-import SystemCalls
+import Threads
 import FuseMount
 import Logging
 import NixFormats

@@ -4,6 +4,7 @@ import Logging
 import Prometheus
 import Synchronization
 import SystemCalls
+import Threads
 
 /// The mount daemon's metrics endpoint, on the HTTP stack `nixfs serve` uses: `/metrics` (and
 /// any other path) answers the Prometheus text exposition, `/healthz` answers `ok`. A connection
@@ -45,26 +46,30 @@ final class MetricsEndpoint: Sendable {
     router.get("healthz") { _, _ in "ok\n" }
     router.get("/", use: metrics)
     router.get("**", use: metrics)
-    let started = DispatchSemaphore(value: 0)
-    let outcome = Mutex<String?>(nil)
+    /// nil until the listener runs ("") or fails (why).
+    let outcome = Locked<String?>(nil)
     let app = Application(
       router: router,
       server: .http1(configuration: .init(idleTimeout: .seconds(30))),
       configuration: .init(address: .hostname(host, port: port), serverName: "nixfs-metrics"),
-      onServerRunning: { _ in started.signal() },
+      onServerRunning: { _ in
+        outcome.withLock { $0 = $0 ?? "" }
+        outcome.broadcast()
+      },
       logger: logger)
     // `run`, not `runService`: the daemon handles its own signals.
     task = Task {
       do { try await app.run() } catch {
         outcome.withLock { $0 = "\(error)" }
-        started.signal()
+        outcome.broadcast()
       }
     }
-    guard started.wait(timeout: .now() + 10) == .success else {
+    let why = outcome.withLock(when: { $0 != nil }, timeout: 10) { o, _ in o }
+    guard let why else {
       task.cancel()
       throw Failure(address: address, reason: "the listener did not start")
     }
-    if let why = outcome.withLock({ $0 }) { throw Failure(address: address, reason: why) }
+    if !why.isEmpty { throw Failure(address: address, reason: why) }
   }
 
   /// The same from async code: the wait for the listener happens on a thread of its own, not on
