@@ -199,6 +199,7 @@ let package = Package(
     .target(name: "TestSupport", dependencies: ["NixFormats"], path: "Tests/TestSupport", swiftSettings: strict),
     .testTarget(
       name: "NixFormatsTests", dependencies: ["NixFormats", "TestSupport"], swiftSettings: strict),
+    .testTarget(name: "ThreadsTests", dependencies: ["Threads"], swiftSettings: strict),
     .testTarget(name: "NixServeTests", dependencies: ["TestSupport", "NixFormats", "ChunkStore"], swiftSettings: strict),
     .testTarget(
       name: "BinaryCacheTests", dependencies: ["BinaryCache", "TestSupport"], swiftSettings: strict),

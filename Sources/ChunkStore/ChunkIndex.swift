@@ -60,7 +60,7 @@ public enum ChunkIndex {
 
   static func fingerprint(_ info: PathInfo, body: Data) -> String {
     let digest = SHA256.hash(data: body).map { String(format: "%02x", $0) }.joined()
-    return "nixfs-chunk-index-1;\(info.storePath);\(info.narHash);\(info.narSize);sha256:\(digest)"
+    return "nixfs-chunk-index-1;\(info.storePath.path);\(info.narHash.nix32);\(info.narSize);sha256:\(digest)"
   }
 
   /// The signed document for a complete manifest (chunk lists included).
@@ -89,8 +89,8 @@ public enum ChunkIndex {
       return n
     }
     let body = Body(
-      storePath: manifest.info.storePath, narHash: manifest.info.narHash, narSize: manifest.info.narSize,
-      references: manifest.info.references, nodes: nodes, contents: contents)
+      storePath: manifest.info.storePath.path, narHash: manifest.info.narHash.nix32, narSize: manifest.info.narSize,
+      references: manifest.info.referenceNames, nodes: nodes, contents: contents)
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.sortedKeys]
     let bodyData = try encoder.encode(body)
@@ -116,7 +116,7 @@ public enum ChunkIndex {
       throw bad("it is for \(LogText.bounded(body.storePath)) \(LogText.bounded(body.narHash)), not the narinfo's \(info.storePath) \(info.narHash)")
     }
     let pathInfo = PathInfo(info)
-    guard Set(body.references) == Set(pathInfo.references) else { throw bad("its references are not the narinfo's") }
+    guard Set(body.references) == Set(pathInfo.referenceNames) else { throw bad("its references are not the narinfo's") }
     guard doc.fingerprint == fingerprint(pathInfo, body: bodyData) else { throw bad("fingerprint does not match the body") }
     let sigs = doc.signatures.compactMap { try? NarSignature(parsing: $0) }
     guard keys.validSigner(of: doc.fingerprint, signatures: sigs) != nil else {

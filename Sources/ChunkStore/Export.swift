@@ -22,9 +22,9 @@ extension ChunkStore {
       },
       content: { content, _, emit in try forEachPiece(of: content, emit) })
     try drain()
-    let got = hasher.finalize().nix32
+    let got = hasher.finalize()
     if got != m.info.narHash || hasher.byteCount != m.info.narSize {
-      throw ChunkStoreError.narHashMismatch(storePath: path.path, expected: m.info.narHash, actual: got)
+      throw ChunkStoreError.narHashMismatch(storePath: path.path, expected: m.info.narHash.nix32, actual: got.nix32)
     }
   }
 }

@@ -23,12 +23,12 @@ extension ChunkPipeline {
     let multiplicity = manifest.multiplicity
     try store.withWriter { db in
       try db.transaction {
-        if let state = try db.pathState(info.storePath) {
+        if let state = try db.pathState(info.storePath.path) {
           // A complete path, or a partial one registered while this ingest ran (it holds references).
           if state != ChunkStore.PathState.incomplete.rawValue {
-            throw ChunkStoreError.alreadyComplete(storePath: info.storePath)
+            throw ChunkStoreError.alreadyComplete(storePath: info.storePath.path)
           }
-          try db.deletePath(info.storePath)
+          try db.deletePath(info.storePath.path)
         }
         // Statements are prepared once and bound by type, and rows go in in digest order (the
         // digest indexes then grow at neighbouring leaves): this matters for paths of many small
@@ -75,28 +75,13 @@ extension ChunkPipeline {
           let fill = try db.fillAbsentChunkStatement()
           for (id, w) in written.sorted(by: { $0.key < $1.key }) {
             fill.again()
-            switch w.stored {
-            case .inline(let codec, let data):
-              fill.set(1, data.count)
-              fill.set(2, codec.rawValue)
-              fill.setNull(3)
-              fill.set(4, 0)
-              fill.set(5, blob: data)
-            case .pack(let codec, let offset, let stored):
-              fill.set(1, stored)
-              fill.set(2, codec.rawValue)
-              fill.set(3, lease!.id)
-              fill.set(4, offset)
-              fill.setNull(5)
-            }
+            // An absent row's offset is 0, not NULL: it stays so for an inline chunk.
+            fill.bind(w.stored, pack: lease?.id, at: 1, inlineOffset: 0)
             fill.set(6, id)
             try fill.run()
             guard db.changes == 1 else { continue }
             filled.insert(id)
-            switch w.stored {
-            case .inline(_, let data): added += UInt64(data.count)
-            case .pack(_, _, let stored): added += UInt64(stored)
-            }
+            added += UInt64(w.stored.bytes)
           }
         }
         let insertChunk = try db.insertChunkStatement()
@@ -110,30 +95,15 @@ extension ChunkPipeline {
           insertChunk.set(1, id)
           insertChunk.set(2, w.size)
           insertChunk.set(8, refs)
-          switch w.stored {
-          case .inline(let codec, let data):
-            insertChunk.set(3, data.count)
-            insertChunk.set(4, codec.rawValue)
-            insertChunk.setNull(5)
-            insertChunk.setNull(6)
-            insertChunk.set(7, blob: data)
-            try insertChunk.run()
-          case .pack(let codec, let offset, let stored):
-            insertChunk.set(3, stored)
-            insertChunk.set(4, codec.rawValue)
-            insertChunk.set(5, lease!.id)
-            insertChunk.set(6, offset)
-            insertChunk.setNull(7)
-            try insertChunk.run()
-            if db.changes == 0 { duplicates.append((offset, stored)) }
+          insertChunk.bind(w.stored, pack: lease?.id, at: 3, inlineOffset: nil)
+          try insertChunk.run()
+          if case .pack(_, let offset, let stored) = w.stored, db.changes == 0 {
+            duplicates.append((offset, stored))
           }
           if db.changes == 1 {
             rowOf[id] = db.lastInsertRowID
             gained[id] = nil
-            switch w.stored {
-            case .inline(_, let data): added += UInt64(data.count)
-            case .pack(_, _, let stored): added += UInt64(stored)
-            }
+            added += UInt64(w.stored.bytes)
           }
         }
         // Chunks that were already there (deduplicated) gain references.
@@ -176,3 +146,24 @@ extension ChunkPipeline {
   }
 }
 
+extension Statement {
+  /// Binds where a chunk's bytes are, in columns `c` to `c + 4`: stored size, codec, pack,
+  /// offset, and the bytes themselves for an inline chunk (pack NULL, offset `inlineOffset`).
+  func bind(_ stored: ChunkPipeline.Stored, pack: Int64?, at c: Int32, inlineOffset: Int64?) {
+    switch stored {
+    case .inline(let codec, let data):
+      set(c, data.count)
+      set(c + 1, codec.rawValue)
+      setNull(c + 2)
+      if let inlineOffset { set(c + 3, inlineOffset) } else { setNull(c + 3) }
+      set(c + 4, blob: data)
+    case .pack(let codec, let offset, let stored):
+      set(c, stored)
+      set(c + 1, codec.rawValue)
+      // A pack chunk exists only with a lease (it was written to the leased pack).
+      set(c + 2, pack!)
+      set(c + 3, offset)
+      setNull(c + 4)
+    }
+  }
+}

@@ -20,6 +20,12 @@ extension Database {
     return try s.step() ? s.int(0) : nil
   }
 
+  /// The row and state of a path the index knows.
+  func pathRow(_ path: String) throws(ChunkStoreError) -> (row: Int64, state: Int64)? {
+    let s = try prepare("SELECT id, state FROM paths WHERE store_path = ?").bind(path)
+    return try s.step() ? (s.int(0), s.int(1)) : nil
+  }
+
   func pathState(_ path: String) throws(ChunkStoreError) -> Int64? {
     let s = try prepare("SELECT state FROM paths WHERE store_path = ?").bind(path)
     return try s.step() ? s.int(0) : nil
@@ -131,7 +137,8 @@ extension Database {
         registered, last_access) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
       """
     ).bind(
-      info.storePath, state.rawValue, info.narHash, info.narSize, info.references.joined(separator: " "), info.deriver,
+      info.storePath.path, state.rawValue, info.narHash.nix32, info.narSize, info.referenceNames.joined(separator: " "),
+      info.deriver,
       info.signatures.joined(separator: "\n"), info.ca, manifest.encodeTree(), files, manifest.fileBytes, t, t
     ).run()
   }
@@ -141,10 +148,12 @@ extension Statement {
   /// The narinfo facts of a `paths` row whose columns from `c` on are store_path, nar_hash,
   /// nar_size, refs, deriver, sigs, ca.
   func pathInfo(at c: Int32) -> PathInfo? {
-    guard let p = text(c), let sp = try? StorePath(p), let h = text(c + 1), let hash = try? NixHash(parsing: h) else {
-      return nil
+    guard let p = text(c), let sp = try? StorePath(parsingFull: p), let h = text(c + 1),
+      let hash = try? NixHash(parsing: h)
+    else { return nil }
+    let refs = (text(c + 3) ?? "").split(separator: " ").compactMap {
+      try? StorePath(baseName: String($0), storeDir: sp.storeDir)
     }
-    let refs = (text(c + 3) ?? "").split(separator: " ").compactMap { try? StorePath(baseName: String($0)) }
     let sigs = (text(c + 5) ?? "").split(separator: "\n").map(String.init)
     return PathInfo(
       storePath: sp, narHash: hash, narSize: UInt64(int(c + 2)), references: refs, deriver: text(c + 4),

@@ -22,7 +22,6 @@ import NixFormats
 public final class Ingest: NARSink, @unchecked Sendable {
   public let info: PathInfo
   let store: ChunkStore
-  let expectedHash: NixHash
   var reader: NARReader
   var narHasher = NixHasher()
   var tree = TreeBuilder()
@@ -61,14 +60,11 @@ public final class Ingest: NARSink, @unchecked Sendable {
   init(store: ChunkStore, info: PathInfo) throws(ChunkStoreError) {
     self.store = store
     self.info = info
-    do { expectedHash = try NixHash(parsing: info.narHash) } catch {
-      throw .narHashMismatch(storePath: info.storePath, expected: info.narHash, actual: "(unparsable expected hash)")
-    }
     reader = NARReader(totalSize: info.narSize)
     cdc = store.configuration.chunking
     smallFileLimit = store.configuration.smallFileLimit
     buffer = .allocate(byteCount: 2 * cdc.maxSize, alignment: 16)
-    pipeline = ChunkPipeline(store: store, storePath: info.storePath)
+    pipeline = ChunkPipeline(store: store, storePath: info.storePath.path)
   }
 
   deinit {
@@ -88,13 +84,13 @@ public final class Ingest: NARSink, @unchecked Sendable {
 
   /// Takes the next piece of the NAR.
   public func feed(_ bytes: UnsafeRawBufferPointer) throws(ChunkStoreError) {
-    guard !finished else { throw .ingestFinished(storePath: info.storePath) }
+    guard !finished else { throw .ingestFinished(storePath: info.storePath.path) }
     if let e = pipeline.error { throw e }
     narHasher.update(bytes)
     do {
       try reader.feed(bytes) { event in try self.handle(event) }
     } catch let e as NARError {
-      throw .nar(storePath: info.storePath, error: e)
+      throw .nar(storePath: info.storePath.path, error: e)
     } catch let e as ChunkStoreError {
       throw e
     } catch {
@@ -182,15 +178,15 @@ public final class Ingest: NARSink, @unchecked Sendable {
   /// Verifies NarHash and NarSize, makes the data durable and publishes the path atomically.
   @discardableResult
   public func commit() throws(ChunkStoreError) -> Manifest {
-    guard !finished else { throw .ingestFinished(storePath: info.storePath) }
+    guard !finished else { throw .ingestFinished(storePath: info.storePath.path) }
     do {
-      do { try reader.finish() } catch let e as NARError { throw ChunkStoreError.nar(storePath: info.storePath, error: e) }
+      do { try reader.finish() } catch let e as NARError { throw ChunkStoreError.nar(storePath: info.storePath.path, error: e) }
       if narHasher.byteCount != info.narSize {
-        throw ChunkStoreError.narSizeMismatch(storePath: info.storePath, expected: info.narSize, actual: narHasher.byteCount)
+        throw ChunkStoreError.narSizeMismatch(storePath: info.storePath.path, expected: info.narSize, actual: narHasher.byteCount)
       }
       let actual = narHasher.finalize()
-      if actual != expectedHash {
-        throw ChunkStoreError.narHashMismatch(storePath: info.storePath, expected: expectedHash.nix32, actual: actual.nix32)
+      if actual != info.narHash {
+        throw ChunkStoreError.narHashMismatch(storePath: info.storePath.path, expected: info.narHash.nix32, actual: actual.nix32)
       }
       try submitGroup()
       try pipeline.finish()
@@ -213,8 +209,8 @@ public final class Ingest: NARSink, @unchecked Sendable {
       let manifest = try pipeline.publish(
         manifest: Manifest(info: info, nodes: nodes, chunks: chunks, slices: slices), fileCount: files.count)
       finished = true
-      store.endIngesting(info.storePath)
-      store.didCommit(info.storePath)
+      store.endIngesting(info.storePath.path)
+      store.didCommit(info.storePath.path)
       return manifest
     } catch {
       abortQuietly()
@@ -229,9 +225,9 @@ public final class Ingest: NARSink, @unchecked Sendable {
   /// The download restarts from byte 0 (a server ignored a Range request, or another
   /// substituter takes over): forget everything fed so far and expect the NAR from its start.
   public func reset() throws(ChunkStoreError) {
-    guard !finished else { throw .ingestFinished(storePath: info.storePath) }
+    guard !finished else { throw .ingestFinished(storePath: info.storePath.path) }
     pipeline.discard()
-    pipeline = ChunkPipeline(store: store, storePath: info.storePath)
+    pipeline = ChunkPipeline(store: store, storePath: info.storePath.path)
     reader = NARReader(totalSize: info.narSize)
     narHasher = NixHasher()
     tree = TreeBuilder()
@@ -252,7 +248,7 @@ public final class Ingest: NARSink, @unchecked Sendable {
     guard !finished else { return }
     finished = true
     pipeline.discard()
-    store.endIngesting(info.storePath)
+    store.endIngesting(info.storePath.path)
   }
 }
 
@@ -274,17 +270,25 @@ public enum IngestFailure: Error, Sendable, CustomStringConvertible {
 
 extension ChunkStore {
   /// Starts ingesting `info.storePath` from its uncompressed NAR. Feed the bytes, then commit.
-  public func ingest(_ info: PathInfo) throws(ChunkStoreError) -> Ingest {
+  /// `seen` is the path's state the caller just looked up (asked here when nil); a path that
+  /// changed since is caught by the commit, which checks again inside its transaction.
+  public func ingest(_ info: PathInfo, seen: LocalPath? = nil) throws(ChunkStoreError) -> Ingest {
     guard isWriter else { throw .index(path: indexPath, operation: "ingest", message: "store opened read-only") }
-    if isComplete(info.storePath) { throw .alreadyComplete(storePath: info.storePath) }
-    // A whole NAR replaces a partial path: its references go first (readers excluded), so the
-    // commit starts from a row with none.
-    if let row = try partialRow(info.storePath) { _ = try evict(row: row, path: info.storePath, keepAsIncomplete: true) }
-    try beginIngesting(info.storePath)
+    let state: LocalPath
+    if let seen { state = seen } else { state = try localState(of: info.storePath) }
+    switch state {
+    case .complete: throw .alreadyComplete(storePath: info.storePath.path)
+    case .partial(let row):
+      // A whole NAR replaces a partial path: its references go first (readers excluded), so the
+      // commit starts from a row with none.
+      _ = try evict(row: row, path: info.storePath.path, keepAsIncomplete: true)
+    case .absent, .incomplete: break
+    }
+    try beginIngesting(info.storePath.path)
     do {
       return try Ingest(store: self, info: info)
     } catch {
-      endIngesting(info.storePath)
+      endIngesting(info.storePath.path)
       throw error
     }
   }
@@ -324,9 +328,11 @@ extension ChunkStore {
   /// streams it into the ingest (the cache client parses and verifies it on the way); only once
   /// that returns is it committed, durable and visible, off the caller's thread (fsync and SQL);
   /// if anything throws, everything is discarded. Returns the manifest as stored.
-  public func ingest(_ info: PathInfo, fetching: (Ingest) async throws -> Void) async throws(IngestFailure) -> Manifest {
+  public func ingest(
+    _ info: PathInfo, seen: LocalPath? = nil, fetching: (Ingest) async throws -> Void
+  ) async throws(IngestFailure) -> Manifest {
     let ingest: Ingest
-    do { ingest = try self.ingest(info) } catch { throw .store(error) }
+    do { ingest = try self.ingest(info, seen: seen) } catch { throw .store(error) }
     do { try await fetching(ingest) } catch {
       ingest.abort()
       throw .fetch(error)

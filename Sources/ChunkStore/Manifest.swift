@@ -2,13 +2,12 @@ import Foundation
 import NixFormats
 
 /// The narinfo metadata kept with a store path (what Nix needs to register it later).
-public struct PathInfo: Codable, Sendable, Hashable {
-  public var storePath: String
-  /// `sha256:<nix32>`.
-  public var narHash: String
+public struct PathInfo: Sendable, Hashable {
+  public var storePath: StorePath
+  public var narHash: NixHash
   public var narSize: UInt64
-  /// Base names of referenced store paths.
-  public var references: [String]
+  /// Referenced store paths (in the same store directory).
+  public var references: [StorePath]
   public var deriver: String?
   public var signatures: [String]
   public var ca: String?
@@ -17,19 +16,55 @@ public struct PathInfo: Codable, Sendable, Hashable {
     storePath: StorePath, narHash: NixHash, narSize: UInt64, references: [StorePath] = [],
     deriver: String? = nil, signatures: [String] = [], ca: String? = nil
   ) {
-    self.storePath = storePath.path
-    self.narHash = narHash.nix32
-    self.narSize = narSize
-    self.references = references.map(\.baseName)
-    self.deriver = deriver
-    self.signatures = signatures
-    self.ca = ca
+    (self.storePath, self.narHash, self.narSize, self.references) = (storePath, narHash, narSize, references)
+    (self.deriver, self.signatures, self.ca) = (deriver, signatures, ca)
   }
+
+  /// The references as base names, the way the index and the narinfo write them.
+  public var referenceNames: [String] { references.map(\.baseName) }
 
   public init(_ info: NarInfo) {
     self.init(
       storePath: info.storePath, narHash: info.narHash, narSize: info.narSize, references: info.references,
       deriver: info.deriver, signatures: info.signatures.map(\.description), ca: info.ca)
+  }
+}
+
+/// Text only at the edge, in the form it always had: the full path, `sha256:<nix32>`, the
+/// references' base names. Decoding checks each, so a manifest with a malformed one is refused.
+extension PathInfo: Codable {
+  enum CodingKeys: String, CodingKey {
+    case storePath, narHash, narSize, references, deriver, signatures, ca
+  }
+
+  public init(from decoder: any Decoder) throws {
+    let c = try decoder.container(keyedBy: CodingKeys.self)
+    let path = try c.decode(String.self, forKey: .storePath)
+    let hash = try c.decode(String.self, forKey: .narHash)
+    let names = try c.decode([String].self, forKey: .references)
+    do {
+      let storePath = try StorePath(parsingFull: path)
+      self.init(
+        storePath: storePath, narHash: try NixHash(parsing: hash), narSize: try c.decode(UInt64.self, forKey: .narSize),
+        references: try names.map { name throws(StorePathError) in try StorePath(baseName: name, storeDir: storePath.storeDir) },
+        deriver: try c.decodeIfPresent(String.self, forKey: .deriver),
+        signatures: try c.decode([String].self, forKey: .signatures), ca: try c.decodeIfPresent(String.self, forKey: .ca))
+    } catch let e as StorePathError {
+      throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath, debugDescription: e.description))
+    } catch let e as NixHashError {
+      throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath, debugDescription: e.description))
+    }
+  }
+
+  public func encode(to encoder: any Encoder) throws {
+    var c = encoder.container(keyedBy: CodingKeys.self)
+    try c.encode(storePath.path, forKey: .storePath)
+    try c.encode(narHash.nix32, forKey: .narHash)
+    try c.encode(narSize, forKey: .narSize)
+    try c.encode(referenceNames, forKey: .references)
+    try c.encodeIfPresent(deriver, forKey: .deriver)
+    try c.encode(signatures, forKey: .signatures)
+    try c.encodeIfPresent(ca, forKey: .ca)
   }
 }
 

@@ -16,12 +16,12 @@ extension ChunkStore {
       try withWriter { db in
         guard try Self.schemaFacts(db, indexPath).version >= Self.listNamedVersion else {
           throw ChunkStoreError.indexRefused(
-            storePath: info.storePath, reason: "this store's index predates list-named contents; run nixfs fsck")
+            storePath: info.storePath.path, reason: "this store's index predates list-named contents; run nixfs fsck")
         }
         try db.transaction {
-          if let state = try db.pathState(info.storePath) {
+          if let state = try db.pathState(info.storePath.path) {
             if state != PathState.incomplete.rawValue { return }
-            try db.deletePath(info.storePath)
+            try db.deletePath(info.storePath.path)
           }
           var newContents: [(ContentID, Int64)] = []
           let insertContent = try db.insertContentStatement()
@@ -37,7 +37,7 @@ extension ChunkStore {
             known.set(2, content)
             guard try known.step(), UInt64(known.int(0)) == m.size else {
               throw ChunkStoreError.indexRefused(
-                storePath: info.storePath, reason: "content \(content) has another size in this store")
+                storePath: info.storePath.path, reason: "content \(content) has another size in this store")
             }
             _ = try known.step()
           }
@@ -57,7 +57,7 @@ extension ChunkStore {
             addRefs.set(1, g.refs)
             addRefs.set(2, id)
             guard try addRefs.step(), addRefs.int(1) == Int64(g.size) else {
-              throw ChunkStoreError.indexRefused(storePath: info.storePath, reason: "chunk \(id) has another size in this store")
+              throw ChunkStoreError.indexRefused(storePath: info.storePath.path, reason: "chunk \(id) has another size in this store")
             }
             rowOf[id] = addRefs.int(0)
             _ = try addRefs.step()
@@ -78,7 +78,7 @@ extension ChunkStore {
         }
       }
     }
-    try checkHeldSlices(of: info.storePath)
+    try checkHeldSlices(of: info.storePath.path)
   }
 
   /// Packed files of a newly registered path whose chunk the store already holds: checked now.
@@ -119,7 +119,7 @@ extension ChunkStore {
   /// cover it, and its content name is the one the chunks imply (one chunk: its digest; several:
   /// the list's name). A packed small file is named by its bytes, checked when its chunk comes.
   func checkIndex(_ m: Manifest) throws(ChunkStoreError) {
-    func refuse(_ why: String) -> ChunkStoreError { .indexRefused(storePath: m.info.storePath, reason: why) }
+    func refuse(_ why: String) -> ChunkStoreError { .indexRefused(storePath: m.info.storePath.path, reason: why) }
     let limit = UInt32(largestChunk)
     for (content, size) in m.contents {
       guard let refs = m.chunks[content], !refs.isEmpty || size == 0 else { throw refuse("content \(content) has no chunk list") }
@@ -159,10 +159,10 @@ extension ChunkStore {
       throw .index(path: indexPath, operation: "rebuild \(path)", message: "\(error)")
     }
     writer.take().withUnsafeBytes { hasher.update($0) }
-    let got = hasher.finalize().nix32
+    let got = hasher.finalize()
     guard got == tree.info.narHash, hasher.byteCount == tree.info.narSize else {
       if let row = try partialRow(path.path) { _ = try evict(row: row, path: path.path, keepAsIncomplete: true) }
-      throw .narHashMismatch(storePath: path.path, expected: tree.info.narHash, actual: got)
+      throw .narHashMismatch(storePath: path.path, expected: tree.info.narHash.nix32, actual: got.nix32)
     }
     try wrap("complete \(path)") {
       try withWriter { db in try db.markPartialComplete(path.path) }

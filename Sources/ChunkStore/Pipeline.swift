@@ -13,6 +13,14 @@ final class ChunkPipeline: @unchecked Sendable {
   enum Stored {
     case inline(Codec, [UInt8])
     case pack(Codec, offset: UInt64, stored: Int)
+
+    /// The bytes it takes in the store.
+    var bytes: Int {
+      switch self {
+      case .inline(_, let data): data.count
+      case .pack(_, _, let stored): stored
+      }
+    }
   }
 
   /// Chunks handed over together: their bytes back to back in one allocation, since small files

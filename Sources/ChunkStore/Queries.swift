@@ -1,6 +1,16 @@
 import Foundation
 import NixFormats
 
+/// What a store holds of a path (see `ChunkStore.localState(of:)`).
+public enum LocalPath: Sendable, Equatable {
+  case absent
+  case complete
+  /// Tree and chunk lists from a verified chunk index; chunks come as they are read.
+  case partial(row: Int64)
+  /// Known, but its data is gone (fsck removed a bad chunk): fetch it again.
+  case incomplete
+}
+
 extension ChunkStore {
   public func isComplete(_ path: String) -> Bool {
     (try? withReader { db in
@@ -15,6 +25,18 @@ extension ChunkStore {
   public func servablePaths() -> [StorePath] { paths(states: "1, 3") }
 
   public func isPartial(_ path: StorePath) -> Bool { (try? partialRow(path.path)) != nil }
+
+  /// What this store holds of a path, in one query: a materialiser asks it once on a miss and
+  /// hands the answer to `ingest` instead of that asking again.
+  public func localState(of path: StorePath) throws(ChunkStoreError) -> LocalPath {
+    let found = try wrap("path state") { try withReader { db in try db.pathRow(path.path) } }
+    guard let found else { return .absent }
+    switch PathState(rawValue: found.state) {
+    case .complete: return .complete
+    case .partial: return .partial(row: found.row)
+    case .incomplete, nil: return .incomplete
+    }
+  }
 
   func partialRow(_ path: String) throws(ChunkStoreError) -> Int64? {
     try wrap("path state") {

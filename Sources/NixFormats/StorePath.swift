@@ -26,6 +26,15 @@ public struct StorePath: Hashable, Comparable, Sendable, CustomStringConvertible
     try self.init(baseName: String(path.dropFirst(prefix.count)), storeDir: storeDir, fullPath: path)
   }
 
+  /// Parses a full path in whatever store directory it names (all before its last slash): for
+  /// paths this program wrote itself, such as the index's.
+  public init(parsingFull path: String) throws(StorePathError) {
+    guard path.hasPrefix("/"), let slash = path.lastIndex(of: "/"), slash != path.startIndex else {
+      throw StorePathError(path: path, reason: "expected an absolute path <store dir>/<hash>-<name>")
+    }
+    try self.init(path, storeDir: String(path[..<slash]))
+  }
+
   /// Parses `<hash>-<name>`.
   public init(baseName: String, storeDir: String = StorePath.defaultStoreDir) throws(StorePathError) {
     try self.init(baseName: baseName, storeDir: storeDir, fullPath: baseName)

@@ -109,19 +109,16 @@ public final class PullThroughCache: Sendable {
   /// only path, NarHash, NarSize and references, which stay), an uncompressed NAR named by its
   /// NarHash, so the URL of one NAR never changes and HTTP caches may keep it forever.
   public func narInfo(of path: StorePath) throws(ServeError) -> String {
-    guard let info = store.pathInfo(of: path), let held = Self.narInfo(path, info) else {
-      throw .store("\(path) vanished from the store")
-    }
-    return held.serialized
+    guard let info = store.pathInfo(of: path) else { throw .store("\(path) vanished from the store") }
+    return Self.narInfo(path, info).serialized
   }
 
   /// A held path's narinfo as this cache serves it (see `served`).
-  static func narInfo(_ path: StorePath, _ info: PathInfo) -> NarInfo? {
-    guard let hash = try? NixHash(parsing: info.narHash) else { return nil }
-    return served(
+  static func narInfo(_ path: StorePath, _ info: PathInfo) -> NarInfo {
+    served(
       NarInfo(
-        storePath: path, url: "", narHash: hash, narSize: info.narSize,
-        references: info.references.compactMap { try? StorePath(baseName: $0) }, deriver: info.deriver,
+        storePath: path, url: "", narHash: info.narHash, narSize: info.narSize,
+        references: info.references, deriver: info.deriver,
         signatures: info.signatures.compactMap { try? NarSignature(parsing: $0) }, ca: info.ca))
   }
 
@@ -173,8 +170,8 @@ public final class PullThroughCache: Sendable {
   }
 
   private func closureEntry(_ path: StorePath) async -> Result<(String, [StorePath]), ServeError> {
-    if let info = store.pathInfo(of: path), let held = Self.narInfo(path, info) {
-      return .success((held.serialized, held.references))
+    if let info = store.pathInfo(of: path) {
+      return .success((Self.narInfo(path, info).serialized, info.references))
     }
     do {
       let i = try await upstream.narInfo(for: path).info
@@ -201,7 +198,7 @@ public final class PullThroughCache: Sendable {
       throw .badRequest("'\(LogText.bounded(fileName))' is not a NAR name")
     }
     let path = try await self.path(hashPart: String(parts[0]))
-    guard let info = store.pathInfo(of: path), info.narHash.hasSuffix(":" + parts[1]) else {
+    guard let info = store.pathInfo(of: path), info.narHash.nix32Digest == parts[1] else {
       throw .notFound("no NAR \(LogText.bounded(fileName)) here")
     }
     return path

@@ -297,9 +297,7 @@ public final class Daemon: Sendable {
         local = false
         break
       }
-      for r in tree.info.references {
-        if let ref = try? StorePath(baseName: r), seen.insert(ref).inserted { queue.append(ref) }
-      }
+      for ref in tree.info.references where seen.insert(ref).inserted { queue.append(ref) }
     }
     if local { return seen.sorted() }
     return try await cache.closure(of: [path]).keys.sorted()

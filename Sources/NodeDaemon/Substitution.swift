@@ -28,10 +28,14 @@ public final class Substitution: Materialiser, Sendable {
 
   @discardableResult
   public func materialise(_ path: StorePath, whole: Bool = false) async throws -> Manifest? {
-    if store.isComplete(path) { return nil }
-    if store.isPartial(path) {
+    let seen: LocalPath
+    do { seen = try store.localState(of: path) } catch { throw MaterialiseFailure.failed(path, cause: error) }
+    switch seen {
+    case .complete: return nil
+    case .partial:
       if whole { try await complete(path) }
       return nil
+    case .absent, .incomplete: break
     }
     let info: CachedPathInfo
     do {
@@ -46,7 +50,7 @@ public final class Substitution: Materialiser, Sendable {
     }
     let committed: Manifest
     do throws(IngestFailure) {
-      committed = try await store.ingest(PathInfo(info.info)) { ingest in try await cache.fetchNAR(info, into: ingest) }
+      committed = try await store.ingest(PathInfo(info.info), seen: seen) { ingest in try await cache.fetchNAR(info, into: ingest) }
     } catch {
       throw MaterialiseFailure.failed(path, cause: error)
     }
@@ -106,7 +110,10 @@ public final class Substitution: Materialiser, Sendable {
   }
 
   public func materialiseFromIndex(_ path: StorePath) async -> Bool {
-    if store.isComplete(path) || store.isPartial(path) { return true }
+    switch try? store.localState(of: path) {
+    case .complete, .partial: return true
+    case .absent, .incomplete, nil: break
+    }
     guard let info = try? await cache.narInfo(for: path) else { return false }
     return await registerFromIndex(info) != nil
   }

@@ -112,8 +112,12 @@ import TestSupport
     while let line = pod.readLine() { lines.append(line) }
     let fast = lines.first { $0.hasPrefix("FAST ") }?.split(separator: " ")
     let slow = lines.first { $0.hasPrefix("SLOW ") }?.split(separator: " ")
-    #expect(fast?.count == 3 && fast?[2] == "0", "pod: \(lines) \(pod.stderr)")
-    #expect(slow?.count == 3 && slow?[2] == "0", "pod: \(lines) \(pod.stderr)")
+    // What the daemons said about errors, to tell a failed read from one that never got an answer.
+    let daemonErrors = ([node.store.daemon] + daemons.all).enumerated().flatMap { n, d in
+      d.stderr.split(separator: "\n").filter { $0.contains("error") || $0.contains("warning") }.map { "daemon \(n): \($0)" }
+    }
+    #expect(fast?.count == 3 && fast?[2] == "0", "pod: \(lines) \(pod.stderr) \(daemonErrors)")
+    #expect(slow?.count == 3 && slow?[2] == "0", "pod: \(lines) \(pod.stderr) \(daemonErrors)")
     #expect((Int(fast?[1] ?? "0") ?? 0) > 10 && (Int(slow?[1] ?? "0") ?? 0) > 1, "the pod barely ran: \(lines)")
     #expect(!pod.stderr.contains("not connected"), "\(pod.stderr)")
     print("takeover pod: \(lines)")

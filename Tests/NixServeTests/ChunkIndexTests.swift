@@ -90,7 +90,7 @@ import TestSupport
     text.replaceSubrange(at, with: "exekutable")
     #expect(throws: ChunkIndex.InvalidDocument.self) { try ChunkIndex.verify(Data(text.utf8), trusting: trusted, for: lib) }
     #expect(throws: ChunkIndex.InvalidDocument.self) { try ChunkIndex.verify(Data("{}".utf8), trusting: trusted, for: lib) }
-    #expect(try ChunkIndex.verify(doc, trusting: trusted, for: lib).info.storePath == lib.storePath.path)
+    #expect(try ChunkIndex.verify(doc, trusting: trusted, for: lib).info.storePath == lib.storePath)
     // Unknown NARs and chunks are 404; a serve without a key offers no index.
     #expect(try get("\(serve.url)/nixfs/v1/manifests/\(String(repeating: "0", count: 52))").status == 404)
     #expect(try get("\(serve.url)/nixfs/v1/chunks/\(String(repeating: "0", count: 64))").status == 404)
