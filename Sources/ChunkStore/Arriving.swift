@@ -2,6 +2,7 @@ internal import CZstd
 import Foundation
 import NixFormats
 import Synchronization
+import Threads
 
 #if canImport(Glibc)
   import Glibc
@@ -70,7 +71,7 @@ extension ChunkStore {
     let stored = zstd && bytes.count < raw.count - raw.count / 32 ? Chunk(raw: raw, stored: bytes, codec: .zstd) : Chunk(raw: raw, stored: raw, codec: .raw)
     chunkCache.put(id, raw)
     if arriving.add(id, stored) {
-      DispatchQueue.global(qos: .utility).async { [self] in writeArriving() }
+      blockingPool.submit { [self] _ in writeArriving() }
     }
     return raw
   }

@@ -57,7 +57,8 @@ final class ChunkPipeline: @unchecked Sendable {
   let shared = Locked(Shared())
   /// The pack this ingest appends to, leased on the first chunk that needs one.
   let lease = Mutex<ChunkStore.PackLease?>(nil)
-  private let group = DispatchGroup()
+  /// Workers still running: `finish` and `discard` wait for none.
+  private let running = Locked(0)
   private let maxQueued: Int
   // Owned by the feeding thread.
   private(set) var jobCount = 0
@@ -77,10 +78,11 @@ final class ChunkPipeline: @unchecked Sendable {
   private func startWorkers() {
     started = true
     for n in 0..<max(1, store.configuration.ingestThreads) {
-      group.enter()
+      running.withLock { $0 += 1 }
       let t = Thread { [self] in
         worker()
-        group.leave()
+        running.withLock { $0 -= 1 }
+        running.broadcast()
       }
       t.name = "nixfs-ingest-\(n)"
       t.start()
@@ -294,7 +296,7 @@ final class ChunkPipeline: @unchecked Sendable {
     try flush()
     shared.withLock(when: { $0.inFlight == 0 }) { $0.stopping = true }
     shared.broadcast()
-    if started { group.wait() }
+    if started { running.withLock(when: { $0 == 0 }) { _ in } }
     if let e = error { throw e }
   }
 
@@ -310,7 +312,7 @@ final class ChunkPipeline: @unchecked Sendable {
     }
     shared.broadcast()
     shared.withLock(when: { $0.inFlight == 0 }) { _ in }
-    if started { group.wait() }
+    if started { running.withLock(when: { $0 == 0 }) { _ in } }
     store.giveBack(shared.withLock { s in
       defer { s.existing = [] }
       return s.existing

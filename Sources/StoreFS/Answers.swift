@@ -13,7 +13,7 @@ extension StoreFileSystem {
   package func replyEntry(_ req: any Replier, ino: UInt64, attr: stat) {
     if ino != Inode.root && Inode.decode(ino) != .invalid {
       if case .virtual = Inode.decode(ino) {} else {
-        state.withLock { $0.lookups[ino, default: 0] += 1 }
+        inodeTable.withLock { $0.lookups[ino, default: 0] += 1 }
       }
     }
     if !req.entry(ino: ino, attr: attr, timeout: options.entryTimeout) {
@@ -37,7 +37,7 @@ extension StoreFileSystem {
   }
 
   package func forget(_ ino: UInt64, _ n: UInt64) {
-    state.withLock { s in
+    inodeTable.withLock { s in
       guard let c = s.lookups[ino] else { return }
       if c <= n {
         s.lookups[ino] = nil
@@ -51,5 +51,5 @@ extension StoreFileSystem {
     }
   }
 
-  public var knownInodes: Int { state.withLock { $0.lookups.count } }
+  public var knownInodes: Int { inodeTable.withLock { $0.lookups.count } }
 }

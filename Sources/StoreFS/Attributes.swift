@@ -49,7 +49,7 @@ extension StoreFileSystem {
     -> UInt64
   {
     let number = Inode.fileNumber(content)
-    let (clash, changed) = state.withLock { s -> (Bool, Bool) in
+    let (clash, changed) = inodeTable.withLock { s -> (Bool, Bool) in
       if let known = s.files[number] {
         if known.content != content { return (true, false) }
         if known.path == path { return (false, false) }

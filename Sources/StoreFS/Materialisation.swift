@@ -14,7 +14,7 @@ extension StoreFileSystem {
 
   package func cachedTree(_ path: StorePath) -> Manifest? {
     let evictions = store.evictions
-    return state.withLock { s in
+    return treeCache.withLock { s in
       // GC evicted something since the trees were cached: forget them, the index is the truth.
       if evictions != s.evictionsSeen {
         s.evictionsSeen = evictions
@@ -30,7 +30,7 @@ extension StoreFileSystem {
   }
 
   package func remember(_ path: StorePath, _ tree: Manifest) {
-    state.withLock { s in
+    treeCache.withLock { s in
       s.clock += 1
       if let old = s.trees.updateValue((tree, s.clock), forKey: path) { s.treeNodes -= old.tree.nodes.count }
       s.treeNodes += tree.nodes.count
@@ -71,7 +71,7 @@ extension StoreFileSystem {
       return
     }
     if resolution { metrics.fetchedMisses.increment() }
-    let negative = state.withLock { s -> Bool in
+    let negative = fetchTable.withLock { s -> Bool in
       if let until = s.negative[path] {
         if until > Date() { return true }
         s.negative[path] = nil
@@ -109,7 +109,7 @@ extension StoreFileSystem {
   /// The one download of `path`: lookups and prefetches of a path in flight share it. When it
   /// ends it leaves the in-flight table (a path no cache has is remembered as missing for a while).
   package func materialisation(of path: StorePath) -> Task<Void, any Error> {
-    state.withLock { s -> Task<Void, any Error> in
+    fetchTable.withLock { s -> Task<Void, any Error> in
       if let t = s.inflight[path] { return t }
       let materialiser = self.materialiser
       let metrics = self.metrics
@@ -186,14 +186,14 @@ extension StoreFileSystem {
   }
 
   package func finished(_ path: StorePath, negative: Bool = false) {
-    state.withLock { s in
+    fetchTable.withLock { s in
       s.inflight[path] = nil
       if negative { s.negative[path] = Date().addingTimeInterval(options.negativeTimeout) }
     }
   }
 
   package func instance(_ namespace: UInt32, _ path: StorePath) -> UInt32 {
-    let (id, isNew) = state.withLock { s -> (UInt32, Bool) in
+    let (id, isNew) = inodeTable.withLock { s -> (UInt32, Bool) in
       let key = InstanceKey(namespace: namespace, path: path)
       if let id = s.instanceIDs[key] { return (id, false) }
       let id = s.nextInstance

@@ -49,7 +49,7 @@ extension StoreFileSystem {
   }
 
   package func view(number: UInt32) -> RegisteredView? {
-    state.withLock { s in s.viewNumbers[number].flatMap { s.views[$0] } }
+    viewTable.withLock { s in s.viewNumbers[number].flatMap { s.views[$0] } }
   }
 
   package func resultTarget(_ v: RegisteredView) -> [UInt8] {
@@ -94,7 +94,7 @@ extension StoreFileSystem {
     case .virtual(let n):
       lookupVirtual(req, VirtualNode(n), name: name)
     case .node(let instance, let index):
-      guard let key = state.withLock({ $0.instances[instance] }) else {
+      guard let key = inodeTable.withLock({ $0.instances[instance] }) else {
         replyError(req, ESTALE, cause: "stale")
         return
       }
@@ -124,7 +124,7 @@ extension StoreFileSystem {
     var child: VirtualNode? = nil
     switch parent {
     case .viewsDir:
-      if let v = state.withLock({ $0.views[text]?.number }) { child = .viewDir(v) }
+      if let v = viewTable.withLock({ $0.views[text]?.number }) { child = .viewDir(v) }
     case .viewDir(let v):
       if text == "store" { child = .viewStore(v) } else if text == "var" { child = .viewVar(v) }
     case .viewVar(let v):
@@ -157,10 +157,10 @@ extension StoreFileSystem {
       guard let st = virtualAttributes(VirtualNode(n)) else { return replyError(req, ESTALE, cause: "stale") }
       replyAttr(req, st)
     case .file(let number, let executable):
-      guard let info = state.withLock({ $0.files[number] }) else { return replyError(req, ESTALE, cause: "stale") }
+      guard let info = inodeTable.withLock({ $0.files[number] }) else { return replyError(req, ESTALE, cause: "stale") }
       replyAttr(req, attributes(ino: ino, of: .regular(content: info.content, size: info.size, executable: executable)))
     case .node(let instance, let index):
-      guard let key = state.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
+      guard let key = inodeTable.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
       withTree(key.path, req) { tree in
         self.replyAttr(req, self.attributes(ino: ino, of: tree.nodes[Int(index)].kind))
       }
@@ -178,7 +178,7 @@ extension StoreFileSystem {
       }
       req.symlink(resultTarget(view))
     case .node(let instance, let index):
-      guard let key = state.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
+      guard let key = inodeTable.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
       withTree(key.path, req) { tree in
         guard case .symlink(let target) = tree.nodes[Int(index)].kind else {
           return self.replyError(req, EINVAL, cause: "client")
@@ -197,7 +197,7 @@ extension StoreFileSystem {
     let path = file.path
     // Pin the path while a file of it is open, so GC cannot take its chunks away.
     store.pin(path)
-    let handle = state.withLock { s -> UInt64 in
+    let handle = handleTable.withLock { s -> UInt64 in
       let h = s.nextHandle
       s.nextHandle += 1
       s.openHandles[h] = path
@@ -214,7 +214,7 @@ extension StoreFileSystem {
   }
 
   package func release(handle: UInt64) {
-    if let path = state.withLock({ $0.openHandles.removeValue(forKey: handle) }) {
+    if let path = handleTable.withLock({ $0.openHandles.removeValue(forKey: handle) }) {
       store.unpin(path)
     }
   }
@@ -223,9 +223,9 @@ extension StoreFileSystem {
   package func file(_ ino: UInt64) -> FileInfo? {
     switch Inode.decode(ino) {
     case .file(let number, _):
-      return state.withLock { $0.files[number] }
+      return inodeTable.withLock { $0.files[number] }
     case .node(let instance, let index):
-      guard let key = state.withLock({ $0.instances[instance] }), let tree = localTree(key.path),
+      guard let key = inodeTable.withLock({ $0.instances[instance] }), let tree = localTree(key.path),
         case .regular(let content, let size, _) = tree.nodes[Int(index)].kind
       else { return nil }
       return FileInfo(content: content, size: size, path: key.path)
@@ -299,7 +299,7 @@ extension StoreFileSystem {
     case .root:
       // What this node has or is fetching; never the caches' contents.
       var paths = Set(store.servablePaths())
-      state.withLock { s in paths.formUnion(s.inflight.keys) }
+      fetchTable.withLock { s in paths.formUnion(s.inflight.keys) }
       return .entries(
         paths.sorted().map { p in
           DirectoryEntry(name: Array(p.baseName.utf8), ino: Inode.node(instance: instance(0, p), index: 0), mode: 0)
@@ -308,7 +308,7 @@ extension StoreFileSystem {
       switch VirtualNode(n) {
       case .viewsDir:
         return .entries(
-          state.withLock { s in
+          viewTable.withLock { s in
             s.views.values.sorted { $0.view.id < $1.view.id }.map {
               DirectoryEntry(name: Array($0.view.id.utf8), ino: VirtualNode.viewDir($0.number).ino, mode: S_IFDIR)
             }
@@ -347,7 +347,7 @@ extension StoreFileSystem {
       // Immutable: the kernel may cache the listing and pages for good.
       req.opened(handle: 0, keepCache: true, cacheDirectory: true)
     case .entries(let listing):
-      let handle = state.withLock { s -> UInt64 in
+      let handle = handleTable.withLock { s -> UInt64 in
         let h = s.nextHandle
         s.nextHandle += 1
         s.dirListings[h] = listing
@@ -358,13 +358,13 @@ extension StoreFileSystem {
   }
 
   package func releaseDirectory(handle: UInt64) {
-    _ = state.withLock { $0.dirListings.removeValue(forKey: handle) }
+    _ = handleTable.withLock { $0.dirListings.removeValue(forKey: handle) }
   }
 
   package func readdir(_ req: any Replier, ino: UInt64, size: Int, offset: off_t, handle: UInt64) {
     count("readdir")
     if case .node(let instance, let index) = Inode.decode(ino) {
-      guard let key = state.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
+      guard let key = inodeTable.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
       withTree(key.path, req) { tree in
         guard case .directory = tree.nodes[Int(index)].kind else {
           return self.replyError(req, ENOTDIR, cause: "client")
@@ -386,7 +386,7 @@ extension StoreFileSystem {
       }
       return
     }
-    if let listing = state.withLock({ $0.dirListings[handle] }) {
+    if let listing = handleTable.withLock({ $0.dirListings[handle] }) {
       return replyListing(req, ino: ino, listing, size: size, offset: offset)
     }
     // A handle opened with the daemon before a takeover or crash: list the directory again.

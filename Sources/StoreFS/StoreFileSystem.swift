@@ -44,17 +44,27 @@ public struct StoreView: Sendable {
 }
 
 /// The read-only, lazily materialised /nix/store served over FUSE.
-public final class StoreFileSystem: @unchecked Sendable {
+public final class StoreFileSystem: Sendable {
   public static let viewsDirName = ".views"
 
   package let store: ChunkStore
   package let materialiser: any Materialiser
   package let options: StoreFSOptions
   package let logger: Logger
-  package let state: Mutex<State>
+  /// Each part of the core's state under its own small lock; no lock is taken while another is
+  /// held, so they need no order.
+  package let inodeTable = Mutex(Inodes())
+  package let treeCache = Mutex(TreeCache())
+  package let fetchTable = Mutex(Fetches())
+  package let viewTable = Mutex(ViewTable())
+  package let handleTable = Mutex(Handles())
   package let metrics = FSMetrics()
   /// What the kernel's node ids mean, for the next daemon on this connection (set by the mount).
-  package var journal: KernelViewJournal?
+  package var journal: KernelViewJournal? {
+    get { journalSlot.withLock { $0 } }
+    set { journalSlot.withLock { $0 = newValue } }
+  }
+  private let journalSlot = Mutex<KernelViewJournal?>(nil)
   package let readPattern = ReadPattern()
   package let startups = StartupRecorder()
 
@@ -75,22 +85,39 @@ public final class StoreFileSystem: @unchecked Sendable {
     let members: Set<StorePath>
   }
 
-  package struct State {
+  /// What the kernel's node ids mean: tree instances, the files it knows, its lookup counts.
+  package struct Inodes {
     var instances: [UInt32: InstanceKey] = [:]
     var instanceIDs: [InstanceKey: UInt32] = [:]
     var nextInstance: UInt32 = 1
-    var trees: [StorePath: (tree: Manifest, used: UInt64)] = [:]
-    var treeNodes = 0
-    var clock: UInt64 = 0
     /// Files the kernel knows, by inode number less the executable bit.
     var files: [UInt64: FileInfo] = [:]
     var lookups: [UInt64: UInt64] = [:]  // nlookup by inode (files and nodes)
-    var negative: [StorePath: Date] = [:]
+  }
+
+  /// Trees of local paths, least recently used evicted past a node budget.
+  package struct TreeCache {
+    var trees: [StorePath: (tree: Manifest, used: UInt64)] = [:]
+    var treeNodes = 0
+    var clock: UInt64 = 0
     var evictionsSeen: UInt64 = 0
+  }
+
+  /// Fetch coordination: the one download of each path in flight, and the paths no cache had.
+  package struct Fetches {
     var inflight: [StorePath: Task<Void, any Error>] = [:]
+    var negative: [StorePath: Date] = [:]
+  }
+
+  /// The published views, by ID and by number.
+  package struct ViewTable {
     var views: [String: RegisteredView] = [:]
     var viewNumbers: [UInt32: String] = [:]
     var nextView: UInt32 = 1
+  }
+
+  /// Open file handles and directory listings.
+  package struct Handles {
     var openHandles: [UInt64: StorePath] = [:]
     var dirListings: [UInt64: [DirectoryEntry]] = [:]
     var nextHandle: UInt64 = 1
@@ -101,12 +128,11 @@ public final class StoreFileSystem: @unchecked Sendable {
     self.materialiser = materialiser
     self.options = options
     self.logger = logger
-    self.state = Mutex(State())
   }
 
   /// Loads what the previous daemon told the kernel, so its node ids keep their meaning.
   package func restore(_ view: KernelViewState) {
-    state.withLock { s in
+    inodeTable.withLock { s in
       for (id, i) in view.instances {
         let key = InstanceKey(namespace: i.namespace, path: i.path)
         s.instances[id] = key
@@ -114,13 +140,15 @@ public final class StoreFileSystem: @unchecked Sendable {
         s.nextInstance = max(s.nextInstance, id + 1)
       }
       for (number, f) in view.files { s.files[number] = FileInfo(content: f.content, size: f.size, path: f.path) }
+    }
+    viewTable.withLock { s in
       for (number, v) in view.views {
         s.views[v.id] = RegisteredView(view: v, number: number, members: Set(v.closure))
         s.viewNumbers[number] = v.id
         s.nextView = max(s.nextView, number + 1)
       }
-      // Handles the kernel still holds from before must never be mistaken for new ones.
-      s.nextHandle = view.generation << 40 + 1
     }
+    // Handles the kernel still holds from before must never be mistaken for new ones.
+    handleTable.withLock { $0.nextHandle = view.generation << 40 + 1 }
   }
 }

@@ -13,7 +13,7 @@ extension StoreFileSystem {
   /// Adds a view, or updates it in place: a view keeps its number, hence its inodes, so pods
   /// bound to it keep working when the CSI plugin publishes it again (retries, restarts).
   public func addView(_ view: StoreView) {
-    state.withLock { s in
+    viewTable.withLock { s in
       let number: UInt32
       if let old = s.views[view.id] {
         number = old.number
@@ -28,11 +28,15 @@ extension StoreFileSystem {
   }
 
   public func removeView(id: String) {
-    state.withLock { s in
-      guard let old = s.views.removeValue(forKey: id) else { return }
+    let removed = viewTable.withLock { s -> RegisteredView? in
+      guard let old = s.views.removeValue(forKey: id) else { return nil }
       s.viewNumbers[old.number] = nil
       journal?.viewRemoved(old.number)
-      // Its tree instances go too: a view's number is never reused, so nothing can refer to them.
+      return old
+    }
+    guard let old = removed else { return }
+    // Its tree instances go too: a view's number is never reused, so nothing can refer to them.
+    inodeTable.withLock { s in
       for (key, instance) in s.instanceIDs where key.namespace == old.number {
         s.instanceIDs[key] = nil
         s.instances[instance] = nil
@@ -40,8 +44,8 @@ extension StoreFileSystem {
     }
   }
 
-  public func viewIDs() -> [String] { state.withLock { Array($0.views.keys).sorted() } }
+  public func viewIDs() -> [String] { viewTable.withLock { Array($0.views.keys).sorted() } }
 
   /// Store paths being fetched now.
-  public func fetchesInFlight() -> [StorePath] { state.withLock { Array($0.inflight.keys).sorted() } }
+  public func fetchesInFlight() -> [StorePath] { fetchTable.withLock { Array($0.inflight.keys).sorted() } }
 }
