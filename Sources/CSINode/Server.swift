@@ -4,7 +4,7 @@ import GRPCNIOTransportHTTP2
 import Logging
 import ServiceLifecycle
 
-/// Serves the CSI Identity and Node services on a Unix socket until SIGTERM/SIGINT.
+/// Serves the CSI Identity and Node services on a Unix socket until SIGTERM, SIGINT or SIGHUP.
 public enum CSIServer {
   public static func run(config: CSIConfiguration, endpoint: String, logger: Logger) async throws {
     let path = endpoint.hasPrefix("unix://") ? String(endpoint.dropFirst("unix://".count)) : endpoint
@@ -17,10 +17,10 @@ public enum CSIServer {
       transport: .http2NIOPosix(address: .unixDomainSocket(path: path), transportSecurity: .plaintext),
       services: [IdentityService(config: config), node])
     logger.info("serving CSI", metadata: ["endpoint": "\(endpoint)", "driver": "\(config.driverName)", "node": "\(config.nodeID)"])
-    // swift-service-lifecycle turns SIGTERM (kubelet stopping the pod) and SIGINT into a graceful
+    // swift-service-lifecycle turns SIGTERM (kubelet stopping the pod), SIGINT and SIGHUP into a graceful
     // shutdown: calls in flight finish, new ones are refused.
     let group = ServiceGroup(
-      services: [GracefulGRPCServer(server: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+      services: [GracefulGRPCServer(server: server)], gracefulShutdownSignals: [.sigterm, .sigint, .sighup], logger: logger)
     try await group.run()
     unlink(path)
     logger.info("stopped")

@@ -92,11 +92,11 @@ public final class ChunkStore: Sendable {
     /// Packs with room that no ingest is appending to; an ingest leases one exclusively.
     var idlePacks: [Int64] = []
     var leasedPacks: Set<Int64> = []
-    var ingesting: Set<String> = []
+    var ingesting: Set<StorePath> = []
     /// Existing chunks an in-flight ingest relies on: GC keeps their rows even at zero references.
     var borrowed: [ChunkID: Int] = [:]
-    var memoryPins: [String: Int] = [:]
-    var touches: [String: Int64] = [:]
+    var memoryPins: [StorePath: Int] = [:]
+    var touches: [StorePath: Int64] = [:]
     /// Running total of chunks' stored bytes (writer only); nil until first computed.
     var storedTotal: UInt64?
   }

@@ -64,7 +64,7 @@ public final class Ingest: NARSink, @unchecked Sendable {
     cdc = store.configuration.chunking
     smallFileLimit = store.configuration.smallFileLimit
     buffer = .allocate(byteCount: 2 * cdc.maxSize, alignment: 16)
-    pipeline = ChunkPipeline(store: store, storePath: info.storePath.path)
+    pipeline = ChunkPipeline(store: store, storePath: info.storePath)
   }
 
   deinit {
@@ -209,8 +209,8 @@ public final class Ingest: NARSink, @unchecked Sendable {
       let manifest = try pipeline.publish(
         manifest: Manifest(info: info, nodes: nodes, chunks: chunks, slices: slices), fileCount: files.count)
       finished = true
-      store.endIngesting(info.storePath.path)
-      store.didCommit(info.storePath.path)
+      store.endIngesting(info.storePath)
+      store.didCommit(info.storePath)
       return manifest
     } catch {
       abortQuietly()
@@ -227,7 +227,7 @@ public final class Ingest: NARSink, @unchecked Sendable {
   public func reset() throws(ChunkStoreError) {
     guard !finished else { throw .ingestFinished(storePath: info.storePath.path) }
     pipeline.discard()
-    pipeline = ChunkPipeline(store: store, storePath: info.storePath.path)
+    pipeline = ChunkPipeline(store: store, storePath: info.storePath)
     reader = NARReader(totalSize: info.narSize)
     narHasher = NixHasher()
     tree = TreeBuilder()
@@ -248,7 +248,7 @@ public final class Ingest: NARSink, @unchecked Sendable {
     guard !finished else { return }
     finished = true
     pipeline.discard()
-    store.endIngesting(info.storePath.path)
+    store.endIngesting(info.storePath)
   }
 }
 
@@ -284,11 +284,11 @@ extension ChunkStore {
       _ = try evict(row: row, path: info.storePath.path, keepAsIncomplete: true)
     case .absent, .incomplete: break
     }
-    try beginIngesting(info.storePath.path)
+    try beginIngesting(info.storePath)
     do {
       return try Ingest(store: self, info: info)
     } catch {
-      endIngesting(info.storePath.path)
+      endIngesting(info.storePath)
       throw error
     }
   }
@@ -296,7 +296,7 @@ extension ChunkStore {
   public func ingest(_ narInfo: NarInfo) throws(ChunkStoreError) -> Ingest { try ingest(PathInfo(narInfo)) }
 
   /// Called by `Ingest.commit` after a successful commit.
-  func didCommit(_ path: String) {
+  func didCommit(_ path: StorePath) {
     if let budget = configuration.maxStoredBytes {
       // The path just fetched is about to be read: never its own victim, even over budget.
       pin(path)
@@ -305,13 +305,13 @@ extension ChunkStore {
     }
   }
 
-  func beginIngesting(_ path: String) throws(ChunkStoreError) {
+  func beginIngesting(_ path: StorePath) throws(ChunkStoreError) {
     try bookkeeping.withLock { (b) throws(ChunkStoreError) in
-      if b.ingesting.contains(path) { throw .ingestInProgress(storePath: path) }
+      if b.ingesting.contains(path) { throw .ingestInProgress(storePath: path.path) }
       b.ingesting.insert(path)
     }
   }
-  func endIngesting(_ path: String) { _ = bookkeeping.withLock { $0.ingesting.remove(path) } }
+  func endIngesting(_ path: StorePath) { _ = bookkeeping.withLock { $0.ingesting.remove(path) } }
 
   func borrow(_ id: ChunkID) { bookkeeping.withLock { $0.borrowed[id, default: 0] += 1 } }
   func giveBack(_ ids: some Sequence<ChunkID>) {

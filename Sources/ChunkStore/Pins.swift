@@ -3,10 +3,8 @@ import NixFormats
 
 extension ChunkStore {
   /// Pins a path for as long as this process runs (e.g. while files of it are open). Counted.
-  public func pin(_ path: StorePath) { pin(path.path) }
-  public func unpin(_ path: StorePath) { unpin(path.path) }
-  func pin(_ path: String) { bookkeeping.withLock { $0.memoryPins[path, default: 0] += 1 } }
-  func unpin(_ path: String) {
+  public func pin(_ path: StorePath) { bookkeeping.withLock { $0.memoryPins[path, default: 0] += 1 } }
+  public func unpin(_ path: StorePath) {
     bookkeeping.withLock {
       let n = ($0.memoryPins[path] ?? 1) - 1
       $0.memoryPins[path] = n <= 0 ? nil : n
@@ -33,24 +31,25 @@ extension ChunkStore {
   }
 
   /// Marks a path used now, for LRU eviction. Cheap: kept in memory and written at GC or close.
-  public func touch(_ path: StorePath) { bookkeeping.withLock { $0.touches[path.path] = now() } }
+  public func touch(_ path: StorePath) { bookkeeping.withLock { $0.touches[path] = now() } }
 
   func flushTouches() {
     guard isWriter else { return }
-    let pending = bookkeeping.withLock { b -> [String: Int64] in
+    let pending = bookkeeping.withLock { b -> [StorePath: Int64] in
       defer { b.touches = [:] }
       return b.touches
     }
     guard !pending.isEmpty else { return }
     _ = try? withWriter { db in
       try db.transaction {
-        for (p, t) in pending { try db.touchPath(p, at: t) }
+        for (p, t) in pending { try db.touchPath(p.path, at: t) }
       }
     }
   }
 
+  /// As the index spells them: GC compares them with its rows.
   func pinnedPaths(_ db: Database) throws -> Set<String> {
-    var out = Set(bookkeeping.withLock { Array($0.memoryPins.keys) + Array($0.ingesting) })
+    var out = Set(bookkeeping.withLock { ($0.memoryPins.keys.map(\.path) + $0.ingesting.map(\.path)) })
     out.formUnion(try db.pinnedStorePaths())
     return out
   }

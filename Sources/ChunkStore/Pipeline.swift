@@ -33,7 +33,7 @@ final class ChunkPipeline: @unchecked Sendable {
   }
 
   let store: ChunkStore
-  let storePath: String
+  let storePath: StorePath
   let level: Int32
   let inlineLimit: Int
   /// What the feeding thread and the workers share.
@@ -64,7 +64,7 @@ final class ChunkPipeline: @unchecked Sendable {
   private(set) var jobCount = 0
   private var started = false
 
-  init(store: ChunkStore, storePath: String) {
+  init(store: ChunkStore, storePath: StorePath) {
     self.store = store
     self.storePath = storePath
     level = store.configuration.compressionLevel
@@ -306,7 +306,7 @@ final class ChunkPipeline: @unchecked Sendable {
     let storePath = storePath
     shared.withLock { s in
       s.stopping = true
-      s.firstError = s.firstError ?? .ingestFinished(storePath: storePath)
+      s.firstError = s.firstError ?? .ingestFinished(storePath: storePath.path)
       s.inFlight -= s.queued
       s.queueHead = s.queue.count
     }

@@ -12,12 +12,9 @@ public enum LocalPath: Sendable, Equatable {
 }
 
 extension ChunkStore {
-  public func isComplete(_ path: String) -> Bool {
-    (try? withReader { db in
-      try db.isPathComplete(path)
-    }) ?? false
+  public func isComplete(_ path: StorePath) -> Bool {
+    (try? withReader { db in try db.isPathComplete(path.path) }) ?? false
   }
-  public func isComplete(_ path: StorePath) -> Bool { isComplete(path.path) }
 
   public func completePaths() -> [StorePath] { paths(states: "1") }
 

@@ -323,6 +323,13 @@ func code(_ body: () async throws -> Void) async -> RPCError.Code? {
     try await node.withClients { _, csi in
       _ = try await csi.nodePublishVolume(node.publishRequest(volume: "vol-r", target: t, attributes: ["storePath": app.path]))
     }
+    // SIGTERM (kubelet stopping the pod): a graceful shutdown, exit 0, the socket removed.
+    let plugin = try #require(node.csi)
+    plugin.signal(SIGTERM)
+    #expect(plugin.wait(seconds: 30), "the plugin did not stop on SIGTERM")
+    #expect(plugin.process.terminationStatus == 0, "\(plugin.stderr)")
+    #expect(plugin.stderr.contains("stopped"), "\(plugin.stderr)")
+    #expect(!FileManager.default.fileExists(atPath: node.socket))
     node.stopCSI()
     #expect(try node.pod(t, "exec /nix/var/result/bin/app").trimmed == "libdata")
     try node.startCSI()
@@ -333,6 +340,11 @@ func code(_ body: () async throws -> Void) async -> RPCError.Code? {
       _ = try await csi.nodeUnpublishVolume(node.unpublishRequest(volume: "vol-r", target: t))
     }
     #expect(!FileManager.default.fileExists(atPath: t))
+    // SIGHUP stops it the same way.
+    let second = try #require(node.csi)
+    second.signal(SIGHUP)
+    #expect(second.wait(seconds: 30), "the plugin did not stop on SIGHUP")
+    #expect(second.process.terminationStatus == 0, "\(second.stderr)")
   }
 }
 

@@ -1,0 +1,48 @@
+import BinaryCache
+import ChunkStore
+import Foundation
+import Logging
+import NixFormats
+import Prometheus
+import Synchronization
+
+/// What the serve did, as Prometheus series on `/metrics` (every series present from the start).
+public final class ServeCounters: Sendable {
+  public let registry: PrometheusCollectorRegistry
+  public let hits: Prometheus.Counter
+  public let misses: Prometheus.Counter
+  public let pulled: Prometheus.Counter
+  public let upstreamBytes: Prometheus.Counter
+  public let narBytesServed: Prometheus.Counter
+  public let uploads: Prometheus.Counter
+  public let chunksServed: Prometheus.Counter
+  public let chunkBytesServed: Prometheus.Counter
+  public let manifestsServed: Prometheus.Counter
+  /// Bytes the chunk store keeps on disk, refreshed on every scrape.
+  public let storedBytes: Gauge
+
+  public init() {
+    let registry = PrometheusCollectorRegistry()
+    self.registry = registry
+    func counter(_ name: String, _ help: String) -> Prometheus.Counter {
+      registry.makeCounter(name: "nixfs_serve_\(name)", help: help)
+    }
+    hits = counter("narinfo_hits_total", "narinfo requests answered from the store")
+    misses = counter("narinfo_misses_total", "narinfo requests for paths no upstream has")
+    pulled = counter("paths_pulled_total", "paths pulled through from upstream, verified and stored")
+    upstreamBytes = counter("upstream_bytes_total", "bytes downloaded from upstream (FileSize, else NarSize)")
+    narBytesServed = counter("nar_served_bytes_total", "NAR bytes sent to clients")
+    uploads = counter("uploads_total", "paths uploaded, verified and stored")
+    chunksServed = counter("chunks_served_total", "chunks sent to clients")
+    chunkBytesServed = counter("chunk_served_bytes_total", "chunk bytes sent to clients, as stored (compressed)")
+    manifestsServed = counter("manifests_served_total", "chunk index documents sent to clients")
+    storedBytes = registry.makeGauge(name: "nixfs_serve_store_bytes", help: "bytes the chunk store keeps on disk")
+  }
+
+  /// Prometheus text exposition.
+  public func exposition() -> [UInt8] {
+    var out: [UInt8] = []
+    registry.emit(into: &out)
+    return out
+  }
+}

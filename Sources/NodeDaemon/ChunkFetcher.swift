@@ -1,0 +1,86 @@
+import BinaryCache
+import ChunkStore
+import Foundation
+import Threads
+import Logging
+import NixFormats
+import StoreFS
+import Synchronization
+
+/// Why a chunk could not be had: every source failed, or sent other bytes twice.
+public struct ChunkFetchFailure: Error, Sendable, CustomStringConvertible {
+  public let chunk: ChunkID
+  public let reason: String
+  public var description: String { "chunk \(chunk): \(reason)" }
+}
+
+/// Fetches chunks by digest from the substituters that offer them, one request per chunk however
+/// many readers wait for it, each checked by the chunk store before it is used or kept.
+final class ChunkFetcher: Sendable {
+  let cache: BinaryCacheClient
+  let store: ChunkStore
+  let logger: Logger
+  private let inflight = Mutex<[ChunkID: Task<Void, any Error>]>([:])
+
+  init(cache: BinaryCacheClient, store: ChunkStore, logger: Logger) {
+    self.cache = cache
+    self.store = store
+    self.logger = logger
+  }
+
+  /// Returns once every chunk is in the store (or arriving there); throws the first failure.
+  func fetch(_ refs: [ChunkRef]) async throws {
+    let tasks = refs.map { task($0) }
+    var failure: (any Error)?
+    for t in tasks {
+      do { try await t.value } catch { failure = failure ?? error }
+    }
+    if let failure { throw failure }
+  }
+
+  private func task(_ ref: ChunkRef) -> Task<Void, any Error> {
+    inflight.withLock { table in
+      if let t = table[ref.id] { return t }
+      // Its end takes the lock, held here until the task is in the table.
+      let t = Task<Void, any Error> {
+        defer { _ = self.inflight.withLock { $0.removeValue(forKey: ref.id) } }
+        try await self.fetchOne(ref)
+      }
+      table[ref.id] = t
+      return t
+    }
+  }
+
+  /// From each source in turn; bytes that are not the chunk are fetched once more, then refused.
+  private func fetchOne(_ ref: ChunkRef) async throws {
+    let sources = await cache.chunkSources()
+    var problems: [String] = []
+    var rejected = 0
+    for attempt in 0..<2 {
+      for source in sources {
+        do {
+          guard let got = try await cache.fetchChunk(ref.id.hex, size: Int(ref.size), from: source) else {
+            if attempt == 0 { problems.append("\(source): not there") }
+            continue
+          }
+          try store.accept(ref.id, size: Int(ref.size), zstd: got.zstd, bytes: got.bytes, source: got.url)
+          FSMetrics.chunksFetched.increment()
+          FSMetrics.chunkBytesFetched.increment(by: Int64(got.bytes.count))
+          return
+        } catch let e as ChunkStoreError {
+          guard case .chunkRejected = e else { throw e }
+          FSMetrics.chunksRejected.increment()
+          logger.warning("a fetched chunk did not verify", metadata: ["error": "\(e)"])
+          problems.append("\(e)")
+          rejected += 1
+          if rejected >= 2 { throw ChunkFetchFailure(chunk: ref.id, reason: problems.joined(separator: "; ")) }
+        } catch {
+          problems.append("\(error)")
+        }
+      }
+      if rejected == 0 { break }
+    }
+    throw ChunkFetchFailure(
+      chunk: ref.id, reason: sources.isEmpty ? "no substituter offers chunks" : problems.joined(separator: "; "))
+  }
+}
