@@ -35,7 +35,7 @@ func roundTrip(_ nar: [UInt8], pieceSize: Int) throws -> (bytes: [UInt8], events
     let nar: [UInt8]
   }
   static let once = OnceFixture {
-    let tmp = try TemporaryDirectory("nar")
+    let tmp = try TemporaryDirectory("nar", forProcess: true)
     let tree = tmp.sub("tree")
     try Tree.everyKind(at: tree)
     return Fixture(tmp: tmp, tree: tree, nar: try NixFixture.dump(tree))
@@ -43,7 +43,7 @@ func roundTrip(_ nar: [UInt8], pieceSize: Int) throws -> (bytes: [UInt8], events
 
   /// A small archive of every node kind, for exhaustive truncation.
   static let onceSmall = OnceFixture {
-    let tmp = try TemporaryDirectory("nar-small")
+    let tmp = try TemporaryDirectory("nar-small", forProcess: true)
     let tree = tmp.sub("t")
     try Tree.file("\(tree)/a", "abc")
     try Tree.file("\(tree)/b/x", "12345678", executable: true)

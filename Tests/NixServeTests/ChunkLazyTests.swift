@@ -21,7 +21,7 @@ final class LargePathFixture: @unchecked Sendable {
   static func shared() throws -> LargePathFixture { try once.get() }
 
   init() throws {
-    tmp = try TemporaryDirectory("chunk-lazy-fixture")
+    tmp = try TemporaryDirectory("chunk-lazy-fixture", forProcess: true)
     let nix = NixFixture(in: tmp.path)
     let (sk, pk) = try nix.generateKey("upstream-1")
     publicKey = pk

@@ -83,22 +83,40 @@ public func run(
 public final class TemporaryDirectory: @unchecked Sendable {
   public let path: String
 
-  public init(_ label: String = "test") throws {
-    let base = ProcessInfo.processInfo.environment["NIXFS_TEST_TMP"] ?? NSTemporaryDirectory()
-    path = (base as NSString).appendingPathComponent("nixfs-\(label)-\(UUID().uuidString.prefix(8))")
+  /// `forProcess`: a fixture the test process keeps until it exits (a static `OnceFixture`), whose
+  /// deinit never runs. Its name carries the process ID, and making one removes those of
+  /// processes that are gone, so runs do not pile fixtures up in /tmp.
+  public init(_ label: String = "test", forProcess: Bool = false, in directory: String? = nil) throws {
+    let base = directory ?? ProcessInfo.processInfo.environment["NIXFS_TEST_TMP"] ?? NSTemporaryDirectory()
+    let owner = forProcess ? "p\(getpid())-" : ""
+    if forProcess { Self.removeLeftovers(label: label, in: base) }
+    path = (base as NSString).appendingPathComponent("nixfs-\(label)-\(owner)\(UUID().uuidString.prefix(8))")
     try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
   }
 
-  public func sub(_ name: String) -> String { (path as NSString).appendingPathComponent(name) }
+  /// Process fixtures of `label` whose process has exited.
+  static func removeLeftovers(label: String, in base: String) {
+    let prefix = "nixfs-\(label)-p"
+    for name in (try? FileManager.default.contentsOfDirectory(atPath: base)) ?? [] where name.hasPrefix(prefix) {
+      guard let pid = Int32(name.dropFirst(prefix.count).prefix { $0 != "-" }), pid > 0,
+        kill(pid, 0) != 0, errno == ESRCH
+      else { continue }
+      remove((base as NSString).appendingPathComponent(name))
+    }
+  }
 
-  deinit {
-    // Anything a test left mounted below us (bind mounts of views, a FUSE mount) goes first,
+  static func remove(_ path: String) {
+    // Anything a test left mounted below it (bind mounts of views, a FUSE mount) goes first,
     // deepest first, so removal never walks into a read-only or dead mount.
     unmountAll(under: path)
     // Store paths are read-only: make them writable before removing.
     _ = try? run(["chmod", "-R", "u+w", path], check: false)
     try? FileManager.default.removeItem(atPath: path)
   }
+
+  public func sub(_ name: String) -> String { (path as NSString).appendingPathComponent(name) }
+
+  deinit { Self.remove(path) }
 }
 
 /// Lazily unmounts every mount point at or below `root`, deepest first.

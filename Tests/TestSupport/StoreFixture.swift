@@ -18,7 +18,7 @@ public final class StoreFixture: @unchecked Sendable {
   public static func shared() throws -> StoreFixture { try once.get() }
 
   init() throws {
-    tmp = try TemporaryDirectory("fsfix")
+    tmp = try TemporaryDirectory("fsfix", forProcess: true)
     nix = NixFixture(in: tmp.path)
     let (sk, pk) = try nix.generateKey("fs-test-1")
     publicKey = pk
