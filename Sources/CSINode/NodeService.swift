@@ -28,10 +28,6 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, Sendable {
   let serial = SerialWork()
   let metrics = CSIMetrics()
 
-  func serially<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-    try await serial.run(body)
-  }
-
   public init(config: CSIConfiguration, logger: Logger) {
     self.config = config
     self.control = ControlClient(path: config.controlSocket)
@@ -97,7 +93,7 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, Sendable {
       try Self.checkVolumeID(request.volumeID)
       _ = try Self.checkTarget(request.targetPath)
       let path = try await self.requestedPath(request.volumeContext.filter { !$0.key.hasPrefix("csi.storage.k8s.io/") })
-      return try await self.serially { try self.publish(request, path: path) }
+      return try await self.serial.run { try self.publish(request, path: path) }
     }
   }
 
@@ -188,7 +184,7 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, Sendable {
       try Self.checkVolumeID(request.volumeID)
       let target = try Self.checkTarget(request.targetPath).path
       let volumeID = request.volumeID
-      try await self.serially { try self.unpublish(volumeID: volumeID, target: target) }
+      try await self.serial.run { try self.unpublish(volumeID: volumeID, target: target) }
       return Csi_V1_NodeUnpublishVolumeResponse()
     }
   }

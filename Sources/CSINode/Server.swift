@@ -27,7 +27,8 @@ public enum CSIServer {
   }
 }
 
-/// A gRPC server as a service of a `ServiceGroup`.
+/// A gRPC server as a service of a `ServiceGroup` (what grpc-swift-extras' GRPCServiceLifecycle
+/// provides; that package is not among the ones available here).
 struct GracefulGRPCServer: Service {
   let server: GRPCServer<HTTP2ServerTransport.Posix>
 

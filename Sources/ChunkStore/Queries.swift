@@ -21,7 +21,9 @@ extension ChunkStore {
   /// Complete and partial paths: what the mount lists.
   public func servablePaths() -> [StorePath] { paths(states: "1, 3") }
 
-  public func isPartial(_ path: StorePath) -> Bool { (try? partialRow(path.path)) != nil }
+  public func isPartial(_ path: StorePath) -> Bool {
+    if case .partial = try? localState(of: path) { true } else { false }
+  }
 
   /// What this store holds of a path, in one query: a materialiser asks it once on a miss and
   /// hands the answer to `ingest` instead of that asking again.

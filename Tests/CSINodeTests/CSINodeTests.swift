@@ -328,7 +328,7 @@ func code(_ body: () async throws -> Void) async -> RPCError.Code? {
     plugin.signal(SIGTERM)
     #expect(plugin.wait(seconds: 30), "the plugin did not stop on SIGTERM")
     #expect(plugin.process.terminationStatus == 0, "\(plugin.stderr)")
-    #expect(plugin.stderr.contains("stopped"), "\(plugin.stderr)")
+    #expect(plugin.stderr.contains("[CSINode] stopped"), "\(plugin.stderr)")
     #expect(!FileManager.default.fileExists(atPath: node.socket))
     node.stopCSI()
     #expect(try node.pod(t, "exec /nix/var/result/bin/app").trimmed == "libdata")
