@@ -10,7 +10,7 @@ SWIFT ?= swift
 FUZZ_SECONDS ?= 300
 
 .PHONY: deps build release test demo fuzz bench-formats clean bench-cache bench-store generate-csi bench-csi bench-fs bench-serve bench-takeover bench-chunk \
-        bench bench-quick bench-deps
+        bench bench-quick bench-deps soak-takeover
 
 deps:
 	@missing=$$(for p in $(DEBS); do \
@@ -20,6 +20,10 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	@command -v $(SWIFT) >/dev/null || { echo "make deps: swift 6.1+ is required on PATH"; exit 1; }
+	@# DeployTests render the manifests with `kubectl kustomize`: the machine image ships kubectl;
+	@# Debian's own (kubernetes-client 1.20) has a kustomize too old for them, so it is not a fallback.
+	@command -v kubectl >/dev/null || { apt-get install -y -qq kubectl >/dev/null 2>&1 || \
+	  echo "make deps: kubectl is not installed and no apt source has it: DeployTests will fail (install kubectl 1.27+)"; }
 	@python3 -c 'import kubernetes_validate' 2>/dev/null || \
 	  { echo "make deps: installing kubernetes-validate (PyPI)"; pip install -q kubernetes-validate==1.37.0; }
 	@python3 -c 'import moto.server, boto3, flask' 2>/dev/null || \
@@ -95,6 +99,12 @@ bench-serve: release
 # bench/takeover/results/takeover-bench.md.
 bench-takeover: release
 	flock /tmp/nixfs-bench.lock bash bench/takeover-bench.sh "$$($(SWIFT) build -c release --show-bin-path)/nixfs"
+
+# TakeoverTests' pod-under-takeovers test 30 times in a row beside one busy loop per core (issue 25).
+# Writes bench/takeover/results/soak.md.
+soak-takeover: deps
+	$(SWIFT) build --build-tests
+	flock /tmp/nixfs-bench.lock bash bench/takeover-soak.sh $${RUNS:-30}
 
 # CSI publish latency of a 1,000-path closure from a cache 20 ms away, on a cold node.
 bench-csi: release

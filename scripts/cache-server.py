@@ -3,19 +3,25 @@
 
 Serves DIR over HTTP/1.1 on 127.0.0.1 and prints "PORT <n>" once listening. It can simulate
 distance (latency per request, a bandwidth cap), count what crosses the wire, and inject faults on
-paths matching a pattern: stall (send headers, then nothing), 500 errors, or a cut connection.
+paths matching a pattern: stall (send headers, then nothing), 500 errors, a corrupted byte, a body
+cut to half its length. With --upstream it is a proxy in front of another cache (a broken CDN edge
+or disk in front of a good serve), passing status, Range and the headers a cache sends through.
 Stops on SIGTERM/SIGINT or when --max-seconds runs out.
 """
 import argparse, http.server, json, os, re, signal, socketserver, sys, threading, time
+import urllib.error, urllib.request
 
 p = argparse.ArgumentParser()
-p.add_argument("--dir", required=True)
+p.add_argument("--dir", default=".")
 p.add_argument("--port", type=int, default=0)
 p.add_argument("--latency-ms", type=float, default=0, help="added before each response")
 p.add_argument("--bandwidth", type=float, default=0, help="bytes/s cap per response, 0 = none")
 p.add_argument("--log", help="append one JSON line per request")
 p.add_argument("--stall", help="regex of paths that stall after the headers")
 p.add_argument("--fail", help="regex of paths answered 500")
+p.add_argument("--corrupt", help="regex of paths whose body has its middle byte flipped")
+p.add_argument("--truncate", help="regex of paths whose body is cut to half (with a matching Content-Length)")
+p.add_argument("--upstream", help="proxy every request to this base URL instead of serving --dir")
 p.add_argument("--max-seconds", type=float, default=3600)
 args = p.parse_args()
 
@@ -41,13 +47,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self, head=False):
         if args.latency_ms:
             time.sleep(args.latency_ms / 1000)
-        path = os.path.realpath(os.path.join(root, self.path.split("?")[0].lstrip("/")))
         if args.fail and re.search(args.fail, self.path):
             return self.send_simple(500, b"injected failure\n")
+        if args.upstream:
+            return self.proxy(head)
+        path = os.path.realpath(os.path.join(root, self.path.split("?")[0].lstrip("/")))
         if not path.startswith(root) or not os.path.isfile(path):
             return self.send_simple(404, b"not found\n")
         with open(path, "rb") as f:
-            data = f.read()
+            data = self.damaged(f.read())
         start, status = 0, 200
         rng = self.headers.get("Range")
         m = re.match(r"bytes=(\d+)-$", rng or "")
@@ -59,6 +67,37 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
+        self.send_body(head, status, data, start)
+
+    def damaged(self, data):
+        if args.corrupt and re.search(args.corrupt, self.path) and data:
+            data = bytearray(data)
+            data[len(data) // 2] ^= 0x5A
+            data = bytes(data)
+        if args.truncate and re.search(args.truncate, self.path):
+            data = data[: len(data) // 2]
+        return data
+
+    def proxy(self, head):
+        headers = {"Range": self.headers["Range"]} if self.headers.get("Range") else {}
+        request = urllib.request.Request(args.upstream + self.path, headers=headers, method="HEAD" if head else "GET")
+        try:
+            with urllib.request.urlopen(request, timeout=120) as r:
+                status, got, data = r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            status, got, data = e.code, e.headers, e.read()
+        except OSError as e:
+            return self.send_simple(502, f"upstream: {e}\n".encode())
+        data = self.damaged(data)
+        self.send_response(status)
+        for name in ("Content-Type", "Content-Range", "Accept-Ranges", "X-Nixfs-Encoding", "Cache-Control", "ETag"):
+            if got.get(name):
+                self.send_header(name, got[name])
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.send_body(head, status, data, 0)
+
+    def send_body(self, head, status, data, start):
         if head:
             return self.record(status, 0)
         if args.stall and re.search(args.stall, self.path):

@@ -37,6 +37,7 @@ public final class BinaryCacheClient: Sendable {
   let narinfoCache: NarInfoCache
   let logger: Logger
   let urlPolicy: URLPolicy
+  let metrics: CacheMetrics
   /// Each configured substituter's HTTP(S) or file base URL and `?priority=`, by position.
   let bases: [(base: String, priority: Int?)]
   /// Resolved substituters by configuration position, with when to ask again (nil: never).
@@ -92,6 +93,7 @@ public final class BinaryCacheClient: Sendable {
       stateDirectory: config.stateDirectory, positiveTTL: config.narinfoCachePositiveTTL,
       negativeTTL: config.narinfoCacheNegativeTTL)
     let metrics = CacheMetrics(substituters: series)
+    self.metrics = metrics
     self.transport = Transport(
       settings: TransportSettings(
         userAgent: Self.userAgent, connectTimeout: config.connectTimeout, stallTimeout: config.stallTimeout,
@@ -136,6 +138,22 @@ public final class BinaryCacheClient: Sendable {
     }
   }
 
+  /// Counts that `substituter` failed what it offered and the next source is tried
+  /// (`nixfs_substituter_fallthroughs_total`), and says so in one warning line.
+  public func fellThrough(_ substituter: Substituter, path: StorePath, cause: FallThroughCause, error: any Error) {
+    countFallThrough(substituter, cause: cause)
+    logger.warning(
+      "substituter failed; trying the next source",
+      metadata: [
+        "path": "\(path)", "substituter": "\(substituter)", "cause": "\(cause.rawValue)", "error": "\(error)",
+      ])
+  }
+
+  /// Counts a fall-through whose warning the caller writes itself.
+  public func countFallThrough(_ substituter: Substituter, cause: FallThroughCause) {
+    metrics.fellThrough(base: substituter.url, cause: cause)
+  }
+
   /// The keys signatures are checked against (narinfos here; chunk indexes by the chunk store).
   public var trustedKeys: TrustedKeys { trusted }
 
@@ -143,7 +161,7 @@ public final class BinaryCacheClient: Sendable {
   public var hasTrustedKeys: Bool { !trusted.keys.isEmpty }
 
   /// Every configured substituter, resolved or with why it is unusable, in lookup order.
-  func resolveAll() async -> [Result<Substituter, CacheError>] {
+  public func resolveAll() async -> [Result<Substituter, CacheError>] {
     let urls = configuration.substituters
     let now = Date().timeIntervalSince1970
     var table = resolved.withLock { $0 }.filter { $0.value.1.map { $0 > now } ?? true }.mapValues(\.0)

@@ -44,16 +44,20 @@ public final class CacheMetrics: Sendable {
 
   static let requestsName = "nixfs_substituter_requests_total"
   static let bytesName = "nixfs_substituter_received_bytes_total"
+  static let fallThroughsName = "nixfs_substituter_fallthroughs_total"
   /// `# HELP` text of the series above, for the exporter.
   public static let help: [String: String] = [
     requestsName: "transfer attempts per substituter, by kind (narinfo, nar, chunk, ...) and outcome",
     bytesName: "body bytes received per substituter and kind, as sent (compressed)",
+    fallThroughsName:
+      "times a substituter failed a path or a chunk it offered and the next source was tried, by cause (a cache going bad shows here before pods notice)",
   ]
 
   private struct Series: Sendable {
     let base: String
     let requests: [Kind: [Outcome: Counter]]
     let bytes: [Kind: Counter]
+    let fallThroughs: [FallThroughCause: Counter]
   }
   /// Longest base first, so a URL is counted against the most specific substituter.
   private let series: [Series]
@@ -72,7 +76,12 @@ public final class CacheMetrics: Sendable {
         }
         bytes[kind] = Counter(label: Self.bytesName, dimensions: [("substituter", label), ("kind", kind.rawValue)])
       }
-      return Series(base: base, requests: requests, bytes: bytes)
+      var fallThroughs: [FallThroughCause: Counter] = [:]
+      for cause in FallThroughCause.allCases {
+        fallThroughs[cause] = Counter(
+          label: Self.fallThroughsName, dimensions: [("substituter", label), ("cause", cause.rawValue)])
+      }
+      return Series(base: base, requests: requests, bytes: bytes, fallThroughs: fallThroughs)
     }
     series = substituters.sorted { $0.base.count > $1.base.count }.map { make($0.base + "/", $0.label) }
     // NAR URLs a narinfo sent elsewhere (`narURLHosts`).
@@ -84,5 +93,40 @@ public final class CacheMetrics: Sendable {
     let kind = Kind(url: url)
     s.requests[kind]?[Outcome(outcome)]?.increment()
     if bytes > 0 { s.bytes[kind]?.increment(by: bytes) }
+  }
+
+  func fellThrough(base: String, cause: FallThroughCause) {
+    let s = series.first { $0.base == base + "/" } ?? unmatched
+    s.fallThroughs[cause]?.increment()
+  }
+}
+
+/// Why a substituter's answer was passed over for the next source's: the `cause` label of
+/// `nixfs_substituter_fallthroughs_total`.
+public enum FallThroughCause: String, CaseIterable, Sendable {
+  case hashMismatch = "hash_mismatch"
+  case sizeMismatch = "size_mismatch"
+  /// A stream that does not decompress, or is not a valid NAR.
+  case corrupt
+  case httpStatus = "http_status"
+  case unreachable
+  case stalled
+  /// A narinfo that is malformed, for another path, or not signed by a trusted key.
+  case untrusted
+  case indexRefused = "index_refused"
+  case chunkRejected = "chunk_rejected"
+  case other
+
+  public init(_ error: CacheError) {
+    switch error {
+    case .hashMismatch: self = .hashMismatch
+    case .sizeMismatch: self = .sizeMismatch
+    case .decompression, .invalidNAR, .unsupportedCompression: self = .corrupt
+    case .httpStatus, .s3Refused: self = .httpStatus
+    case .network: self = .unreachable
+    case .stalled: self = .stalled
+    case .untrusted, .malformedNarInfo, .wrongStorePath, .refusedURL: self = .untrusted
+    default: self = .other
+    }
   }
 }

@@ -103,7 +103,8 @@ final class NARDownload: @unchecked Sendable {
     }
     let limit = Self.compressedLimit(narSize: info.narSize, compression: info.compression)
     if total > limit {
-      throw CacheError.sizeMismatch(url: url, field: "compressed size limit (2 × NarSize + 1 MiB)", expected: limit, actual: total)
+      let field = info.compression == .none ? "NarSize (Compression: none)" : "compressed size limit (2 × NarSize + 1 MiB)"
+      throw CacheError.sizeMismatch(url: url, field: field, expected: limit, actual: total)
     }
     if hashFile { fileHasher.update(bytes) }
     do {

@@ -32,7 +32,7 @@ extension BinaryCacheClient {
         try await download(found.info, from: substituter, into: sink, sinkHasData: sinkHasData)
         return found
       } catch {
-        logger.warning("substituter failed; trying the next", metadata: ["path": "\(path)", "error": "\(error)"])
+        fellThrough(substituter, path: path, cause: FallThroughCause(error), error: error)
         failures.append(error)
         sinkHasData = true
       }

@@ -15,7 +15,7 @@ import Synchronization
 public final class FuseMount: @unchecked Sendable {
   public let filesystem: StoreFileSystem
   /// Set and cleared by the serving thread; read by `handOver` from the control socket's.
-  var session: FuseSession?
+  let session = Mutex<FuseSession?>(nil)
   let gate = HandoverGate()
 
   public init(_ filesystem: StoreFileSystem) { self.filesystem = filesystem }
@@ -78,8 +78,8 @@ public final class FuseMount: @unchecked Sendable {
           "generation": "\(view.generation)", "inodes": "\(view.files.count + view.instances.count)",
         ])
     }
-    session = s
-    defer { session = nil }
+    session.withLock { $0 = s }
+    defer { session.withLock { $0 = nil } }
     let detaching = Atomic<Bool>(false)
     TerminationSignals.onTermination { [logger] in
       if keepMountOnSignal {
@@ -124,7 +124,7 @@ public final class FuseMount: @unchecked Sendable {
   /// rest, and returns the connection's record and descriptor. Then `finishHandover` says whether
   /// the successor got them (else this daemon serves on).
   public func handOver(timeout: Double = 10) -> (Handover, Int32)? {
-    guard let s = session, let journal = filesystem.journal else { return nil }
+    guard let s = session.withLock({ $0 }), let journal = filesystem.journal else { return nil }
     guard gate.stop(timeout: timeout, { s.stop() }) else {
       s.resume()
       return nil

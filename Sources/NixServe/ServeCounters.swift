@@ -25,7 +25,7 @@ public final class ServeCounters: Sendable {
     let registry = PrometheusCollectorRegistry()
     self.registry = registry
     func counter(_ name: String, _ help: String) -> Prometheus.Counter {
-      registry.makeCounter(name: "nixfs_serve_\(name)", help: help)
+      registry.makeCounter(descriptor: MetricNameDescriptor(metricName: "nixfs_serve_\(name)", unitName: "", helpText: help))
     }
     hits = counter("narinfo_hits_total", "narinfo requests answered from the store")
     misses = counter("narinfo_misses_total", "narinfo requests for paths no upstream has")
@@ -36,7 +36,8 @@ public final class ServeCounters: Sendable {
     chunksServed = counter("chunks_served_total", "chunks sent to clients")
     chunkBytesServed = counter("chunk_served_bytes_total", "chunk bytes sent to clients, as stored (compressed)")
     manifestsServed = counter("manifests_served_total", "chunk index documents sent to clients")
-    storedBytes = registry.makeGauge(name: "nixfs_serve_store_bytes", help: "bytes the chunk store keeps on disk")
+    storedBytes = registry.makeGauge(
+      descriptor: MetricNameDescriptor(metricName: "nixfs_serve_store_bytes", unitName: "", helpText: "bytes the chunk store keeps on disk"))
   }
 
   /// Prometheus text exposition.

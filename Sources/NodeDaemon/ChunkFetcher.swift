@@ -20,7 +20,7 @@ final class ChunkFetcher: Sendable {
   let cache: BinaryCacheClient
   let store: ChunkStore
   let logger: Logger
-  private let inflight = Mutex<[ChunkID: Task<Void, any Error>]>([:])
+  private let inflight = SingleFlight<ChunkID, Void>()
 
   init(cache: BinaryCacheClient, store: ChunkStore, logger: Logger) {
     self.cache = cache
@@ -30,25 +30,12 @@ final class ChunkFetcher: Sendable {
 
   /// Returns once every chunk is in the store (or arriving there); throws the first failure.
   func fetch(_ refs: [ChunkRef]) async throws {
-    let tasks = refs.map { task($0) }
+    let tasks = refs.map { ref in inflight.task(ref.id) { try await self.fetchOne(ref) } }
     var failure: (any Error)?
     for t in tasks {
       do { try await t.value } catch { failure = failure ?? error }
     }
     if let failure { throw failure }
-  }
-
-  private func task(_ ref: ChunkRef) -> Task<Void, any Error> {
-    inflight.withLock { table in
-      if let t = table[ref.id] { return t }
-      // Its end takes the lock, held here until the task is in the table.
-      let t = Task<Void, any Error> {
-        defer { _ = self.inflight.withLock { $0.removeValue(forKey: ref.id) } }
-        try await self.fetchOne(ref)
-      }
-      table[ref.id] = t
-      return t
-    }
   }
 
   /// From each source in turn; bytes that are not the chunk are fetched once more, then refused.
@@ -70,11 +57,13 @@ final class ChunkFetcher: Sendable {
         } catch let e as ChunkStoreError {
           guard case .chunkRejected = e else { throw e }
           FSMetrics.chunksRejected.increment()
-          logger.warning("a fetched chunk did not verify", metadata: ["error": "\(e)"])
+          cache.countFallThrough(source, cause: .chunkRejected)
+          logger.warning("a fetched chunk did not verify", metadata: ["substituter": "\(source)", "error": "\(e)"])
           problems.append("\(e)")
           rejected += 1
           if rejected >= 2 { throw ChunkFetchFailure(chunk: ref.id, reason: problems.joined(separator: "; ")) }
         } catch {
+          if let e = error as? CacheError { cache.countFallThrough(source, cause: FallThroughCause(e)) }
           problems.append("\(error)")
         }
       }

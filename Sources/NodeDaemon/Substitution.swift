@@ -17,6 +17,8 @@ public final class Substitution: Materialiser, Sendable {
   /// Use chunk indexes where offered (`--no-chunk-index` turns it off).
   let useChunkIndex: Bool
   let chunks: ChunkFetcher
+  /// One whole-NAR completion per partial path at a time, however many reads wait on it.
+  let refills = SingleFlight<StorePath, Void>()
 
   public init(cache: BinaryCacheClient, store: ChunkStore, useChunkIndex: Bool = true, logger: Logger) {
     self.cache = cache
@@ -37,26 +39,66 @@ public final class Substitution: Materialiser, Sendable {
       return nil
     case .absent, .incomplete: break
     }
-    let info: CachedPathInfo
-    do {
-      info = try await cache.narInfo(for: path)
+    let (manifest, partial) = try await fromSubstituters(path, seen: seen, indexes: useChunkIndex)
+    if whole && partial { try await complete(path) }
+    return manifest
+  }
+
+  /// Tries each substituter that has the path, best first, until one delivers it verified: its
+  /// chunk index (registered partial), else its whole NAR. A substituter that fails (its narinfo,
+  /// its NAR's hash or size, a corrupt, cut or stalled stream, an HTTP error after retries) is
+  /// warned about, counted, and passed over; only when all failed does this throw, naming each
+  /// cause. A local store failure ends the search: another cache would not mend it.
+  func fromSubstituters(
+    _ path: StorePath, seen: LocalPath?, indexes: Bool
+  ) async throws(MaterialiseFailure) -> (Manifest, partial: Bool) {
+    var failures: [CacheError] = []
+    var asked: [String] = []
+    var state = seen
+    for entry in await cache.resolveAll() {
+      let substituter: Substituter
+      switch entry {
+      case .success(let s): substituter = s
+      case .failure(let e):
+        failures.append(e)
+        continue
+      }
+      asked.append(substituter.url)
+      guard let info = await narInfo(path, from: substituter, failures: &failures) else { continue }
+      if indexes, let partial = await registerFromIndex(info) { return (partial, true) }
+      do throws(IngestFailure) {
+        let committed = try await store.ingest(PathInfo(info.info), seen: state) { ingest in
+          try await cache.fetchNAR(info, into: ingest)
+        }
+        FSMetrics.narBytesFetched.increment(by: Int64(info.info.narSize))
+        FSMetrics.downloadBytes.increment(by: Int64(info.info.fileSize ?? info.info.narSize))
+        return (committed, false)
+      } catch {
+        // The aborted ingest may have changed what the index holds: ask again next time.
+        state = nil
+        switch error {
+        case .store(let e): throw .failed(path, cause: e)
+        case .fetch(let e):
+          let failure = e as? CacheError ?? .sink(url: substituter.url, error: e)
+          cache.fellThrough(substituter, path: path, cause: FallThroughCause(failure), error: failure)
+          failures.append(failure)
+        }
+      }
+    }
+    if failures.isEmpty { throw .notFound(path, cause: CacheError.notFound(storePath: path.path, substituters: asked)) }
+    throw .failed(path, cause: failures.count == 1 ? failures[0] : CacheError.allSubstitutersFailed(storePath: path.path, failures: failures))
+  }
+
+  /// `substituter`'s narinfo of `path`; nil when it has none, or when the lookup failed (then
+  /// warned about, counted and added to `failures`).
+  func narInfo(_ path: StorePath, from substituter: Substituter, failures: inout [CacheError]) async -> CachedPathInfo? {
+    do throws(CacheError) {
+      return try await cache.narInfo(for: path, from: substituter)
     } catch {
-      if case .notFound = error { throw MaterialiseFailure.notFound(path, cause: error) }
-      throw MaterialiseFailure.failed(path, cause: error)
+      cache.fellThrough(substituter, path: path, cause: FallThroughCause(error), error: error)
+      failures.append(error)
+      return nil
     }
-    if let partial = await registerFromIndex(info) {
-      if whole { try await complete(path) }
-      return partial
-    }
-    let committed: Manifest
-    do throws(IngestFailure) {
-      committed = try await store.ingest(PathInfo(info.info), seen: seen) { ingest in try await cache.fetchNAR(info, into: ingest) }
-    } catch {
-      throw MaterialiseFailure.failed(path, cause: error)
-    }
-    FSMetrics.narBytesFetched.increment(by: Int64(info.info.narSize))
-    FSMetrics.downloadBytes.increment(by: Int64(info.info.fileSize ?? info.info.narSize))
-    return committed
   }
 
   /// The path's chunk index, checked against the trusted keys and the narinfo; nil (and the
@@ -68,6 +110,7 @@ public final class Substitution: Materialiser, Sendable {
       return try ChunkIndex.verify(document, trusting: cache.trustedKeys, for: info.info)
     } catch {
       FSMetrics.indexRefused.increment()
+      cache.countFallThrough(info.substituter, cause: .indexRefused)
       logger.warning(
         "chunk index not used; fetching the whole NAR",
         metadata: ["path": "\(info.info.storePath)", "substituter": "\(info.substituter)", "error": "\(error)"])
@@ -78,7 +121,7 @@ public final class Substitution: Materialiser, Sendable {
   /// Fetches what a partial path lacks, then makes it complete (its NarHash checked).
   func complete(_ path: StorePath) async throws {
     do {
-      try await fetchChunks(try store.absentChunks(of: path))
+      try await fetchChunks(try store.absentChunks(of: path), for: path)
       try await blockingWork { [store] in try store.completePartial(path) }
     } catch let e as MaterialiseFailure {
       throw e
@@ -87,7 +130,60 @@ public final class Substitution: Materialiser, Sendable {
     }
   }
 
-  public func fetchChunks(_ refs: [ChunkRef]) async throws { try await chunks.fetch(refs) }
+  /// Chunks from the chunk sources; when one cannot be had (it failed its digest twice, or no
+  /// source could send it), the partial path `path` is completed from a whole, verified NAR
+  /// instead, and reads waiting on the chunk find it there.
+  public func fetchChunks(_ refs: [ChunkRef], for path: StorePath?) async throws {
+    do {
+      try await chunks.fetch(refs)
+    } catch let failure as ChunkFetchFailure {
+      guard let path else { throw failure }
+      _ = try await refills.run(path) { try await self.refill(path, after: failure) }
+    }
+  }
+
+  /// Completes the partial path `path` from the first substituter whose whole NAR verifies,
+  /// cutting the chunks it lacks out of the stream (`PartialRefill`); the path stays servable
+  /// meanwhile. A substituter whose NarHash is not the index's cannot fill it: when no other
+  /// could, the path is fetched whole as if it had never been partial.
+  func refill(_ path: StorePath, after cause: ChunkFetchFailure) async throws {
+    logger.warning(
+      "a chunk could not be had; completing the path from a whole NAR",
+      metadata: ["path": "\(path)", "error": "\(cause)"])
+    var failures: [CacheError] = []
+    var otherNAR = false
+    for substituter in await cache.substituters() {
+      guard let sink = try store.refill(path, source: substituter.url) else { return }
+      guard let info = await narInfo(path, from: substituter, failures: &failures) else { continue }
+      guard info.info.narHash == sink.narHash else {
+        otherNAR = true
+        continue
+      }
+      do throws(CacheError) {
+        try await cache.fetchNAR(info, into: sink)
+      } catch {
+        cache.fellThrough(substituter, path: path, cause: FallThroughCause(error), error: error)
+        failures.append(error)
+        continue
+      }
+      try await blockingWork { [store] in try store.completePartial(path) }
+      let (accepted, rejected) = sink.counts
+      FSMetrics.narBytesFetched.increment(by: Int64(info.info.narSize))
+      FSMetrics.downloadBytes.increment(by: Int64(info.info.fileSize ?? info.info.narSize))
+      logger.info(
+        "completed from a whole NAR",
+        metadata: [
+          "path": "\(path)", "substituter": "\(substituter)", "chunks": "\(accepted)", "refused": "\(rejected)",
+        ])
+      return
+    }
+    if otherNAR {
+      _ = try await fromSubstituters(path, seen: nil, indexes: false)
+      return
+    }
+    throw MaterialiseFailure.failed(
+      path, cause: CacheError.allSubstitutersFailed(storePath: path.path, failures: failures + [.sink(url: "chunks", error: cause)]))
+  }
 
   public func startupProfile(of root: StorePath) async -> [ChunkRef] {
     guard useChunkIndex, let source = await cache.chunkSources().first,
@@ -124,7 +220,8 @@ public final class Substitution: Materialiser, Sendable {
   func registerFromIndex(_ info: CachedPathInfo) async -> Manifest? {
     guard useChunkIndex, let manifest = await verifiedIndex(info) else { return nil }
     do {
-      try store.registerPartial(manifest)
+      // A writer transaction over the whole tree: off Swift concurrency's threads.
+      try await blockingWork { [store] in try store.registerPartial(manifest) }
     } catch {
       FSMetrics.indexRefused.increment()
       logger.warning(

@@ -174,7 +174,7 @@ extension StoreFileSystem {
       let absent = store.absentAmong(profile)
       logger.info(
         "prefetching a startup profile", metadata: ["path": "\(root)", "chunks": "\(profile.count)", "absent": "\(absent.count)"])
-      do { try await materialiser.fetchChunks(absent) } catch {
+      do { try await materialiser.fetchChunks(absent, for: nil) } catch {
         logger.warning("startup profile prefetch incomplete", metadata: ["path": "\(root)", "error": "\(error)"])
       }
     }

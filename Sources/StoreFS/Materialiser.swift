@@ -34,8 +34,10 @@ public protocol Materialiser: Sendable {
   /// than read it back from the index), or nil when the path was already there.
   @discardableResult
   func materialise(_ path: StorePath, whole: Bool) async throws -> Manifest?
-  /// Fetches chunks partial paths lack into the store, each checked against its digest.
-  func fetchChunks(_ refs: [ChunkRef]) async throws
+  /// Fetches chunks partial paths lack into the store, each checked against its digest. When
+  /// they are chunks of `path` and cannot be had from the chunk sources, `path` is completed
+  /// from a whole, verified NAR instead.
+  func fetchChunks(_ refs: [ChunkRef], for path: StorePath?) async throws
   /// Makes the path servable from its chunk index if its substituter offers a good one, with no
   /// NAR download; false when it cannot (the path is then fetched whole when first looked up).
   func materialiseFromIndex(_ path: StorePath) async -> Bool

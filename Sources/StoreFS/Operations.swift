@@ -251,7 +251,7 @@ extension StoreFileSystem {
         for _ in 0..<3 {
           let refs = try self.store.absentChunks(content: file.content, offset: UInt64(offset), count: size, ahead: ahead)
           self.startups.record(file.path, refs)
-          try await self.materialiser.fetchChunks(refs)
+          try await self.materialiser.fetchChunks(refs, for: file.path)
           if try self.replyRead(req, file.content, size: size, offset: offset) { return }
         }
         throw MaterialiseFailure.chunksStillAbsent(file.path)

@@ -11,7 +11,7 @@ let cacheCommands: [any ParsableCommand.Type] = [PathInfoCommand.self, ProbeComm
 /// The binary cache options, spelled as Nix spells them; shared by every command that substitutes.
 /// Flags win over `--nix-conf`; a repeatable flag given at all replaces the nix.conf list.
 struct CacheOptions: ParsableArguments {
-  @Option(name: .customLong("substituter"), help: "Binary cache URL: http://, https:// or file:// (repeatable; ?priority=N overrides the cache's Priority).")
+  @Option(name: .customLong("substituter"), help: "Binary cache URL: http://, https://, file:// or s3://BUCKET?region=…&endpoint=… (repeatable; ?priority=N overrides the cache's Priority).")
   var substituters: [String] = []
 
   @Option(name: .customLong("trusted-public-key"), help: "Key whose signatures are trusted, name:base64 (repeatable).")

@@ -91,7 +91,7 @@ import TestSupport
       return try ingest.commit()
     }
 
-    func fetchChunks(_ refs: [ChunkRef]) async throws {
+    func fetchChunks(_ refs: [ChunkRef], for path: StorePath?) async throws {
       guard let source = chunkSource else { throw FakeFailure("no chunk source") }
       for ref in refs {
         let sent = try source.withStoredChunk(ref.id) { chunk, read -> (Bool, [UInt8]) in

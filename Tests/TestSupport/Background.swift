@@ -97,9 +97,17 @@ public final class CacheServer: @unchecked Sendable {
   public let logFile: String
   public var url: String { "http://127.0.0.1:\(port)" }
 
-  public init(directory: String, latencyMs: Double = 0, bandwidth: Double = 0, stall: String? = nil, fail: String? = nil) throws {
+  /// Serves `directory`, or (with `upstream`) proxies to another cache. `stall`, `fail`,
+  /// `corrupt` and `truncate` are regexes of request paths that get that fault.
+  public init(
+    directory: String = "/nonexistent", upstream: String? = nil, latencyMs: Double = 0, bandwidth: Double = 0,
+    stall: String? = nil, fail: String? = nil, corrupt: String? = nil, truncate: String? = nil
+  ) throws {
     logFile = NSTemporaryDirectory() + "nixfs-cache-\(UUID().uuidString.prefix(8)).log"
     var argv = ["python3", "\(repositoryRoot)/scripts/cache-server.py", "--dir", directory, "--log", logFile]
+    if let upstream { argv += ["--upstream", upstream] }
+    if let corrupt { argv += ["--corrupt", corrupt] }
+    if let truncate { argv += ["--truncate", truncate] }
     if latencyMs > 0 { argv += ["--latency-ms", "\(latencyMs)"] }
     if bandwidth > 0 { argv += ["--bandwidth", "\(bandwidth)"] }
     if let stall { argv += ["--stall", stall] }
