@@ -2,7 +2,8 @@
 import PackageDescription
 
 // Layers, bottom up (a lower layer never imports a higher one):
-//   C shims, SystemCalls, Threads, SQLiteDatabase -> NixFormats (pure) -> BinaryCache -> ChunkStore
+//   C shims, SystemCalls, Threads, SQLiteDatabase -> NixFormats (pure) -> NixState (Nix's database
+//   for a closure) / BinaryCache -> ChunkStore
 //   -> StoreFS (the FUSE-free core) -> FuseMount (libfuse) -> NodeDaemon (substitution, control)
 //   -> CSINode / NixServe -> nixfs;
 //   NodeControl (the local control protocol) sits beside them, under the filesystem and CSI.
@@ -66,6 +67,13 @@ let package = Package(
     // and the narinfo cache.
     .target(name: "SQLiteDatabase", dependencies: ["CSQLite"], swiftSettings: strict),
 
+    // Nix's own state for a closure: the database Nix would have written after substituting it,
+    // and the directories Nix's local store expects under /nix/var/nix (a layer over a view).
+    .target(
+      name: "NixState",
+      dependencies: ["NixFormats", "SQLiteDatabase", .product(name: "Crypto", package: "swift-crypto")],
+      swiftSettings: strict),
+
     // Binary cache client: substituters, narinfo cache, NAR download, decompression, verification.
     .target(
       name: "BinaryCache",
@@ -120,8 +128,8 @@ let package = Package(
     .target(
       name: "NodeDaemon",
       dependencies: [
-        "StoreFS", "FuseMount", "BinaryCache", "ChunkStore", "NixFormats", "NodeControl", "SystemCalls", "Threads",
-        .product(name: "Crypto", package: "swift-crypto"),
+        "StoreFS", "FuseMount", "BinaryCache", "ChunkStore", "NixFormats", "NixState", "NodeControl", "SystemCalls",
+        "Threads", .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),
@@ -131,7 +139,8 @@ let package = Package(
     .target(
       name: "CSINode",
       dependencies: [
-        "NixFormats", "NodeControl", "Threads",
+        "NixFormats", "NixState", "NodeControl", "Threads",
+        .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "CoreMetrics", package: "swift-metrics"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
@@ -200,6 +209,8 @@ let package = Package(
     .testTarget(
       name: "NixFormatsTests", dependencies: ["NixFormats", "TestSupport"], swiftSettings: strict),
     .testTarget(name: "ThreadsTests", dependencies: ["Threads"], swiftSettings: strict),
+    .testTarget(
+      name: "NixStateTests", dependencies: ["NixState", "NixFormats", "TestSupport", "CSQLite"], swiftSettings: strict),
     .testTarget(name: "NixServeTests", dependencies: ["TestSupport", "NixFormats", "ChunkStore"], swiftSettings: strict),
     .testTarget(
       name: "BinaryCacheTests", dependencies: ["BinaryCache", "TestSupport"], swiftSettings: strict),

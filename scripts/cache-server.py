@@ -36,10 +36,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 
-    def record(self, status, sent):
+    def record(self, status, sent, event="done"):
         if log:
             with lock:
-                log.write(json.dumps({"path": self.path, "status": status, "bytes": sent, "t": time.time()}) + "\n")
+                log.write(json.dumps({"path": self.path, "status": status, "bytes": sent, "t": time.time(), "event": event}) + "\n")
 
     def do_HEAD(self):
         self.do_GET(head=True)
@@ -100,6 +100,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def send_body(self, head, status, data, start):
         if head:
             return self.record(status, 0)
+        self.record(status, 0, event="start")  # a body under way: tests wait for this
         if args.stall and re.search(args.stall, self.path):
             stalled = data[start:start + min(100, len(data) - start)]
             self.wfile.write(stalled)

@@ -17,10 +17,12 @@ public final class CSIMetrics: Sendable {
   public static let help: [String: String] = [
     "nixfs_csi_requests_total": "CSI node calls answered, by method and gRPC status code",
     "nixfs_csi_publish_duration_seconds": "time to answer NodePublishVolume (evaluation, closure, view, bind mount), by outcome",
+    "nixfs_csi_volumes": "volumes published on this node, by access (read_only: a bind of the view; read_write: an overlay with an upper of its own)",
   ]
 
   private let requests: [Method: [String: Counter]]
   private let publishSeconds: [Bool: Timer]
+  private let volumeGauges: [Bool: Gauge]
 
   public init() {
     var r: [Method: [String: Counter]] = [:]
@@ -34,6 +36,17 @@ public final class CSIMetrics: Sendable {
       true: Timer(label: "nixfs_csi_publish_duration_seconds", dimensions: [("outcome", "ok")]),
       false: Timer(label: "nixfs_csi_publish_duration_seconds", dimensions: [("outcome", "error")]),
     ]
+    volumeGauges = [
+      true: Gauge(label: "nixfs_csi_volumes", dimensions: [("access", "read_only")]),
+      false: Gauge(label: "nixfs_csi_volumes", dimensions: [("access", "read_write")]),
+    ]
+    volumeGauges.values.forEach { $0.record(0) }
+  }
+
+  func volumes(_ records: [VolumeRecord]) {
+    let readOnly = records.filter(\.isReadOnly).count
+    volumeGauges[true]?.record(readOnly)
+    volumeGauges[false]?.record(records.count - readOnly)
   }
 
   /// The status name of what a call threw (nil: it succeeded).

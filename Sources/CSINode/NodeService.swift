@@ -2,6 +2,7 @@ import Foundation
 import GRPCCore
 import Logging
 import NixFormats
+import NixState
 import NodeControl
 import Subprocess
 import SwiftProtobuf
@@ -131,8 +132,11 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, Sendable {
     let target = checkedTarget.path
     let attributes = request.volumeContext.filter { !$0.key.hasPrefix("csi.storage.k8s.io/") }
     let startupProfile = try Self.startupProfile(attributes)
+    let writableLimit = try Self.writableSize(attributes)
     if let existing = records.byTarget(target) {
-      guard existing.volumeID == request.volumeID && existing.attributes == attributes else {
+      guard existing.volumeID == request.volumeID && existing.attributes == attributes
+        && existing.isReadOnly == request.readonly
+      else {
         throw Self.fail(
           .alreadyExists,
           "\(target) already holds volume \(existing.volumeID) (\(existing.storePath)) with other attributes")
@@ -160,21 +164,65 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, Sendable {
       throw Self.fail(.invalidArgument, error.reason)
     }
     defer { close(targetFD) }
+    let readOnly = request.readonly
     do {
       // Onto the directory we opened without following links, not onto whatever the path names now.
-      if !Mounts.isMountPoint(target) { try Mounts.bindReadOnly(view, at: "/proc/self/fd/\(targetFD)", shownAs: target) }
-      try records.put(VolumeRecord(volumeID: request.volumeID, targetPath: target, storePath: path.path, attributes: attributes))
+      if !Mounts.isMountPoint(target) {
+        if readOnly {
+          try Mounts.bindReadOnly(view, at: "/proc/self/fd/\(targetFD)", shownAs: target)
+        } else {
+          try mountWritable(
+            view: view, state: response.nixState, volumeID: request.volumeID, limit: writableLimit,
+            at: "/proc/self/fd/\(targetFD)", shownAs: target)
+        }
+      }
+      // Read-only: Nix's state of the closure over the view's empty var/nix (in a read-write
+      // volume it is the overlay's middle layer).
+      if readOnly, let state = response.nixState, !Mounts.isMountPoint(target + "/var/nix") {
+        try Mounts.bindReadOnly(state + "/var/nix", at: target + "/var/nix")
+      }
+      try records.put(
+        VolumeRecord(
+          volumeID: request.volumeID, targetPath: target, storePath: path.path, attributes: attributes,
+          readOnly: readOnly, nixState: response.nixState))
     } catch {
+      try? Mounts.unmount(target + "/var/nix")
+      try? Mounts.unmount(target)
+      if !readOnly { WritableVolume(stateDir: config.stateDir, volumeID: request.volumeID, limit: writableLimit).remove() }
       _ = try? control.send(.unpublish(volumeID: request.volumeID))
+      if let rpc = error as? RPCError { throw rpc }
       throw Self.fail(.internalError, "\(path): cannot mount the view at \(target): \(error)")
     }
+    metrics.volumes(records.all)
     logger.info(
       "published",
       metadata: [
         "volume": "\(LogText.bounded(request.volumeID))", "path": "\(path)", "target": "\(LogText.bounded(target))",
-        "closure": "\(response.closure?.count ?? 0)",
+        "closure": "\(response.closure?.count ?? 0)", "access": "\(readOnly ? "read-only" : "read-write")",
       ])
     return Csi_V1_NodePublishVolumeResponse()
+  }
+
+  /// The overlay of a read-write volume: the closure's Nix state over the view, and an upper of
+  /// its own. A node where it cannot be mounted (no overlayfs, an unsuitable upper) fails the
+  /// publish with FailedPrecondition, naming the cause.
+  func mountWritable(
+    view: String, state: String?, volumeID: String, limit: UInt64?, at target: String, shownAs: String
+  ) throws {
+    let volume = WritableVolume(stateDir: config.stateDir, volumeID: volumeID, limit: limit)
+    do {
+      try volume.create()
+    } catch {
+      throw Self.fail(.failedPrecondition, "cannot make the writable layer of volume \(volumeID): \(error)")
+    }
+    do {
+      try Mounts.overlay(lowers: [state, view].compactMap { $0 }, upper: volume.upper, work: volume.work, at: target, shownAs: shownAs)
+    } catch {
+      volume.remove()
+      throw Self.fail(
+        .failedPrecondition,
+        "cannot mount the read-write volume \(volumeID): \(error) (does this kernel have overlayfs, and the state directory's file system xattrs and d_type? see the kernel log)")
+    }
   }
 
   public func nodeUnpublishVolume(request: Csi_V1_NodeUnpublishVolumeRequest, context: ServerContext) async throws
@@ -191,14 +239,19 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, Sendable {
 
   func unpublish(volumeID: String, target: String) throws {
     do {
+      try Mounts.unmount(target + "/var/nix")
       try Mounts.unmount(target)
     } catch {
       throw Self.fail(.internalError, "volume \(volumeID): \(error)")
     }
     // Remove the directory we created; only if it is empty, so nothing of the pod's is lost.
     rmdir(target)
+    // What a read-write pod wrote is discarded with it, as with nix-csi.
+    WritableVolume(stateDir: config.stateDir, volumeID: volumeID, limit: nil).remove()
     _ = try? control.send(.unpublish(volumeID: volumeID))
     try? records.remove(volumeID)
+    StateLayer.removeUnused(stateDir: config.stateDir, keep: Set(records.all.compactMap(\.nixState)))
+    metrics.volumes(records.all)
     logger.info("unpublished", metadata: ["volume": "\(LogText.bounded(volumeID))", "target": "\(LogText.bounded(target))"])
   }
 
@@ -214,6 +267,15 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, Sendable {
         try? unpublish(volumeID: r.volumeID, target: r.targetPath)
       }
     }
+    // What a crash or a reboot left: writable layers and Nix states of volumes no longer published.
+    let kept = Set(records.all.map { WritableVolume.name($0.volumeID) })
+    let root = WritableVolume.root(stateDir: config.stateDir)
+    for name in (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? [] where !kept.contains(name) {
+      WritableVolume(directory: (root as NSString).appendingPathComponent(name), limit: nil).remove()
+      logger.info("removed the writable layer of a volume no longer published", metadata: ["directory": "\(name)"])
+    }
+    StateLayer.removeUnused(stateDir: config.stateDir, keep: Set(records.all.compactMap(\.nixState)))
+    metrics.volumes(records.all)
   }
 
   public func nodeStageVolume(request: Csi_V1_NodeStageVolumeRequest, context: ServerContext) async throws

@@ -27,6 +27,18 @@ extension NodeService {
     }
   }
 
+  /// `writableSize` (a read-write volume's limit, a Kubernetes quantity such as `2Gi`): nil when
+  /// unset (the upper is a directory on the node's disk, as large as that disk allows).
+  static func writableSize(_ attributes: [String: String]) throws -> UInt64? {
+    guard let text = attributes["writableSize"] else { return nil }
+    guard let bytes = WritableVolume.parseSize(text) else {
+      throw fail(
+        .invalidArgument,
+        "volumeAttributes writableSize is \(LogText.bounded(text, limit: 64)): expected a size of at least 16Mi such as 2Gi or 500M")
+    }
+    return bytes
+  }
+
   /// The store path a volume asks for. Evaluating a flakeRef or nixExpr runs `nix eval` (bounded
   /// by `evaluationTimeout`), so this is called before the publish queue: one slow evaluation
   /// never holds up the node's other publishes.

@@ -8,6 +8,12 @@ struct VolumeRecord: Codable, Equatable {
   var storePath: String
   /// The attributes the volume was published with, to tell a retry from a conflicting request.
   var attributes: [String: String]
+  /// Nil in records of plugins older than read-write volumes: those were all read-only.
+  var readOnly: Bool? = nil
+  /// The closure's Nix state layer the volume shows (kept while any volume uses it).
+  var nixState: String? = nil
+
+  var isReadOnly: Bool { readOnly ?? true }
 }
 
 /// `<state-dir>/csi-volumes.json`, rewritten atomically on every change.

@@ -100,6 +100,9 @@ public struct ControlResponse: Codable, Sendable, Equatable {
   public var message: String?
   /// For `publish`: the view directory inside the mount, to bind-mount into the pod.
   public var viewPath: String?
+  /// For `publish`: the closure's Nix state layer (Nix's database and /nix/var/nix), to lay over
+  /// the view; absent from daemons older than it.
+  public var nixState: String?
   public var closure: [String]?
   /// For `ping`: where the store is mounted.
   public var mountpoint: String?
@@ -118,8 +121,9 @@ public struct ControlResponse: Codable, Sendable, Equatable {
   public init(
     failure: ControlFailure? = nil, message: String? = nil, viewPath: String? = nil, closure: [String]? = nil,
     mountpoint: String? = nil, views: [String: String]? = nil, fetched: Int? = nil, report: [String]? = nil,
-    consistent: Bool? = nil, handover: Handover? = nil
+    consistent: Bool? = nil, handover: Handover? = nil, nixState: String? = nil
   ) {
+    self.nixState = nixState
     self.handover = handover
     self.report = report
     self.consistent = consistent

@@ -6,6 +6,7 @@ import Threads
 import FuseMount
 import Logging
 import NixFormats
+import NixState
 import NodeControl
 import StoreFS
 import Synchronization
@@ -155,18 +156,29 @@ public final class Daemon: Sendable {
     case .publish(let volumeID, let text, let startupProfile):
       let path: StorePath
       do { path = try StorePath(text) } catch { return .failed(.invalidArgument, "\(error)") }
-      let closure: [StorePath]
+      let infos: [StorePath: PathInfo]
       do {
-        closure = try await self.closure(of: path)
+        infos = try await self.closureInfos(of: path)
       } catch let e as CacheError {
         return .failed(Self.failure(e), Self.naming(path, e))
       } catch {
         return .failed(.internalError, Self.naming(path, error))
       }
+      let closure = infos.keys.sorted()
       do {
-        try store.pin(closure, holder: volumeID)
+        try await blockingWork { try self.store.pin(closure, holder: volumeID) }
       } catch {
         return .failed(.internalError, "\(path): cannot pin the closure: \(error)")
+      }
+      // Nix's database for the closure, from the narinfos already here: no round trip.
+      let nixState: String
+      do {
+        nixState = try await blockingWork { [stateDir] in
+          try StateLayer.ensure(stateDir: stateDir, result: path, closure: infos.values.map(Self.validPath))
+        }
+      } catch {
+        try? store.unpinAll(holder: volumeID)
+        return .failed(.internalError, "\(path): cannot make the Nix database for its closure: \(error)")
       }
       await filesystem.warm(closure)
       if startupProfile ?? true { filesystem.startPod(root: path, closure: closure) }
@@ -174,8 +186,15 @@ public final class Daemon: Sendable {
       filesystem.addView(StoreView(id: name, closure: closure, result: path))
       logger.info("view published", metadata: ["volume": "\(volumeID)", "path": "\(path)", "closure": "\(closure.count)"])
       return ControlResponse(
-        viewPath: "\(mountpoint)/\(StoreFileSystem.viewsDirName)/\(name)", closure: closure.map(\.path))
+        viewPath: "\(mountpoint)/\(StoreFileSystem.viewsDirName)/\(name)", closure: closure.map(\.path), nixState: nixState)
     }
+  }
+
+  /// A path's row in Nix's database, from what its narinfo said.
+  static func validPath(_ info: PathInfo) -> ValidPath {
+    ValidPath(
+      path: info.storePath, narHash: info.narHash, narSize: info.narSize, references: info.references,
+      deriver: info.deriver, signatures: info.signatures, ca: info.ca)
   }
 
   /// Sets the gauges a scrape reads: stored bytes, the budget (0: none), pinned and partial paths.
@@ -232,20 +251,22 @@ public final class Daemon: Sendable {
     }
   }
 
-  /// The closure of `path`: from the local index when every member is here (no network on a
-  /// warm node), otherwise from the caches' narinfos.
-  func closure(of path: StorePath) async throws -> [StorePath] {
-    var seen: Set<StorePath> = [path]
+  /// The closure of `path` with what each member's narinfo said: from the local index when every
+  /// member is here (no network on a warm node), otherwise from the caches' narinfos.
+  func closureInfos(of path: StorePath) async throws -> [StorePath: PathInfo] {
+    var infos: [StorePath: PathInfo] = [:]
     var queue = [path]
     var local = true
     while let p = queue.popLast() {
+      guard infos[p] == nil else { continue }
       guard let tree = try? store.servableTree(of: p) else {
         local = false
         break
       }
-      for ref in tree.info.references where seen.insert(ref).inserted { queue.append(ref) }
+      infos[p] = tree.info
+      queue.append(contentsOf: tree.info.references.filter { infos[$0] == nil })
     }
-    if local { return seen.sorted() }
-    return try await cache.closure(of: [path]).keys.sorted()
+    if local { return infos }
+    return try await cache.closure(of: [path]).mapValues { PathInfo($0.info) }
   }
 }

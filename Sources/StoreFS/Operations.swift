@@ -20,10 +20,25 @@ extension StoreFileSystem {
     case viewStore(UInt32)
     case viewVar(UInt32)
     case viewResult(UInt32)
+    /// `var/nix`: empty here; where a volume's Nix state (database, GC roots) is mounted or
+    /// overlaid (CSI), so Nix finds it at its default path.
+    case viewVarNix(UInt32)
+    /// `store/.links`: empty; a directory Nix's local store expects and would otherwise create.
+    /// Found by name, not listed: a view's store lists its closure.
+    case viewLinks(UInt32)
+
+    /// Numbers of the kinds added after the first four, apart so those keep theirs (the kernel
+    /// holds them across a takeover from an older daemon).
+    static let extended: UInt64 = 1 << 59
 
     init(_ n: UInt64) {
       if n == 0 {
         self = .viewsDir
+        return
+      }
+      if n & Self.extended != 0 {
+        let m = n & ~Self.extended
+        self = m % 2 == 0 ? .viewVarNix(UInt32(m / 2)) : .viewLinks(UInt32(m / 2))
         return
       }
       let v = UInt32(n / 4)
@@ -42,6 +57,8 @@ extension StoreFileSystem {
       case .viewStore(let v): UInt64(v) * 4 + 1
       case .viewVar(let v): UInt64(v) * 4 + 2
       case .viewResult(let v): UInt64(v) * 4 + 3
+      case .viewVarNix(let v): Self.extended | UInt64(v) * 2
+      case .viewLinks(let v): Self.extended | UInt64(v) * 2 + 1
       }
     }
 
@@ -59,7 +76,7 @@ extension StoreFileSystem {
   package func virtualAttributes(_ node: VirtualNode) -> stat? {
     switch node {
     case .viewsDir: return directoryAttributes(ino: node.ino)
-    case .viewDir(let v), .viewStore(let v), .viewVar(let v):
+    case .viewDir(let v), .viewStore(let v), .viewVar(let v), .viewVarNix(let v), .viewLinks(let v):
       return view(number: v) == nil ? nil : directoryAttributes(ino: node.ino)
     case .viewResult(let v):
       guard let view = view(number: v) else { return nil }
@@ -128,8 +145,14 @@ extension StoreFileSystem {
     case .viewDir(let v):
       if text == "store" { child = .viewStore(v) } else if text == "var" { child = .viewVar(v) }
     case .viewVar(let v):
-      if text == "result" { child = .viewResult(v) }
+      if text == "result" { child = .viewResult(v) } else if text == "nix" { child = .viewVarNix(v) }
+    case .viewVarNix, .viewLinks:
+      break
     case .viewStore(let v):
+      if text == ".links" {
+        child = .viewLinks(v)
+        break
+      }
       guard let view = view(number: v), let path = storePath(name), view.members.contains(path) else {
         replyNegative(req)
         return
@@ -319,7 +342,12 @@ extension StoreFileSystem {
           DirectoryEntry(name: Array("var".utf8), ino: VirtualNode.viewVar(v).ino, mode: S_IFDIR),
         ])
       case .viewVar(let v):
-        return .entries([DirectoryEntry(name: Array("result".utf8), ino: VirtualNode.viewResult(v).ino, mode: S_IFLNK)])
+        return .entries([
+          DirectoryEntry(name: Array("nix".utf8), ino: VirtualNode.viewVarNix(v).ino, mode: S_IFDIR),
+          DirectoryEntry(name: Array("result".utf8), ino: VirtualNode.viewResult(v).ino, mode: S_IFLNK),
+        ])
+      case .viewVarNix, .viewLinks:
+        return .entries([])
       case .viewStore(let v):
         guard let view = view(number: v) else { return .error(ESTALE, cause: "stale") }
         return .entries(

@@ -84,17 +84,19 @@ final class Node: @unchecked Sendable {
     }
   }
 
-  func publishRequest(volume: String, target: String, attributes: [String: String]) -> Csi_V1_NodePublishVolumeRequest {
+  func publishRequest(volume: String, target: String, attributes: [String: String], readOnly: Bool = true)
+    -> Csi_V1_NodePublishVolumeRequest
+  {
     var r = Csi_V1_NodePublishVolumeRequest()
     r.volumeID = volume
     r.targetPath = target
     var cap = Csi_V1_VolumeCapability()
     cap.mount = Csi_V1_VolumeCapability.MountVolume()
     var mode = Csi_V1_VolumeCapability.AccessMode()
-    mode.mode = .singleNodeReaderOnly
+    mode.mode = readOnly ? .singleNodeReaderOnly : .singleNodeWriter
     cap.accessMode = mode
     r.volumeCapability = cap
-    r.readonly = true
+    r.readonly = readOnly
     r.volumeContext = attributes.merging(["csi.storage.k8s.io/ephemeral": "true", "csi.storage.k8s.io/pod.name": "p"]) { a, _ in a }
     return r
   }
@@ -106,10 +108,13 @@ final class Node: @unchecked Sendable {
     return r
   }
 
-  /// Runs `command` as a "pod": a private mount namespace with the volume bound at /nix.
+  /// Runs `command` as a "pod": a private mount namespace with the volume bound at /nix (with
+  /// its submounts, as a container runtime binds volumes), and the project's Nix settings.
   func pod(_ target: String, _ command: String) throws -> CommandResult {
     try FileManager.default.createDirectory(atPath: "/nix", withIntermediateDirectories: true)
-    return try run(["unshare", "-m", "--propagation", "private", "sh", "-c", "mount --bind '\(target)' /nix && \(command)"], check: false)
+    return try run(
+      ["unshare", "-m", "--propagation", "private", "sh", "-c", "mount --rbind '\(target)' /nix && \(command)"],
+      environment: NixFixture.environment, check: false)
   }
 }
 

@@ -36,9 +36,9 @@ import TestSupport
     daemons.append(first.daemon)
     let kinds = fx.paths["kinds"]!
     let reader = try BackgroundProcess(["cat", first.path("\(kinds.baseName)/hello.txt")])
-    // Until the download is under way (the NAR request reached the server).
+    // Until the download is under way (the server started sending the NAR; it takes 3 s).
     let deadline = Date().addingTimeInterval(30)
-    while StoreFixture.narRequests(server).isEmpty && Date() < deadline { usleep(10_000) }
+    while !server.started.contains(where: { $0.hasPrefix("/nar/") }) && Date() < deadline { usleep(10_000) }
     #expect(reader.isRunning, "the lookup should still wait for its NAR")
     if how == .crash { first.daemon.signal(SIGKILL) }
     let next = try BackgroundProcess(argv)

@@ -119,11 +119,18 @@ public final class CacheServer: @unchecked Sendable {
     port = p
   }
 
-  /// Paths requested so far, in order.
-  public var requests: [String] {
+  /// Paths requested so far, in order (each once its answer was sent).
+  public var requests: [String] { logged("done") }
+
+  /// Paths whose body the server has started to send.
+  public var started: [String] { logged("start") }
+
+  private func logged(_ event: String) -> [String] {
     guard let text = try? String(contentsOfFile: logFile, encoding: .utf8) else { return [] }
     return text.split(separator: "\n").compactMap { line in
-      guard let obj = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else { return nil }
+      guard let obj = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+        (obj["event"] as? String ?? "done") == event
+      else { return nil }
       return obj["path"] as? String
     }
   }
