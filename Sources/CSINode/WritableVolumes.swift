@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import NixFormats
+import NodeControl
 
 #if canImport(Glibc)
   import Glibc
@@ -119,6 +120,16 @@ struct WritableVolume {
       let text = String(decoding: message, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
       throw Failure(description: "\((tool as NSString).lastPathComponent) \(arguments.joined(separator: " ")): \(text)")
     }
+  }
+}
+
+/// The read-write volumes published from `stateDir`, from the plugin's records, with what each
+/// pod wrote so far (`nixfs status`).
+public func readWriteVolumes(stateDir: String) -> [DaemonStatus.ReadWriteVolume] {
+  VolumeRecords(stateDir: stateDir).all.filter { !$0.isReadOnly }.sorted { $0.volumeID < $1.volumeID }.map { r in
+    let limit = r.attributes["writableSize"].flatMap(WritableVolume.parseSize)
+    let volume = WritableVolume(stateDir: stateDir, volumeID: r.volumeID, limit: limit)
+    return .init(volumeID: r.volumeID, target: r.targetPath, writtenBytes: WritableVolume.usedBytes(volume.upper), limitBytes: limit)
   }
 }
 

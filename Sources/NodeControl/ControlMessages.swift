@@ -56,6 +56,19 @@ public struct DaemonStatus: Codable, Sendable, Equatable {
   public var unreachable: [String]
   /// Published volumes (view names).
   public var views: [String]
+  /// The read-write volumes the CSI plugin published from this state directory, and what each
+  /// pod wrote (filled in by `nixfs status` from the plugin's records, not by the daemon).
+  public var readWriteVolumes: [ReadWriteVolume]?
+  public struct ReadWriteVolume: Codable, Sendable, Equatable {
+    public var volumeID: String
+    public var target: String
+    public var writtenBytes: UInt64
+    /// `writableSize`, when the volume has one.
+    public var limitBytes: UInt64?
+    public init(volumeID: String, target: String, writtenBytes: UInt64, limitBytes: UInt64?) {
+      (self.volumeID, self.target, self.writtenBytes, self.limitBytes) = (volumeID, target, writtenBytes, limitBytes)
+    }
+  }
   public var fetchesInFlight: [String]
   public var paths: Int
   public var partialPaths: Int

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CSINode
 import ChunkStore
 import Foundation
 import NixFormats
@@ -41,7 +42,9 @@ struct StatusCommand: ParsableCommand {
     }
     let r: ControlResponse
     do { r = try daemon.send(.status, timeout: 60) } catch { fail("\(error)") }
-    guard let s = r.status else { fail("the daemon did not report its status: \(r.message ?? "an older nixfs?")") }
+    guard var s = r.status else { fail("the daemon did not report its status: \(r.message ?? "an older nixfs?")") }
+    let writable = readWriteVolumes(stateDir: state.stateDir)
+    s.readWriteVolumes = writable
     if json {
       try printJSON(s)
       return
@@ -51,6 +54,9 @@ struct StatusCommand: ParsableCommand {
       + (s.budgetBytes.map { " of \(mib($0)) (\(Int(Double(s.storedBytes) / Double(max($0, 1)) * 100))%)" } ?? ", no budget")
       + (s.chunksToFetch > 0 ? "; \(s.chunksToFetch) chunks of partial paths not fetched yet" : ""))
     print("volumes:    \(s.views.count)\(s.views.isEmpty ? "" : ": " + s.views.joined(separator: " "))")
+    print("read-write: \(writable.count)\(writable.isEmpty ? "" : ": ")" + writable.map { v in
+      "\(v.volumeID) (\(mib(v.writtenBytes)) written\(v.limitBytes.map { " of \(mib($0))" } ?? ""))"
+    }.joined(separator: " "))
     print("fetching:   \(s.fetchesInFlight.isEmpty ? "nothing" : s.fetchesInFlight.joined(separator: " "))")
     print("caches:")
     for c in s.substituters {

@@ -105,6 +105,8 @@ import TestSupport
     #expect(try node.pod(ro, "touch /nix/var/nix/db/db.sqlite").status != 0)
     let volumes = node.store.stateDir + "/volumes"
     #expect(try FileManager.default.contentsOfDirectory(atPath: volumes).count == 2)
+    let status = try run([nixfsBinary, "status", "--state-dir", node.store.stateDir]).text
+    #expect(status.contains("read-write: 2: vol-a (0.0 MiB written) vol-b (0.0 MiB written)"), "\(status)")
     try await unpublish(node, "vol-a", a)
     try await unpublish(node, "vol-b", b)
     #expect(try FileManager.default.contentsOfDirectory(atPath: volumes).isEmpty, "nothing of the volumes is left")
@@ -164,5 +166,65 @@ import TestSupport
     let volumes = node.store.stateDir + "/volumes"
     #expect(try FileManager.default.contentsOfDirectory(atPath: volumes).isEmpty)
     #expect(try FileManager.default.contentsOfDirectory(atPath: node.store.stateDir + "/nix-state").isEmpty)
+  }
+
+  /// A volume ID cannot steer the writable layer out of the volumes directory, and a node where
+  /// the layer cannot be made fails the publish with FailedPrecondition, naming the cause.
+  @Test func badVolumeIDsAndUnsuitableDisksAreRefusedCleanly() async throws {
+    let node = try Node()
+    let t = node.target("pod-escape")
+    try await publish(node, "../../../etc/escape", t, readOnly: false)
+    let volumes = node.store.stateDir + "/volumes"
+    let names = try FileManager.default.contentsOfDirectory(atPath: volumes)
+    #expect(names.count == 1 && names[0].count == 32 && names[0].allSatisfy(\.isHexDigit), "\(names)")
+    #expect(!FileManager.default.fileExists(atPath: node.store.stateDir + "/../../etc/escape"))
+    try await unpublish(node, "../../../etc/escape", t)
+    // A read-only file system where the writable layers go.
+    _ = try run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", volumes])
+    defer { _ = try? run(["umount", "-l", volumes], check: false) }
+    let t2 = node.target("pod-ro-disk")
+    let error = await rpcError { try await publish(node, "vol-ro-disk", t2, readOnly: false) }
+    #expect(error?.code == .failedPrecondition, "\(String(describing: error))")
+    #expect(error?.message.contains("writable layer") == true && error?.message.contains("Read-only file system") == true, "\(String(describing: error))")
+    #expect(!isMountPoint(t2))
+    // Read-only volumes need no writable layer.
+    try await publish(node, "vol-fine", node.target("pod-fine"), readOnly: true)
+  }
+
+  /// A daemon takeover and a crash (the keeper holds the connection) leave a read-write pod
+  /// working: its writes stay, the closure reads and runs.
+  @Test func readWritePodsSurviveTakeoverAndCrash() async throws {
+    let node = try Node(withKeeper: true)
+    var daemons: [BackgroundProcess] = []
+    defer {
+      for d in daemons.reversed() { d.stop() }
+      node.store.stop()
+      node.keeper?.stop()
+    }
+    let t = node.target("pod-survive")
+    try await publish(node, "vol-survive", t, readOnly: false)
+    #expect(try node.pod(t, "echo before > /nix/var/mark").status == 0)
+    func successor() throws -> BackgroundProcess {
+      let p = try BackgroundProcess(
+        [nixfsBinary, "mount", "--state-dir", node.store.stateDir] + node.mountArguments + [node.store.mountpoint])
+      daemons.append(p)
+      let deadline = Date().addingTimeInterval(60)
+      while p.isRunning && !p.stderr.contains("FUSE connection") && Date() < deadline { usleep(10_000) }
+      return p
+    }
+    var current = node.store.daemon
+    for crash in [false, true] {
+      if crash {
+        current.signal(SIGKILL)
+        #expect(current.wait(seconds: 30))
+      }
+      let next = try successor()
+      #expect(next.isRunning, "\(next.stderr)")
+      if !crash { #expect(current.wait(seconds: 30)) }
+      current = next
+      let r = try node.pod(t, "cat /nix/var/mark && /nix/var/result/bin/app && echo after >> /nix/var/mark && nix-store --check-validity /nix/var/result && echo VALID")
+      #expect(r.status == 0 && r.text.contains("libdata") && r.text.contains("VALID"), "\(r.text) \(r.stderr)")
+    }
+    #expect(try node.pod(t, "cat /nix/var/mark").text == "before\nafter\nafter\n")
   }
 }

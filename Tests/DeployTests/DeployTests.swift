@@ -623,6 +623,20 @@ struct ExampleTests {
     #expect(attributes["flakeRef"]?.contains("#hello") == true)
   }
 
+  @Test("job-nix-build.yaml: a read-write volume where nix-build runs")
+  func readWrite() throws {
+    let job = try Self.load("job-nix-build.yaml")
+    let pod = try #require(Self.podSpec(job))
+    let c = try #require((pod["containers"] as? [JSON])?.first)
+    let nix = try mount(pod, c, at: "/nix")
+    #expect(nix.mount["readOnly"] as? Bool != true, "a read-write volume is mounted writable")
+    #expect(dig(nix.volume, "csi", "readOnly") as? Bool == false)
+    let attributes = try #require(dig(nix.volume, "csi", "volumeAttributes") as? [String: String])
+    #expect(isStorePath(attributes["x86_64-linux"] ?? ""))
+    #expect(attributes["writableSize"] == "4Gi")
+    #expect(strings(c["command"]).joined(separator: " ").contains("nix-build"))
+  }
+
   @Test("the store-path checker rejects malformed paths")
   func storePathChecker() {
     #expect(isStorePath("/nix/store/a7hnr9dcmx3qkkn8a20g7md1wya5zc9l-hello-2.12.2"))
