@@ -9,7 +9,7 @@ DEBS := pkg-config libfuse3-dev fuse3 libzstd-dev liblzma-dev libbz2-dev libsqli
 SWIFT ?= swift
 FUZZ_SECONDS ?= 300
 
-.PHONY: deps build release test demo fuzz bench-formats clean bench-cache bench-store generate-csi bench-csi bench-fs bench-serve bench-takeover bench-chunk \
+.PHONY: deps build release test test-fast demo fuzz bench-formats clean bench-cache bench-store generate-csi bench-csi bench-fs bench-serve bench-takeover bench-chunk \
         bench bench-quick bench-deps soak-takeover
 
 deps:
@@ -43,6 +43,14 @@ test: deps
 	  echo "== make test failed (exit $$status); the failures again:"; \
 	  grep -E '✘|↳|error:|[Ff]atal|[Cc]rash|signal' $$log | tail -60; \
 	fi; rm -f $$log; exit $$status
+
+# The in-process tier (no FUSE mount, no mount namespace, no root needed): formats, threads, Nix's
+# database, the chunk store, the cache client against loopback servers, the filesystem core.
+# A contributor's loop; CI runs everything (`make test`).
+FAST_TESTS := NixFormatsTests|ThreadsTests|NixStateTests|ChunkStoreTests|BinaryCacheTests|SystemLibrariesTests|StoreFSTests.CoreTests|StoreFSTests.KernelViewTests
+test-fast: deps
+	$(SWIFT) build --build-tests
+	$(SWIFT) test --skip-build --filter '$(FAST_TESTS)'
 
 demo: release
 	bash scripts/demo.sh "$$($(SWIFT) build -c release --show-bin-path)/nixfs"

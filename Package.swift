@@ -106,7 +106,7 @@ let package = Package(
     .target(
       name: "StoreFS",
       dependencies: [
-        "NixFormats", "ChunkStore", "NodeControl",
+        "NixFormats", "ChunkStore", "SystemCalls", "Threads",
         .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "CoreMetrics", package: "swift-metrics"),

@@ -2,6 +2,9 @@
 # Publish latency of an N-path closure (default 1,000) from a cache LATENCY_MS away (default 20),
 # on a cold node (empty state directory), measured as kubelet sees it: NodePublishVolume over the
 # CSI socket until it returns. Nothing but narinfos crosses the wire. Median of RUNS (default 5).
+# Read-only and read-write volumes (issue 27: an overlay over the view, with Nix's database) side
+# by side: each run is a cold publish of one kind (alternating), then on that node, now warm, one
+# of each (the database made, the narinfos known: what a second pod of the closure costs).
 set -euo pipefail
 nixfs=${1:-.build/release/nixfs}
 N=${N:-1000} LATENCY_MS=${LATENCY_MS:-20} RUNS=${RUNS:-5}
@@ -26,8 +29,10 @@ coproc SERVER { exec python3 "$here/coldstart/netsim.py" "$work/cache" "$LATENCY
 pids+=("$SERVER_PID")
 read -r _ port <&"${SERVER[0]}"
 
-times=()
-for run in $(seq "$RUNS"); do
+declare -A cold warm
+for access in ro rw; do cold[$access]=""; warm[$access]=""; done
+for run in $(seq $((2 * RUNS))); do
+  access=$([ $((run % 2)) -eq 1 ] && echo ro || echo rw)
   state=$work/state-$run mnt=$work/mnt-$run sock=$work/csi-$run.sock
   mkdir -p "$mnt"
   "$nixfs" mount --state-dir "$state" --substituter "http://127.0.0.1:$port" --trusted-public-key "$key" \
@@ -39,9 +44,20 @@ for run in $(seq "$RUNS"); do
   csipid=$!
   pids+=("$csipid")
   for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
-  t=$(python3 "$here/csi/publish.py" "$work" "$sock" "$root" "$work/target-$run" "$N")
-  times+=("$t")
-  echo "run $run: publish of a $N-path closure, ${LATENCY_MS} ms away, cold node: $t s"
+  t=$(python3 "$here/csi/publish.py" "$work" "$sock" "$root" "$work/target-$run" "$N" "$access")
+  cold[$access]+="$t "
+  for w in ro rw; do
+    tw=$(python3 "$here/csi/publish.py" "$work" "$sock" "$root" "$work/target-$run-$w" "$N" "$w")
+    warm[$w]+="$tw "
+  done
+  echo "run $run: cold $access publish of a $N-path closure, ${LATENCY_MS} ms away: $t s"
   kill -TERM "$csipid" "$mountpid"; wait "$csipid" "$mountpid" 2>/dev/null || true
 done
-printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {printf "median %.3f s (min %.3f, max %.3f) over %d runs\n", a[int((NR+1)/2)], a[1], a[NR], NR}'
+med() { printf '%s\n' $1 | sort -n | awk '{a[NR]=$1} END {printf "%.4f s (%.4f-%.4f)", a[int((NR+1)/2)], a[1], a[NR]}'; }
+diffms() { python3 -c 'import sys, statistics as s; a=[float(x) for x in sys.argv[1].split()]; b=[float(x) for x in sys.argv[2].split()]; print(f"{(s.median(b)-s.median(a))*1000:+.1f} ms")' "$1" "$2"; }
+{
+  echo "| publish of a $N-path closure, cache ${LATENCY_MS} ms away | read-only (bind) | read-write (overlay) | read-write minus read-only |"
+  echo "| --- | --- | --- | --- |"
+  echo "| cold node (median of $RUNS, min-max) | $(med "${cold[ro]}") | $(med "${cold[rw]}") | $(diffms "${cold[ro]}" "${cold[rw]}") |"
+  echo "| warm node, closure's database made (median of $((2 * RUNS))) | $(med "${warm[ro]}") | $(med "${warm[rw]}") | $(diffms "${warm[ro]}" "${warm[rw]}") |"
+} | tee "${OUT:-$here/csi/publish.md}"

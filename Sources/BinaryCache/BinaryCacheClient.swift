@@ -45,7 +45,8 @@ public final class BinaryCacheClient: Sendable {
   /// does not cost every lookup of a closure a round of connection retries.
   private let resolved = Locked<[Int: (Result<Substituter, CacheError>, Double?)]>([:])
   static let unreachableRetrySeconds = 30.0
-  let inflight = Locked<[StorePath: Task<Result<CachedPathInfo, CacheError>, Never>]>([:])
+  /// One lookup of a path at a time (many FUSE requests for the same new path).
+  let inflight = SingleFlight<StorePath, Result<CachedPathInfo, CacheError>>()
 
   public static var userAgent: String {
     let curl = nixfs_curl_version_info().map { String(cString: $0.pointee.version) } ?? "unknown"

@@ -9,7 +9,7 @@ import NixFormats
 /// Names of the chunk index wire format.
 public enum ChunkIndexWire {
   /// The version this client speaks, as announced in `nix-cache-info` (`NixfsChunkIndex:`).
-  public static let prefix = "nixfs/v1"
+  public static let prefix = NixfsWire.version
   /// The largest document accepted (a path of millions of files is well under it).
   public static let documentLimit = 256 << 20
 }
@@ -34,18 +34,18 @@ extension BinaryCacheClient {
   public func chunkIndexDocument(for info: CachedPathInfo) async throws(CacheError) -> Data? {
     guard info.substituter.chunkIndex != nil else { return nil }
     let url =
-      "\(info.substituter.url)/\(ChunkIndexWire.prefix)/manifests/\(info.info.narHash.nix32Digest)?path=\(info.info.storePath.hashPart)"
+      "\(info.substituter.url)/\(NixfsWire.Route.manifest(narHashDigest: info.info.narHash.nix32Digest, hashPart: info.info.storePath.hashPart))"
     return try await fetchBytes(url, limit: ChunkIndexWire.documentLimit).map { Data($0.bytes) }
   }
 
   /// The chunk named `hexDigest` from `source`, whose uncompressed size is `size`: nil when the
   /// source does not have it. The body is bounded by what `size` bytes can take compressed.
   public func fetchChunk(_ hexDigest: String, size: Int, from source: Substituter) async throws(CacheError) -> FetchedChunk? {
-    let url = "\(source.url)/\(ChunkIndexWire.prefix)/chunks/\(hexDigest)"
+    let url = "\(source.url)/\(NixfsWire.Route.chunk(hex: hexDigest))"
     // zstd's worst case is the input plus a small frame overhead.
     let limit = size + size / 128 + (64 << 10)
     guard let (bytes, headers) = try await fetchBytes(url, limit: limit) else { return nil }
-    let encoding = headers["x-nixfs-encoding"] ?? "identity"
+    let encoding = headers[NixfsWire.Header.encoding.lowercased()] ?? "identity"
     guard encoding == "zstd" || encoding == "identity" else {
       throw .decompression(url: url, compression: encoding, reason: "unknown X-Nixfs-Encoding")
     }
@@ -98,7 +98,7 @@ public struct StartupProfile: Codable, Sendable, Equatable {
 extension BinaryCacheClient {
   /// The startup profile of `path` from `source`, or nil when it has none or cannot be asked.
   public func startupProfile(of path: StorePath, from source: Substituter) async -> StartupProfile? {
-    let url = "\(source.url)/\(ChunkIndexWire.prefix)/profiles/\(path.hashPart)"
+    let url = "\(source.url)/\(NixfsWire.Route.profile(hashPart: path.hashPart))"
     do {
       guard let got = try await fetchBytes(url, limit: 16 << 20) else { return nil }
       return try JSONDecoder().decode(StartupProfile.self, from: Data(got.bytes))
@@ -110,7 +110,7 @@ extension BinaryCacheClient {
 
   /// Reports the chunks pods of `path` read first, for `source` to merge into its profile.
   public func sendStartupProfile(_ profile: StartupProfile, of path: StorePath, to source: Substituter) async throws(CacheError) {
-    let url = "\(source.url)/\(ChunkIndexWire.prefix)/profiles/\(path.hashPart)"
+    let url = "\(source.url)/\(NixfsWire.Route.profile(hashPart: path.hashPart))"
     let body = (try? JSONEncoder().encode(profile)).map { [UInt8]($0) } ?? []
     guard !body.isEmpty else { return }
     let head = try await transport.get(url, post: body, onStart: { _ in }, onData: { _ in })

@@ -8,19 +8,7 @@ extension BinaryCacheClient {
   /// A miss or a failure falls through to the next substituter. Concurrent lookups of one path
   /// (many FUSE requests for the same new path) share a single lookup.
   public func narInfo(for path: StorePath) async throws(CacheError) -> CachedPathInfo {
-    let task = inflight.withLock { table in
-      if let running = table[path] { return running }
-      let task = Task { () async -> Result<CachedPathInfo, CacheError> in
-        do throws(CacheError) { return .success(try await self.lookup(path)) } catch { return .failure(error) }
-      }
-      table[path] = task
-      return task
-    }
-    let result = await task.value
-    inflight.withLock { table in
-      if table[path] == task { table[path] = nil }
-    }
-    return try result.get()
+    try await inflight.run(path) { () async throws(CacheError) in try await self.lookup(path) }
   }
 
   private func lookup(_ path: StorePath) async throws(CacheError) -> CachedPathInfo {
@@ -158,12 +146,11 @@ extension BinaryCacheClient {
   /// The closure of `root` as `source`'s closure endpoint gives it, each narinfo checked (and
   /// remembered like any other); empty when the request or its answer is unusable.
   func closureInOneRequest(_ root: StorePath, from source: Substituter) async -> [StorePath: CachedPathInfo] {
-    struct Answer: Decodable { var narinfos: [String: String] }
-    let url = "\(source.url)/\(ChunkIndexWire.prefix)/closure/\(root.hashPart)"
-    let answer: Answer
+    let url = "\(source.url)/\(NixfsWire.Route.closure(hashPart: root.hashPart))"
+    let answer: NixfsWire.ClosureAnswer
     do {
       guard let got = try await fetchBytes(url, limit: 64 << 20) else { return [:] }
-      answer = try JSONDecoder().decode(Answer.self, from: Data(got.bytes))
+      answer = try JSONDecoder().decode(NixfsWire.ClosureAnswer.self, from: Data(got.bytes))
     } catch {
       logger.warning("closure endpoint not usable; asking path by path", metadata: ["url": "\(url)", "error": "\(error)"])
       return [:]

@@ -224,7 +224,7 @@ public struct NixCacheInfo: Hashable, Sendable {
           throw NarInfoError(source: source, line: i + 1, reason: "Priority '\(value)' is not a number")
         }
         priority = p
-      case "NixfsChunkIndex": chunkIndex = value
+      case NixfsWire.cacheInfoKey: chunkIndex = value
       default: continue
       }
     }
@@ -233,6 +233,6 @@ public struct NixCacheInfo: Hashable, Sendable {
 
   public var serialized: String {
     "StoreDir: \(storeDir)\nWantMassQuery: \(wantMassQuery ? 1 : 0)\nPriority: \(priority)\n"
-      + (chunkIndex.map { "NixfsChunkIndex: \($0)\n" } ?? "")
+      + (chunkIndex.map { "\(NixfsWire.cacheInfoKey): \($0)\n" } ?? "")
   }
 }

@@ -1,6 +1,7 @@
 import BinaryCache
 import ChunkStore
 import Foundation
+import Threads
 import Logging
 import NixFormats
 import Prometheus
@@ -36,14 +37,15 @@ public final class PullThroughCache: Sendable {
   public let upstream: BinaryCacheClient
   public let negativeTTL: Double
   let logger: Logger
-  private let inflight = Mutex<[String: Task<Result<StorePath, ServeError>, Never>]>([:])
-  private let misses = Mutex<[String: Date]>([:])
+  private let inflight = SingleFlight<String, Result<StorePath, ServeError>>()
+  private let misses: NegativeCache<String>
   public let counters = ServeCounters()
 
   public init(store: ChunkStore, upstream: BinaryCacheClient, negativeTTL: Double = 60, logger: Logger) {
     self.store = store
     self.upstream = upstream
     self.negativeTTL = negativeTTL
+    misses = NegativeCache(lifetime: .milliseconds(Int64(negativeTTL * 1000)))
     self.logger = logger
   }
 
@@ -54,23 +56,15 @@ public final class PullThroughCache: Sendable {
       counters.hits.increment()
       return held
     }
-    if let until = misses.withLock({ $0[hashPart] }), until > Date() {
+    if misses.contains(hashPart) {
       counters.misses.increment()
       throw .notFound("\(hashPart): in no upstream substituter (remembered)")
     }
-    let task = inflight.withLock { table in
-      if let running = table[hashPart] { return running }
-      let task = Task { await self.pull(hashPart) }
-      table[hashPart] = task
-      return task
-    }
-    let result = await task.value
-    inflight.withLock { table in if table[hashPart] == task { table[hashPart] = nil } }
-    return try result.get()
+    return try await inflight.value(hashPart) { await self.pull(hashPart) }.get()
   }
 
   /// A path arrived by upload: a remembered miss no longer holds.
-  func forgetMiss(hashPart: String) { _ = misses.withLock { $0.removeValue(forKey: hashPart) } }
+  func forgetMiss(hashPart: String) { misses.forget(hashPart) }
 
   private func pull(_ hashPart: String) async -> Result<StorePath, ServeError> {
     // Another request may have finished the same pull between our check and this task.
@@ -80,7 +74,7 @@ public final class PullThroughCache: Sendable {
       found = try await upstream.narInfo(hashPart: hashPart)
     } catch {
       if case .notFound = error {
-        misses.withLock { $0[hashPart] = Date().addingTimeInterval(negativeTTL) }
+        misses.remember(hashPart)
         counters.misses.increment()
         return .failure(.notFound("\(error)"))
       }
@@ -204,17 +198,15 @@ public final class PullThroughCache: Sendable {
     return path
   }
 
-  private static let nix32Alphabet = Set("0123456789abcdfghijklmnpqrsvwxyz".utf8)
-
   /// The held path whose NarHash has this nix32 digest (the chunk index is keyed by NarHash, so
   /// one index serves every cache that holds the same NAR).
   public func heldPath(narHashDigest digest: String) -> StorePath? {
-    guard digest.utf8.count == 52, digest.utf8.allSatisfy({ Self.nix32Alphabet.contains($0) }) else { return nil }
+    guard digest.utf8.count == 52, Nix32.isValid(digest) else { return nil }
     return store.completePath(narHash: "sha256:" + digest)
   }
 
   /// 32 characters of Nix's base-32 alphabet.
   static func isHashPart(_ s: String) -> Bool {
-    s.utf8.count == 32 && s.utf8.allSatisfy { nix32Alphabet.contains($0) }
+    s.utf8.count == 32 && Nix32.isValid(s)
   }
 }

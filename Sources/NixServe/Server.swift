@@ -51,7 +51,7 @@ public struct ServeServer: Sendable {
     // Nix ignores keys it does not know; nixfs nodes read this one (Documentation/serve.md).
     let info =
       "StoreDir: \(StorePath.defaultStoreDir)\nWantMassQuery: 1\nPriority: \(priority)\n"
-      + (indexKey != nil ? "NixfsChunkIndex: \(Self.indexPrefix)\n" : "")
+      + (indexKey != nil ? "\(NixfsWire.cacheInfoKey): \(NixfsWire.version)\n" : "")
     router.get("nix-cache-info") { _, _ in
       Self.text(info, type: "text/x-nix-cache-info", immutable: false)
     }
@@ -92,15 +92,15 @@ public struct ServeServer: Sendable {
         status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
         body: ResponseBody(byteBuffer: ByteBuffer(bytes: cache.counters.exposition())))
     }
-    router.get("nixfs/v1/closure/:hash") { _, context -> Response in
+    router.get(RouterPath(NixfsWire.Route.closurePattern)) { _, context -> Response in
       let hash = try context.parameters.require("hash")
       do throws(ServeError) {
         let (root, narinfos) = try await cache.closure(hashPart: hash)
-        let body: [String: Any] = [
-          "version": 1, "root": root.path,
-          "narinfos": Dictionary(uniqueKeysWithValues: narinfos.map { ($0.key.hashPart, $0.value) }),
-        ]
-        let data = (try? JSONSerialization.data(withJSONObject: body, options: [.sortedKeys])) ?? Data()
+        let answer = NixfsWire.ClosureAnswer(
+          root: root.path, narinfos: Dictionary(uniqueKeysWithValues: narinfos.map { ($0.key.hashPart, $0.value) }))
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        let data = (try? encoder.encode(answer)) ?? Data()
         // Not immutable: a closure's narinfos are, but whether the serve holds them changes.
         return Response(
           status: .ok, headers: [.contentType: "application/json", .cacheControl: "public, max-age=60"],
@@ -178,11 +178,8 @@ public struct ServeServer: Sendable {
     try await app.runService()
   }
 
-  static let encodingHeader = HTTPField.Name("X-Nixfs-Encoding")!
-  static let sizeHeader = HTTPField.Name("X-Nixfs-Size")!
-
-  /// Where the chunk index lives (versioned: a v2 can sit beside it).
-  static let indexPrefix = "nixfs/v1"
+  static let encodingHeader = HTTPField.Name(NixfsWire.Header.encoding)!
+  static let sizeHeader = HTTPField.Name(NixfsWire.Header.size)!
 
   /// `GET nixfs/v1/manifests/<NarHash digest, nix32>`: the signed chunk index of a held NAR.
   /// `GET nixfs/v1/chunks/<SHA-256 hex>`: one chunk as stored (`X-Nixfs-Encoding: zstd` or
@@ -191,7 +188,7 @@ public struct ServeServer: Sendable {
     _ router: Router<BasicRequestContext>, cache: PullThroughCache, key: SecretKey, profiles: StartupProfiles?
   ) {
     if let profiles { addProfiles(router, profiles) }
-    router.get("nixfs/v1/manifests/:digest") { request, context -> Response in
+    router.get(RouterPath(NixfsWire.Route.manifestPattern)) { request, context -> Response in
       let digest = try context.parameters.require("digest")
       var held = cache.heldPath(narHashDigest: digest)
       // `?path=<hash part>`: a path not held yet is pulled through first (verified like any),
@@ -213,7 +210,7 @@ public struct ServeServer: Sendable {
         status: .ok, headers: [.contentType: "application/json", .cacheControl: "public, max-age=31536000, immutable"],
         body: ResponseBody(byteBuffer: ByteBuffer(bytes: document)))
     }
-    router.get("nixfs/v1/chunks/:digest") { _, context -> Response in
+    router.get(RouterPath(NixfsWire.Route.chunkPattern)) { _, context -> Response in
       let hex = try context.parameters.require("digest")
       guard let id = ChunkID(hex: hex) else { throw HTTPError(.badRequest, message: "not a SHA-256 in hex\n") }
       // The stored bytes go straight from the pack file into the response buffer.
@@ -248,7 +245,7 @@ public struct ServeServer: Sendable {
       guard PullThroughCache.isHashPart(hash) else { throw HTTPError(.badRequest, message: "not a store path hash\n") }
       return hash
     }
-    router.get("nixfs/v1/profiles/:hash") { _, context -> Response in
+    router.get(RouterPath(NixfsWire.Route.profilePattern)) { _, context -> Response in
       guard let profile = profiles.get(try hashPart(context)) else { throw HTTPError(.notFound, message: "no profile\n") }
       let data = try JSONEncoder().encode(profile)
       // It grows as nodes report: cacheable only briefly.
@@ -256,7 +253,7 @@ public struct ServeServer: Sendable {
         status: .ok, headers: [.contentType: "application/json", .cacheControl: "public, max-age=60"],
         body: ResponseBody(byteBuffer: ByteBuffer(bytes: data)))
     }
-    router.post("nixfs/v1/profiles/:hash") { request, context -> Response in
+    router.post(RouterPath(NixfsWire.Route.profilePattern)) { request, context -> Response in
       let hash = try hashPart(context)
       let body = try await request.body.collect(upTo: 8 << 20)
       guard let report = try? JSONDecoder().decode(StartupProfile.self, from: Data(buffer: body)), report.version == 1 else {

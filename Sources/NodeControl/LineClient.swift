@@ -1,5 +1,6 @@
 import CUnix
 import Foundation
+import SystemCalls
 import Synchronization
 import Threads
 #if canImport(Glibc)
@@ -58,7 +59,7 @@ public final class LineClient<Request: Encodable & Sendable, Response: Decodable
       if let descriptor {
         data.withUnsafeBytes { nixfs_send_with_fd(fd, $0.baseAddress, $0.count, descriptor) == $0.count }
       } else {
-        writeAll(fd, data)
+        (try? writeAll(fd, data)) != nil
       }
     guard written else { throw ControlError(socket: path, reason: "write failed") }
     var reader = LineReader(fd: fd)

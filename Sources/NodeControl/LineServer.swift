@@ -115,7 +115,7 @@ public final class LineServer<Request: Decodable & Sendable, Response: Encodable
       if let descriptor = reply.descriptor {
         sent = data.withUnsafeBytes { nixfs_send_with_fd(client, $0.baseAddress, $0.count, descriptor) == $0.count }
       } else {
-        sent = writeAll(client, data)
+        sent = (try? writeAll(client, data)) != nil
       }
       reply.afterSending?(sent)
       guard sent else { return }

@@ -21,14 +21,6 @@ func unixAddress(_ path: String) throws -> sockaddr_un {
   return addr
 }
 
-/// Writes all of `data`; false on an error or a closed peer.
-public func writeAll(_ fd: Int32, _ data: some ContiguousBytes) -> Bool {
-  data.withUnsafeBytes { buf in
-    guard let base = buf.baseAddress else { return true }
-    do { try SystemCalls.writeAll(fd, base, buf.count) } catch { return false }
-    return true
-  }
-}
 
 struct LineReader {
   let fd: Int32

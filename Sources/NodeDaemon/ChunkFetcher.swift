@@ -20,7 +20,7 @@ final class ChunkFetcher: Sendable {
   let cache: BinaryCacheClient
   let store: ChunkStore
   let logger: Logger
-  private let inflight = SingleFlight<ChunkID, Void>()
+  private let inflight = SingleFlight<ChunkID, Result<Void, any Error>>()
 
   init(cache: BinaryCacheClient, store: ChunkStore, logger: Logger) {
     self.cache = cache
@@ -30,10 +30,14 @@ final class ChunkFetcher: Sendable {
 
   /// Returns once every chunk is in the store (or arriving there); throws the first failure.
   func fetch(_ refs: [ChunkRef]) async throws {
-    let tasks = refs.map { ref in inflight.task(ref.id) { try await self.fetchOne(ref) } }
+    let tasks = refs.map { ref in
+      inflight.task(ref.id) { () async -> Result<Void, any Error> in
+        do { return .success(try await self.fetchOne(ref)) } catch { return .failure(error) }
+      }
+    }
     var failure: (any Error)?
     for t in tasks {
-      do { try await t.value } catch { failure = failure ?? error }
+      if case .failure(let error) = await t.value { failure = failure ?? error }
     }
     if let failure { throw failure }
   }

@@ -18,7 +18,7 @@ public final class Substitution: Materialiser, Sendable {
   let useChunkIndex: Bool
   let chunks: ChunkFetcher
   /// One whole-NAR completion per partial path at a time, however many reads wait on it.
-  let refills = SingleFlight<StorePath, Void>()
+  let refills = SingleFlight<StorePath, Result<Void, any Error>>()
 
   public init(cache: BinaryCacheClient, store: ChunkStore, useChunkIndex: Bool = true, logger: Logger) {
     self.cache = cache
@@ -138,7 +138,7 @@ public final class Substitution: Materialiser, Sendable {
       try await chunks.fetch(refs)
     } catch let failure as ChunkFetchFailure {
       guard let path else { throw failure }
-      _ = try await refills.run(path) { try await self.refill(path, after: failure) }
+      try await refills.run(path) { () async throws(any Error) in try await self.refill(path, after: failure) }
     }
   }
 

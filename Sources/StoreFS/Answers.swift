@@ -1,7 +1,6 @@
 import ChunkStore
 import Foundation
 import Logging
-import NodeControl
 import NixFormats
 import Synchronization
 #if canImport(Glibc)
@@ -10,13 +9,13 @@ import Synchronization
 
 // Replies that keep the kernel-lookup counts and the negative cache right.
 extension StoreFileSystem {
-  package func replyEntry(_ req: any Replier, ino: UInt64, attr: stat) {
+  package func replyEntry(_ req: any Replier, ino: UInt64, attr: stat, timeout: Double? = nil) {
     if ino != Inode.root && Inode.decode(ino) != .invalid {
       if case .virtual = Inode.decode(ino) {} else {
         inodeTable.withLock { $0.lookups[ino, default: 0] += 1 }
       }
     }
-    if !req.entry(ino: ino, attr: attr, timeout: options.entryTimeout) {
+    if !req.entry(ino: ino, attr: attr, timeout: timeout ?? options.entryTimeout) {
       // The kernel did not take the reference (interrupted): undo the count.
       forget(ino, 1)
     }

@@ -1,7 +1,6 @@
 import ChunkStore
 import Foundation
 import Logging
-import NodeControl
 import NixFormats
 import Synchronization
 #if canImport(Glibc)
@@ -59,7 +58,7 @@ extension StoreFileSystem {
       return (false, true)
     }
     // Before the reply, outside the lock (as in `instance`).
-    if changed { journal?.file(number, content: content, size: size, path: path) }
+    if changed, let e = journal?.file(number, content: content, size: size, path: path) { journalFailed(e, "\(path): content \(content)") }
     return clash ? Inode.node(instance: instance, index: index) : Inode.file(content: number, executable: executable)
   }
 

@@ -11,7 +11,7 @@
 import ChunkStore
 import Foundation
 import NixFormats
-import NodeControl
+import SystemCalls
 
 #if canImport(Glibc)
   import Glibc
@@ -67,9 +67,8 @@ package final class KernelViewJournal: @unchecked Sendable {
     let out = open(temporary, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0o600)
     guard out >= 0 else { throw KernelViewError(path: temporary, reason: String(cString: strerror(errno))) }
     defer { close(out) }
-    guard writeAll(out, bytes), rename(temporary, path) == 0 else {
-      throw KernelViewError(path: path, reason: String(cString: strerror(errno)))
-    }
+    do { try writeAll(out, bytes) } catch { throw KernelViewError(path: temporary, reason: "\(error)") }
+    guard rename(temporary, path) == 0 else { throw KernelViewError(path: path, reason: String(cString: strerror(errno))) }
     let fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC)
     guard fd >= 0 else { throw KernelViewError(path: path, reason: String(cString: strerror(errno))) }
     return KernelViewJournal(path: path, connection: connection, fd: fd)
@@ -133,21 +132,32 @@ package final class KernelViewJournal: @unchecked Sendable {
     let result: String
   }
 
-  package func instance(_ id: UInt32, namespace: UInt32, path: StorePath) {
+  // Each returns the error when the record could not be written: a full disk costs the
+  // successor its knowledge of this number (the kernel's entries for it then answer ESTALE there),
+  // not this request; the caller says so in the log.
+  @discardableResult
+  package func instance(_ id: UInt32, namespace: UInt32, path: StorePath) -> SystemCallError? {
     append(Self.record(instance: id, namespace: namespace, path: path))
   }
 
-  package func file(_ number: UInt64, content: ContentID, size: UInt64, path: StorePath) {
+  @discardableResult
+  package func file(_ number: UInt64, content: ContentID, size: UInt64, path: StorePath) -> SystemCallError? {
     append(Self.record(file: number, content: content, size: size, path: path))
   }
 
-  package func view(_ number: UInt32, _ view: StoreView) { append(Self.record(view: number, view)) }
+  @discardableResult
+  package func view(_ number: UInt32, _ view: StoreView) -> SystemCallError? { append(Self.record(view: number, view)) }
 
-  package func viewRemoved(_ number: UInt32) { append(Self.frame("R", number.le)) }
+  @discardableResult
+  package func viewRemoved(_ number: UInt32) -> SystemCallError? { append(Self.frame("R", number.le)) }
 
-  private func append(_ record: [UInt8]) {
-    // Best effort: a full disk costs the successor's knowledge of this number, not this read.
-    _ = writeAll(fd, record)
+  private func append(_ record: [UInt8]) -> SystemCallError? {
+    do throws(SystemCallError) {
+      try writeAll(fd, record)
+      return nil
+    } catch {
+      return error
+    }
   }
 
   package static func record(instance id: UInt32, namespace: UInt32, path: StorePath) -> [UInt8] {

@@ -1,9 +1,9 @@
 import ChunkStore
 import Foundation
 import Logging
-import NodeControl
 import NixFormats
 import Synchronization
+import Threads
 #if canImport(Glibc)
   import Glibc
 #endif
@@ -71,14 +71,7 @@ extension StoreFileSystem {
       return
     }
     if resolution { metrics.fetchedMisses.increment() }
-    let negative = fetchTable.withLock { s -> Bool in
-      if let until = s.negative[path] {
-        if until > Date() { return true }
-        s.negative[path] = nil
-      }
-      return false
-    }
-    if negative {
+    if missing.contains(path) {
       replyNegative(req)
       return
     }
@@ -86,7 +79,7 @@ extension StoreFileSystem {
     Task {
       let start = ContinuousClock.now
       do {
-        try await task.value
+        try await task.value.get()
         guard let t = self.localTree(path) else {
           self.logger.error("materialised path is not in the store", metadata: ["path": "\(path)"])
           self.replyError(req, EIO, cause: "index")
@@ -106,31 +99,24 @@ extension StoreFileSystem {
     }
   }
 
-  /// The one download of `path`: lookups and prefetches of a path in flight share it. When it
-  /// ends it leaves the in-flight table (a path no cache has is remembered as missing for a while).
-  package func materialisation(of path: StorePath) -> Task<Void, any Error> {
-    fetchTable.withLock { s -> Task<Void, any Error> in
-      if let t = s.inflight[path] { return t }
-      let materialiser = self.materialiser
-      let metrics = self.metrics
-      // Its end takes the state lock, held here until the task is in the table.
-      let t = Task<Void, any Error> {
-        metrics.inflight.increment()
-        defer { metrics.inflight.decrement() }
-        let start = ContinuousClock.now
-        do {
-          // The tree the materialiser registered goes straight into the tree cache.
-          if let tree = try await materialiser.materialise(path, whole: false) { self.remember(path, tree.withoutChunkLists) }
-        } catch {
-          self.finished(path, negative: { if case MaterialiseFailure.notFound = error { true } else { false } }())
-          throw error
-        }
-        self.finished(path)
-        metrics.fetchSeconds.recordNanoseconds(Int64((ContinuousClock.now - start).seconds * 1e9))
-        metrics.pathsFetched.increment()
+  /// The one download of `path`: lookups and prefetches of a path in flight share it. A path no
+  /// cache has is remembered as missing for a while.
+  package func materialisation(of path: StorePath) -> Task<Result<Void, any Error>, Never> {
+    let (materialiser, metrics) = (self.materialiser, self.metrics)
+    return fetches.task(path) { () async -> Result<Void, any Error> in
+      metrics.inflight.increment()
+      defer { metrics.inflight.decrement() }
+      let start = ContinuousClock.now
+      do {
+        // The tree the materialiser registered goes straight into the tree cache.
+        if let tree = try await materialiser.materialise(path, whole: false) { self.remember(path, tree.withoutChunkLists) }
+      } catch {
+        if case MaterialiseFailure.notFound = error { self.missing.remember(path) }
+        return .failure(error)
       }
-      s.inflight[path] = t
-      return t
+      metrics.fetchSeconds.recordNanoseconds(Int64((ContinuousClock.now - start).seconds * 1e9))
+      metrics.pathsFetched.increment()
+      return .success(())
     }
   }
 
@@ -140,7 +126,7 @@ extension StoreFileSystem {
   public func prefetch(_ paths: [StorePath], parallel: Int) async throws -> Int {
     let missing = paths.filter { !store.isComplete($0) }
     try await inParallel(missing, limit: parallel) { p in
-      try await self.materialisation(of: p).value
+      try await self.materialisation(of: p).value.get()
       try await self.materialiser.materialise(p, whole: true)
     }
     return missing.count
@@ -185,13 +171,6 @@ extension StoreFileSystem {
     }
   }
 
-  package func finished(_ path: StorePath, negative: Bool = false) {
-    fetchTable.withLock { s in
-      s.inflight[path] = nil
-      if negative { s.negative[path] = Date().addingTimeInterval(options.negativeTimeout) }
-    }
-  }
-
   package func instance(_ namespace: UInt32, _ path: StorePath) -> UInt32 {
     let (id, isNew) = inodeTable.withLock { s -> (UInt32, Bool) in
       let key = InstanceKey(namespace: namespace, path: path)
@@ -204,7 +183,7 @@ extension StoreFileSystem {
     }
     // Journalled before the kernel learns the number, but outside the lock: lookups of other
     // paths must not queue behind a write.
-    if isNew { journal?.instance(id, namespace: namespace, path: path) }
+    if isNew, let e = journal?.instance(id, namespace: namespace, path: path) { journalFailed(e, "\(path) in view \(namespace)") }
     return id
   }
 }

@@ -168,7 +168,13 @@ extension StoreFileSystem {
       req.entry(ino: 0, attr: stat(), timeout: 0)
       return
     }
-    replyEntry(req, ino: child.ino, attr: st)
+    // Nor which view a name is: a volume published again under the same ID after its unpublish
+    // is another view (another number), and a cached entry would bind the old, gone one.
+    if case .viewsDir = parent {
+      replyEntry(req, ino: child.ino, attr: st, timeout: 0)
+    } else {
+      replyEntry(req, ino: child.ino, attr: st)
+    }
   }
 
   package func getattr(_ req: any Replier, ino: UInt64) {
@@ -322,7 +328,7 @@ extension StoreFileSystem {
     case .root:
       // What this node has or is fetching; never the caches' contents.
       var paths = Set(store.servablePaths())
-      fetchTable.withLock { s in paths.formUnion(s.inflight.keys) }
+      paths.formUnion(fetches.keys)
       return .entries(
         paths.sorted().map { p in
           DirectoryEntry(name: Array(p.baseName.utf8), ino: Inode.node(instance: instance(0, p), index: 0), mode: 0)

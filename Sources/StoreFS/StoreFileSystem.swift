@@ -1,9 +1,9 @@
 import ChunkStore
 import Foundation
 import Logging
-import NodeControl
 import NixFormats
 import Synchronization
+import Threads
 
 #if canImport(Glibc)
   import Glibc
@@ -55,7 +55,10 @@ public final class StoreFileSystem: Sendable {
   /// held, so they need no order.
   package let inodeTable = Mutex(Inodes())
   package let treeCache = Mutex(TreeCache())
-  package let fetchTable = Mutex(Fetches())
+  /// The one download of each path in flight: lookups and prefetches of a path share it.
+  package let fetches = SingleFlight<StorePath, Result<Void, any Error>>()
+  /// Paths no cache had, for the negative timeout.
+  package let missing: NegativeCache<StorePath>
   package let viewTable = Mutex(ViewTable())
   package let handleTable = Mutex(Handles())
   package let metrics = FSMetrics()
@@ -103,12 +106,6 @@ public final class StoreFileSystem: Sendable {
     var evictionsSeen: UInt64 = 0
   }
 
-  /// Fetch coordination: the one download of each path in flight, and the paths no cache had.
-  package struct Fetches {
-    var inflight: [StorePath: Task<Void, any Error>] = [:]
-    var negative: [StorePath: Date] = [:]
-  }
-
   /// The published views, by ID and by number.
   package struct ViewTable {
     var views: [String: RegisteredView] = [:]
@@ -128,6 +125,7 @@ public final class StoreFileSystem: Sendable {
     self.materialiser = materialiser
     self.options = options
     self.logger = logger
+    missing = NegativeCache(lifetime: .milliseconds(Int64(options.negativeTimeout * 1000)))
   }
 
   /// Loads what the previous daemon told the kernel, so its node ids keep their meaning.

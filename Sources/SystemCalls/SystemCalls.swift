@@ -1,3 +1,5 @@
+import Foundation
+
 #if canImport(Glibc)
   import Glibc
 #endif
@@ -31,4 +33,15 @@ public func writeAll(_ fd: Int32, _ base: UnsafeRawPointer, _ count: Int, call: 
     if n == 0 { throw SystemCallError(call: call, errno: EIO) }
     done += n
   }
+}
+
+/// Writes all of `data` to `fd`.
+public func writeAll(_ fd: Int32, _ data: some ContiguousBytes, call: String = "write") throws(SystemCallError) {
+  // ContiguousBytes' closure rethrows untyped: carry the error out.
+  var failure: SystemCallError?
+  data.withUnsafeBytes { buf in
+    guard let base = buf.baseAddress else { return }
+    do throws(SystemCallError) { try writeAll(fd, base, buf.count, call: call) } catch { failure = error }
+  }
+  if let failure { throw failure }
 }

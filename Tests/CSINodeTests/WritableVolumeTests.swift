@@ -227,4 +227,21 @@ import TestSupport
     }
     #expect(try node.pod(t, "cat /nix/var/mark").text == "before\nafter\nafter\n")
   }
+
+  /// The same volume ID published again after its unpublish (a retried pod, a reconcile) is a new
+  /// view: the kernel must not bind the old, gone one from its cache.
+  @Test(arguments: [true, false])
+  func aVolumePublishedAgainShowsItsClosure(readOnly: Bool) async throws {
+    let node = try Node()
+    let closure = Set(["app", "lib", "busybox"].map { fx.paths[$0]!.baseName })
+    for round in 1...2 {
+      let t = node.target("pod-again-\(round)")
+      try await publish(node, "vol-again", t, readOnly: readOnly)
+      // A read-write volume's store also lists the state layer's `.links`, as a real store does.
+      let expected = readOnly ? closure : closure.union([".links"])
+      #expect(Set(try FileManager.default.contentsOfDirectory(atPath: "\(t)/store")) == expected, "round \(round)")
+      #expect(try node.pod(t, "/nix/var/result/bin/app").trimmed == "libdata", "round \(round)")
+      try await unpublish(node, "vol-again", t)
+    }
+  }
 }

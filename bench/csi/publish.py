@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Drives NodePublishVolume / NodeUnpublishVolume as kubelet does, over the CSI Unix socket, and
-prints the publish time in seconds. Usage: publish.py STUBS_DIR SOCKET STORE_PATH TARGET N"""
+prints the publish time in seconds. Usage: publish.py STUBS_DIR SOCKET STORE_PATH TARGET N [ro|rw]
+(rw: readonly false, the overlay of a read-write volume)."""
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
 import grpc, csi_pb2, csi_pb2_grpc
 
 sock, path, target, n = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+readonly = (sys.argv[6] if len(sys.argv) > 6 else "ro") == "ro"
+mode = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY if readonly else csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
 node = csi_pb2_grpc.NodeStub(grpc.insecure_channel("unix://" + sock))
 cap = csi_pb2.VolumeCapability(
     mount=csi_pb2.VolumeCapability.MountVolume(),
-    access_mode=csi_pb2.VolumeCapability.AccessMode(mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY))
-req = csi_pb2.NodePublishVolumeRequest(volume_id="bench-vol", target_path=target, volume_capability=cap, readonly=True,
+    access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode))
+req = csi_pb2.NodePublishVolumeRequest(volume_id="bench-vol", target_path=target, volume_capability=cap, readonly=readonly,
                                        volume_context={"x86_64-linux": path, "csi.storage.k8s.io/ephemeral": "true"})
 node.NodeGetInfo(csi_pb2.NodeGetInfoRequest())  # connection up before timing
 t0 = time.monotonic()
