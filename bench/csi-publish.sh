@@ -8,6 +8,8 @@
 set -euo pipefail
 nixfs=${1:-.build/release/nixfs}
 N=${N:-1000} LATENCY_MS=${LATENCY_MS:-20} RUNS=${RUNS:-5}
+# ACCESS=ro: cold read-only publishes only (a build older than read-write volumes).
+accesses=${ACCESS:-ro rw}
 here=$(cd "$(dirname "$0")" && pwd)
 python3 -c 'import grpc, grpc_tools, cryptography' 2>/dev/null || pip install -q grpcio grpcio-tools cryptography
 work=$(mktemp -d /tmp/nixfs-csi-bench.XXXXXX)
@@ -32,7 +34,7 @@ read -r _ port <&"${SERVER[0]}"
 declare -A cold warm
 for access in ro rw; do cold[$access]=""; warm[$access]=""; done
 for run in $(seq $((2 * RUNS))); do
-  access=$([ $((run % 2)) -eq 1 ] && echo ro || echo rw)
+  access=$([ $((run % 2)) -eq 1 ] || [ "$accesses" = ro ] && echo ro || echo rw)
   state=$work/state-$run mnt=$work/mnt-$run sock=$work/csi-$run.sock
   mkdir -p "$mnt"
   "$nixfs" mount --state-dir "$state" --substituter "http://127.0.0.1:$port" --trusted-public-key "$key" \
@@ -46,7 +48,8 @@ for run in $(seq $((2 * RUNS))); do
   for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
   t=$(python3 "$here/csi/publish.py" "$work" "$sock" "$root" "$work/target-$run" "$N" "$access")
   cold[$access]+="$t "
-  for w in ro rw; do
+  # COLD_ONLY=1: only the cold publish (to compare with builds that publish one volume per node).
+  [ "${COLD_ONLY:-0}" = 1 ] || for w in ro rw; do
     tw=$(python3 "$here/csi/publish.py" "$work" "$sock" "$root" "$work/target-$run-$w" "$N" "$w")
     warm[$w]+="$tw "
   done

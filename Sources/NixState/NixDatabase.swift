@@ -4,10 +4,6 @@ import Foundation
 import NixFormats
 import SQLiteDatabase
 
-#if canImport(Glibc)
-  import Glibc
-#endif
-
 /// One row of Nix's `ValidPaths`, with its references: what a narinfo says of a path.
 public struct ValidPath: Sendable, Hashable {
   public var path: StorePath
@@ -101,7 +97,8 @@ public enum NixDatabase {
     }
     let db = try Database<NixStateError>(path: file)
     // A new file in a directory that is renamed into place only once whole: no journal and no
-    // sync per statement (they cost a publish tens of milliseconds); one fsync at the end.
+    // sync (they cost a publish tens of milliseconds). Only a power loss could tear it, and the
+    // CSI plugin removes every layer of volumes a reboot unmounted (all of them) at its start.
     try db.exec("pragma foreign_keys = 1; pragma journal_mode = off; pragma synchronous = off;")
     do {
       try db.transaction {
@@ -135,11 +132,6 @@ public enum NixDatabase {
       throw e
     } catch {
       throw NixStateError(path: file, operation: "write", message: "\(error)")
-    }
-    let fd = open(file, O_RDONLY | O_CLOEXEC)
-    defer { if fd >= 0 { close(fd) } }
-    guard fd >= 0, fsync(fd) == 0 else {
-      throw NixStateError(path: file, operation: "fsync", message: String(cString: strerror(errno)))
     }
   }
 

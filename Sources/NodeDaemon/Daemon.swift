@@ -170,17 +170,20 @@ public final class Daemon: Sendable {
       } catch {
         return .failed(.internalError, "\(path): cannot pin the closure: \(error)")
       }
-      // Nix's database for the closure, from the narinfos already here: no round trip.
+      // Nix's database for the closure, from the narinfos already here (no round trip), made
+      // while the trees warm.
+      let stateDir = self.stateDir
+      let making = Task { () async throws -> String in
+        try await blockingWork { try StateLayer.ensure(stateDir: stateDir, result: path, closure: infos.values.map(Self.validPath)) }
+      }
+      await filesystem.warm(closure)
       let nixState: String
-      do {
-        nixState = try await blockingWork { [stateDir] in
-          try StateLayer.ensure(stateDir: stateDir, result: path, closure: infos.values.map(Self.validPath))
-        }
-      } catch {
+      switch await making.result {
+      case .success(let s): nixState = s
+      case .failure(let error):
         try? store.unpinAll(holder: volumeID)
         return .failed(.internalError, "\(path): cannot make the Nix database for its closure: \(error)")
       }
-      await filesystem.warm(closure)
       if startupProfile ?? true { filesystem.startPod(root: path, closure: closure) }
       let name = Self.viewName(volumeID)
       filesystem.addView(StoreView(id: name, closure: closure, result: path))
