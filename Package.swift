@@ -27,6 +27,7 @@ let package = Package(
     .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
     .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
     .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
+    .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
     .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
     .package(url: "https://github.com/swiftlang/swift-subprocess.git", from: "1.0.2"),
     .package(url: "https://github.com/apple/swift-system.git", from: "1.4.0"),
@@ -118,7 +119,7 @@ let package = Package(
     .target(
       name: "FuseMount",
       dependencies: [
-        "StoreFS", "ChunkStore", "NixFormats", "NodeControl", "Threads", "CFuse3",
+        "StoreFS", "NixFormats", "NodeControl", "Threads", "CFuse3",
         .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),
@@ -161,6 +162,7 @@ let package = Package(
       dependencies: [
         "NixFormats", "BinaryCache", "ChunkStore", "SystemCalls", "Threads",
         .product(name: "Hummingbird", package: "hummingbird"),
+        .product(name: "NIOCore", package: "swift-nio"),
         .product(name: "HTTPTypes", package: "swift-http-types"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "Prometheus", package: "swift-prometheus"),

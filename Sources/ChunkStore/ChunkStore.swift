@@ -66,10 +66,16 @@ public final class ChunkStore: Sendable {
       self.maxStoredBytes = maxStoredBytes
       self.readOnly = readOnly
     }
+
+    /// Threads of the async front: async callers (the serve, the daemon's control requests,
+    /// substitution) block at most this many in the store at once.
+    public var frontThreads = 4
   }
 
   public let configuration: Configuration
   let logger = Logger(label: "nixfs.chunkstore")
+  /// The threads of the store's async front (`async`).
+  let storeExecutor: BlockingExecutor
   let indexPath: String
   let packDirectory: String
   /// The flock'ed `lock` file of the writer (-1 when read-only).
@@ -116,6 +122,7 @@ public final class ChunkStore: Sendable {
   /// what a crashed writer left: pack bytes past the committed length, unreferenced chunks.
   public init(_ configuration: Configuration) throws(ChunkStoreError) {
     self.configuration = configuration
+    storeExecutor = BlockingExecutor(name: "nixfs-store", threads: configuration.frontThreads)
     let dir = configuration.stateDirectory
     indexPath = dir + "/index.sqlite"
     packDirectory = dir + "/packs"

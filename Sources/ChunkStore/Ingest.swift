@@ -338,7 +338,7 @@ extension ChunkStore {
       throw .fetch(error)
     }
     do {
-      return try await blockingWork { try ingest.commit() }
+      return try await storeExecutor.run { try ingest.commit() }
     } catch {
       ingest.abort()
       throw .store(error as? ChunkStoreError ?? .index(path: indexPath, operation: "commit", message: "\(error)"))

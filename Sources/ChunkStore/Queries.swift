@@ -47,24 +47,27 @@ extension ChunkStore {
     (try? withReader { db in try db.storePaths(states: states).compactMap { try? StorePath($0) } }) ?? []
   }
 
+  // The serve's queries throw when the index cannot answer: a failing index must not read as
+  // "not held" (the serve would pull the path through again).
+
   /// The complete path with this hash part, if the store holds one (a binary cache is asked by
   /// hash part alone). A range scan of the unique index: `-` sorts just below `.`.
-  public func completePath(hashPart: String, storeDir: String = StorePath.defaultStoreDir) -> StorePath? {
+  public func completePath(hashPart: String, storeDir: String = StorePath.defaultStoreDir) throws(ChunkStoreError) -> StorePath? {
     let low = "\(storeDir)/\(hashPart)-"
     let high = "\(storeDir)/\(hashPart)."
-    return (try? withReader { db in
-      try db.completeStorePath(from: low, below: high).flatMap { try? StorePath($0, storeDir: storeDir) }
-    }) ?? nil
+    return try wrap("path by hash part") {
+      try withReader { db in try db.completeStorePath(from: low, below: high).flatMap { try? StorePath($0, storeDir: storeDir) } }
+    }
   }
 
   /// A complete path with this NarHash (`sha256:<nix32>`), if any.
-  public func completePath(narHash: String) -> StorePath? {
-    (try? withReader { db in try db.completeStorePath(narHash: narHash).flatMap { try? StorePath($0) } }) ?? nil
+  public func completePath(narHash: String) throws(ChunkStoreError) -> StorePath? {
+    try wrap("path by NarHash") { try withReader { db in try db.completeStorePath(narHash: narHash).flatMap { try? StorePath($0) } } }
   }
 
   /// What a narinfo says of a complete path (no tree): NarHash, NarSize, references, signatures.
-  public func pathInfo(of path: StorePath) -> PathInfo? {
-    (try? withReader { db in try db.completePathInfo(path.path) }) ?? nil
+  public func pathInfo(of path: StorePath) throws(ChunkStoreError) -> PathInfo? {
+    try wrap("path info") { try withReader { db in try db.completePathInfo(path.path) } }
   }
 
   /// Paths whose data was found bad by fsck: the fetcher should fetch them again.

@@ -1,5 +1,4 @@
 import CFuse3
-import ChunkStore
 import Foundation
 import StoreFS
 import Logging

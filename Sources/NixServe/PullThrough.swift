@@ -52,7 +52,7 @@ public final class PullThroughCache: Sendable {
   /// The path with `hashPart`, complete in the store once this returns.
   public func path(hashPart: String) async throws(ServeError) -> StorePath {
     guard Self.isHashPart(hashPart) else { throw .badRequest("'\(LogText.bounded(hashPart))' is not a store path hash") }
-    if let held = store.completePath(hashPart: hashPart) {
+    if let held = try await held(hashPart: hashPart) {
       counters.hits.increment()
       return held
     }
@@ -68,7 +68,11 @@ public final class PullThroughCache: Sendable {
 
   private func pull(_ hashPart: String) async -> Result<StorePath, ServeError> {
     // Another request may have finished the same pull between our check and this task.
-    if let held = store.completePath(hashPart: hashPart) { return .success(held) }
+    do throws(ServeError) {
+      if let held = try await held(hashPart: hashPart) { return .success(held) }
+    } catch {
+      return .failure(error)
+    }
     let found: CachedPathInfo
     do {
       found = try await upstream.narInfo(hashPart: hashPart)
@@ -102,8 +106,8 @@ public final class PullThroughCache: Sendable {
   /// The narinfo this cache serves for a complete path: the upstream's signatures (they cover
   /// only path, NarHash, NarSize and references, which stay), an uncompressed NAR named by its
   /// NarHash, so the URL of one NAR never changes and HTTP caches may keep it forever.
-  public func narInfo(of path: StorePath) throws(ServeError) -> String {
-    guard let info = store.pathInfo(of: path) else { throw .store("\(path) vanished from the store") }
+  public func narInfo(of path: StorePath) async throws(ServeError) -> String {
+    guard let info = try await info(of: path) else { throw .store("\(path) vanished from the store") }
     return Self.narInfo(path, info).serialized
   }
 
@@ -134,7 +138,7 @@ public final class PullThroughCache: Sendable {
   public func closure(hashPart: String) async throws(ServeError) -> (root: StorePath, narinfos: [StorePath: String]) {
     guard Self.isHashPart(hashPart) else { throw .badRequest("'\(LogText.bounded(hashPart))' is not a store path hash") }
     let root: StorePath
-    if let held = store.completePath(hashPart: hashPart) {
+    if let held = try await held(hashPart: hashPart) {
       root = held
     } else {
       do { root = try await upstream.narInfo(hashPart: hashPart).info.storePath } catch {
@@ -164,8 +168,10 @@ public final class PullThroughCache: Sendable {
   }
 
   private func closureEntry(_ path: StorePath) async -> Result<(String, [StorePath]), ServeError> {
-    if let info = store.pathInfo(of: path) {
-      return .success((Self.narInfo(path, info).serialized, info.references))
+    do throws(ServeError) {
+      if let info = try await info(of: path) { return .success((Self.narInfo(path, info).serialized, info.references)) }
+    } catch {
+      return .failure(error)
     }
     do {
       let i = try await upstream.narInfo(for: path).info
@@ -192,7 +198,7 @@ public final class PullThroughCache: Sendable {
       throw .badRequest("'\(LogText.bounded(fileName))' is not a NAR name")
     }
     let path = try await self.path(hashPart: String(parts[0]))
-    guard let info = store.pathInfo(of: path), info.narHash.nix32Digest == parts[1] else {
+    guard let info = try await info(of: path), info.narHash.nix32Digest == parts[1] else {
       throw .notFound("no NAR \(LogText.bounded(fileName)) here")
     }
     return path
@@ -200,10 +206,22 @@ public final class PullThroughCache: Sendable {
 
   /// The held path whose NarHash has this nix32 digest (the chunk index is keyed by NarHash, so
   /// one index serves every cache that holds the same NAR).
-  public func heldPath(narHashDigest digest: String) -> StorePath? {
+  public func heldPath(narHashDigest digest: String) async throws(ServeError) -> StorePath? {
     guard digest.utf8.count == 52, Nix32.isValid(digest) else { return nil }
-    return store.completePath(narHash: "sha256:" + digest)
+    return try await query { try $0.completePath(narHash: "sha256:" + digest) }
   }
+
+  /// A query of the store through its async front (never on Swift concurrency's threads); a
+  /// failing index is a store error, never "not held".
+  func query<T: Sendable>(_ body: @escaping @Sendable (ChunkStore) throws -> T) async throws(ServeError) -> T {
+    do { return try await store.async.run(body) } catch { throw .store("\(error)") }
+  }
+
+  func held(hashPart: String) async throws(ServeError) -> StorePath? {
+    try await query { try $0.completePath(hashPart: hashPart) }
+  }
+
+  func info(of path: StorePath) async throws(ServeError) -> PathInfo? { try await query { try $0.pathInfo(of: path) } }
 
   /// 32 characters of Nix's base-32 alphabet.
   static func isHashPart(_ s: String) -> Bool {

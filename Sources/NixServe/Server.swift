@@ -64,7 +64,7 @@ public struct ServeServer: Sendable {
         let tree: Manifest
         do throws(ServeError) {
           let path = try await cache.path(hashPart: String(file.dropLast(3)))
-          guard let t = try? cache.store.tree(of: path) else { throw ServeError.store("\(path) vanished from the store") }
+          guard let t = try await cache.query({ try $0.tree(of: path) }) else { throw ServeError.store("\(path) vanished from the store") }
           tree = t
         } catch {
           throw Self.httpError(error)
@@ -77,7 +77,7 @@ public struct ServeServer: Sendable {
       guard file.hasSuffix(".narinfo") else { throw HTTPError(.notFound, message: "no such file\n") }
       do throws(ServeError) {
         let path = try await cache.path(hashPart: String(file.dropLast(8)))
-        return Self.text(try cache.narInfo(of: path), type: "text/x-nix-narinfo", immutable: true)
+        return Self.text(try await cache.narInfo(of: path), type: "text/x-nix-narinfo", immutable: true)
       } catch {
         throw Self.httpError(error)
       }
@@ -87,7 +87,7 @@ public struct ServeServer: Sendable {
 
     if let key = indexKey { Self.addChunkIndex(router, cache: cache, key: key, profiles: profiles) }
     router.get("metrics") { _, _ -> Response in
-      if let bytes = try? cache.store.storedBytes() { cache.counters.storedBytes.set(Double(bytes)) }
+      if let bytes = try? await cache.store.async.run({ try $0.storedBytes() }) { cache.counters.storedBytes.set(Double(bytes)) }
       return Response(
         status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
         body: ResponseBody(byteBuffer: ByteBuffer(bytes: cache.counters.exposition())))
@@ -153,7 +153,8 @@ public struct ServeServer: Sendable {
       let file = try context.parameters.require("file")
       let path: StorePath
       do throws(ServeError) { path = try await cache.narPath(fileName: file) } catch { throw Self.httpError(error) }
-      let size = cache.store.pathInfo(of: path).map { Int($0.narSize) }
+      let size: Int?
+      do throws(ServeError) { size = try await cache.info(of: path).map { Int($0.narSize) } } catch { throw Self.httpError(error) }
       let store = cache.store
       let counters = cache.counters
       return Response(
@@ -190,18 +191,19 @@ public struct ServeServer: Sendable {
     if let profiles { addProfiles(router, profiles) }
     router.get(RouterPath(NixfsWire.Route.manifestPattern)) { request, context -> Response in
       let digest = try context.parameters.require("digest")
-      var held = cache.heldPath(narHashDigest: digest)
+      var held: StorePath?
+      do throws(ServeError) { held = try await cache.heldPath(narHashDigest: digest) } catch { throw Self.httpError(error) }
       // `?path=<hash part>`: a path not held yet is pulled through first (verified like any),
       // so a node's first request on a cold serve gets an index rather than a NAR.
       if held == nil, let hashPart = request.uri.queryParameters.get("path") {
         do throws(ServeError) {
           let path = try await cache.path(hashPart: hashPart)
-          if cache.store.pathInfo(of: path)?.narHash.nix32Digest == digest { held = path }
+          if try await cache.info(of: path)?.narHash.nix32Digest == digest { held = path }
         } catch {
           throw Self.httpError(error)
         }
       }
-      guard let path = held, let manifest = try? cache.store.manifest(of: path) else {
+      guard let path = held, let manifest = try? await cache.query({ try $0.manifest(of: path) }) else {
         throw HTTPError(.notFound, message: "no NAR with that hash here\n")
       }
       let document = try ChunkIndex.document(for: manifest, signedBy: key)
@@ -216,13 +218,15 @@ public struct ServeServer: Sendable {
       // The stored bytes go straight from the pack file into the response buffer.
       let found: (StoredChunk, ByteBuffer)?
       do {
-        found = try cache.store.withStoredChunk(id) { chunk, fill in
-          var buffer = ByteBufferAllocator().buffer(capacity: chunk.storedSize)
-          try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: chunk.storedSize) { raw in
-            try fill(UnsafeMutableRawBufferPointer(rebasing: raw[0..<chunk.storedSize]))
-            return chunk.storedSize
+        found = try await cache.store.async.run { store in
+          try store.withStoredChunk(id) { chunk, fill in
+            var buffer = ByteBufferAllocator().buffer(capacity: chunk.storedSize)
+            try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: chunk.storedSize) { raw in
+              try fill(UnsafeMutableRawBufferPointer(rebasing: raw[0..<chunk.storedSize]))
+              return chunk.storedSize
+            }
+            return (chunk, buffer)
           }
-          return (chunk, buffer)
         }
       } catch {
         throw HTTPError(.internalServerError, message: LogText.bounded("\(error)", limit: 1024) + "\n")

@@ -138,7 +138,7 @@ public final class UploadArea: Sendable {
     let ingest: Ingest
     do { ingest = try cache.store.ingest(info) } catch { throw .store("\(error)") }
     do {
-      try await blockingWork {
+      try await cache.store.async.run { _ in
         let data = try Data(contentsOf: URL(fileURLWithPath: file), options: .alwaysMapped)
         try data.withUnsafeBytes { raw in
           try BinaryCacheClient.verifyNARFile(raw, info: info, source: "upload \(info.url)", into: ingest)

@@ -54,7 +54,7 @@ final class ChunkFetcher: Sendable {
             if attempt == 0 { problems.append("\(source): not there") }
             continue
           }
-          try store.accept(ref.id, size: Int(ref.size), zstd: got.zstd, bytes: got.bytes, source: got.url)
+          _ = try await store.async.call { try $0.accept(ref.id, size: Int(ref.size), zstd: got.zstd, bytes: got.bytes, source: got.url) }
           FSMetrics.chunksFetched.increment()
           FSMetrics.chunkBytesFetched.increment(by: Int64(got.bytes.count))
           return

@@ -114,7 +114,7 @@ public final class Daemon: Sendable {
     case .unpublish(let volumeID):
       let name = Self.viewName(volumeID)
       filesystem.removeView(id: name)
-      do { try store.unpinAll(holder: volumeID) } catch {
+      do { try await store.async.call { try $0.unpinAll(holder: volumeID) } } catch {
         logger.error("cannot unpin", metadata: ["volume": "\(volumeID)", "error": "\(error)"])
       }
       return ControlResponse()
@@ -136,7 +136,7 @@ public final class Daemon: Sendable {
       }
     case .gc(let budget):
       do {
-        let r = try await blockingWork { try self.store.collectGarbage(maxStoredBytes: budget) }
+        let r = try await store.async.call { try $0.collectGarbage(maxStoredBytes: budget) }
         logger.info("gc through the control socket", metadata: ["evicted": "\(r.evicted.count)", "freed": "\(r.freedBytes)"])
         return ControlResponse(report: Self.gcLines(r))
       } catch {
@@ -148,7 +148,7 @@ public final class Daemon: Sendable {
       return ControlResponse(status: await status())
     case .fsck:
       do {
-        let r = try await blockingWork { try self.store.fsck(repair: false) }
+        let r = try await store.async.call { try $0.fsck(repair: false) }
         return ControlResponse(report: Self.fsckLines(r), consistent: r.isConsistent)
       } catch {
         return .failed(.internalError, "\(error)")
@@ -166,7 +166,7 @@ public final class Daemon: Sendable {
       }
       let closure = infos.keys.sorted()
       do {
-        try await blockingWork { try self.store.pin(closure, holder: volumeID) }
+        try await store.async.call { try $0.pin(closure, holder: volumeID) }
       } catch {
         return .failed(.internalError, "\(path): cannot pin the closure: \(error)")
       }
@@ -181,7 +181,7 @@ public final class Daemon: Sendable {
       switch await making.result {
       case .success(let s): nixState = s
       case .failure(let error):
-        try? store.unpinAll(holder: volumeID)
+        _ = try? await store.async.call { try $0.unpinAll(holder: volumeID) }
         return .failed(.internalError, "\(path): cannot make the Nix database for its closure: \(error)")
       }
       if startupProfile ?? true { filesystem.startPod(root: path, closure: closure) }

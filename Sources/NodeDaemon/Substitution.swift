@@ -31,7 +31,7 @@ public final class Substitution: Materialiser, Sendable {
   @discardableResult
   public func materialise(_ path: StorePath, whole: Bool = false) async throws -> Manifest? {
     let seen: LocalPath
-    do { seen = try store.localState(of: path) } catch { throw MaterialiseFailure.failed(path, cause: error) }
+    do { seen = try await store.async.call { try $0.localState(of: path) } } catch { throw MaterialiseFailure.failed(path, cause: error) }
     switch seen {
     case .complete: return nil
     case .partial:
@@ -121,8 +121,8 @@ public final class Substitution: Materialiser, Sendable {
   /// Fetches what a partial path lacks, then makes it complete (its NarHash checked).
   func complete(_ path: StorePath) async throws {
     do {
-      try await fetchChunks(try store.absentChunks(of: path), for: path)
-      try await blockingWork { [store] in try store.completePartial(path) }
+      try await fetchChunks(try await store.async.call { try $0.absentChunks(of: path) }, for: path)
+      try await store.async.call { try $0.completePartial(path) }
     } catch let e as MaterialiseFailure {
       throw e
     } catch {
@@ -153,7 +153,7 @@ public final class Substitution: Materialiser, Sendable {
     var failures: [CacheError] = []
     var otherNAR = false
     for substituter in await cache.substituters() {
-      guard let sink = try store.refill(path, source: substituter.url) else { return }
+      guard let sink = try await store.async.call({ try $0.refill(path, source: substituter.url) }) else { return }
       guard let info = await narInfo(path, from: substituter, failures: &failures) else { continue }
       guard info.info.narHash == sink.narHash else {
         otherNAR = true
@@ -166,7 +166,7 @@ public final class Substitution: Materialiser, Sendable {
         failures.append(error)
         continue
       }
-      try await blockingWork { [store] in try store.completePartial(path) }
+      try await store.async.call { try $0.completePartial(path) }
       let (accepted, rejected) = sink.counts
       FSMetrics.narBytesFetched.increment(by: Int64(info.info.narSize))
       FSMetrics.downloadBytes.increment(by: Int64(info.info.fileSize ?? info.info.narSize))
@@ -206,7 +206,7 @@ public final class Substitution: Materialiser, Sendable {
   }
 
   public func materialiseFromIndex(_ path: StorePath) async -> Bool {
-    switch try? store.localState(of: path) {
+    switch try? await store.async.call({ try $0.localState(of: path) }) {
     case .complete, .partial: return true
     case .absent, .incomplete, nil: break
     }
@@ -221,7 +221,7 @@ public final class Substitution: Materialiser, Sendable {
     guard useChunkIndex, let manifest = await verifiedIndex(info) else { return nil }
     do {
       // A writer transaction over the whole tree: off Swift concurrency's threads.
-      try await blockingWork { [store] in try store.registerPartial(manifest) }
+      try await store.async.call { try $0.registerPartial(manifest) }
     } catch {
       FSMetrics.indexRefused.increment()
       logger.warning(

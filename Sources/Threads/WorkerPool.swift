@@ -87,15 +87,36 @@ public final class WorkerPool<Resource>: @unchecked Sendable {
   }
 }
 
-/// The pool for blocking work (fsync and SQL at a commit, GC, fsck, a listener's start, the
-/// control client), so it never holds one of Swift concurrency's few threads: the filesystem's
-/// replies and the serve's requests run there.
+/// The pool for blocking work that is not the chunk store's (the store's async front has its own
+/// executor): a listener's start, the control client, the CSI plugin's mounts, making a closure's
+/// Nix state, so it never holds one of Swift concurrency's few threads. Bounded: a flood of
+/// callers queues here rather than starting a thread each.
 public let blockingPool = WorkerPool<Void>(
-  name: "nixfs-blocking", idleSeconds: 10, makeResource: { () }, releaseResource: { _ in })
+  name: "nixfs-blocking", maxThreads: 16, idleSeconds: 10, makeResource: { () }, releaseResource: { _ in })
 
 /// Runs blocking work on the blocking pool and awaits it: the one async entry point for it.
 public func blockingWork<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
   try await withCheckedThrowingContinuation { continuation in
     blockingPool.submit { continuation.resume(with: Result { try body() }) }
+  }
+}
+
+/// A bounded pool of threads for one kind of blocking work, awaited from async code: the chunk
+/// store's front (SQLite, pread, fsync) owns one, so however many requests wait on the store,
+/// at most `threads` threads block in it and Swift concurrency's few threads never do.
+public final class BlockingExecutor: Sendable {
+  private let pool: WorkerPool<Void>
+  public let threads: Int
+
+  public init(name: String, threads: Int) {
+    self.threads = max(1, threads)
+    pool = WorkerPool<Void>(
+      name: name, maxThreads: self.threads, idleSeconds: 10, makeResource: { () }, releaseResource: { _ in })
+  }
+
+  public func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+      pool.submit { continuation.resume(with: Result { try body() }) }
+    }
   }
 }

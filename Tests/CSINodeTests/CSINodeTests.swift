@@ -364,6 +364,8 @@ func isMountPoint(_ path: String) -> Bool {
   let fx: StoreFixture
   init() throws { fx = try StoreFixture.shared() }
 
+  /// The call's status code and message; nil only when it succeeded (a transport failure or any
+  /// other error is `.unknown`, never mistaken for success).
   func message(_ body: () async throws -> Void) async -> (RPCError.Code?, String) {
     do {
       try await body()
@@ -371,7 +373,7 @@ func isMountPoint(_ path: String) -> Bool {
     } catch let e as RPCError {
       return (e.code, e.message)
     } catch {
-      return (nil, "\(error)")
+      return (.unknown, "\(error)")
     }
   }
 

@@ -19,6 +19,7 @@ import TestSupport
     let kinds = fx.paths["kinds"]!
     let twin = fx.paths["twin-b"]!
     let narHash = try fx.narInfo(kinds, compression: "none").narHash
+    let nar = "/" + (try fx.narInfo(kinds, compression: "none").url)
     for round in 0..<3 {
       // ~6 MiB at 3 MB/s: the kill lands mid-download.
       let slow = try CacheServer(directory: fx.caches["none"]!, bandwidth: 3_000_000)
@@ -27,8 +28,13 @@ import TestSupport
         #expect(FileManager.default.fileExists(atPath: store.path("\(twin.baseName)/share/twin-b.txt")))
       }
       let reader = try BackgroundProcess(["cat", store.path("\(kinds.baseName)/big.bin")])
-      usleep(UInt32(300_000 + round * 400_000))
+      // Once the NAR is under way, a little later each round; and the kill must land before its end.
+      let deadline = Date().addingTimeInterval(30)
+      while !slow.started.contains(nar) && Date() < deadline { usleep(10_000) }
+      usleep(UInt32(100_000 + round * 300_000))
+      let doneBeforeKill = slow.requests.contains(nar)
       store.daemon.signal(SIGKILL)
+      #expect(slow.started.contains(nar) && !doneBeforeKill, "round \(round): the kill did not land mid-download")
       #expect(store.daemon.wait(seconds: 10))
       _ = try run(["fusermount3", "-u", "-z", store.mountpoint], check: false)
       reader.stop()

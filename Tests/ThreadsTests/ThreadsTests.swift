@@ -110,3 +110,98 @@ import Threads
     #expect(s.most == 1)
   }
 }
+
+/// The chunk store's async front runs blocking work on an executor of its own: however many
+/// callers wait on slow, blocking jobs, at most its threads block, and Swift concurrency's
+/// cooperative threads stay free for cheap work.
+@Suite struct BlockingExecutorTests {
+  @Test func slowJobsNeverHoldTheCooperativePool() async throws {
+    let executor = BlockingExecutor(name: "test-front", threads: 2)
+    let running = Locked((now: 0, most: 0))
+    let slow = Task {
+      try await withThrowingTaskGroup(of: Void.self) { group in
+        for _ in 0..<12 {
+          group.addTask {
+            try await executor.run {
+              running.withLock { $0.now += 1; $0.most = max($0.most, $0.now) }
+              usleep(150_000)  // a slow fsync or a writer lock held elsewhere
+              running.withLock { $0.now -= 1 }
+            }
+          }
+        }
+        try await group.waitForAll()
+      }
+    }
+    // Meanwhile a cheap request: twenty short waits, each needing a cooperative thread.
+    let start = ContinuousClock.now
+    for _ in 0..<20 { try await Task.sleep(for: .milliseconds(5)) }
+    let cheap = ContinuousClock.now - start
+    try await slow.value
+    #expect(running.withLock { $0.most } == 2, "at most the executor's threads block")
+    // The slow jobs take 12 × 150 ms / 2 = 0.9 s; the cheap work, unblocked, about 0.1 s.
+    #expect(cheap < .milliseconds(700), "the cheap work waited \(cheap) behind blocking jobs")
+  }
+}
+
+/// The one "one run per key" table and the one negative cache, their semantics tested once.
+@Suite struct SingleFlightTests {
+  struct Failure: Error, Equatable { let n: Int }
+
+  @Test func concurrentCallersShareOneRunAndItsFailureIsNotRemembered() async throws {
+    let flight = SingleFlight<String, Result<Int, Failure>>()
+    let runs = Locked(0)
+    let gate = Locked(false)
+    @Sendable func work() async throws(Failure) -> Int {
+      let n = runs.withLock { $0 += 1; return $0 }
+      // Held until every caller has joined.
+      while !gate.withLock({ $0 }) { try? await Task.sleep(for: .milliseconds(2)) }
+      throw Failure(n: n)
+    }
+    let callers = (0..<8).map { _ in
+      Task { () async -> Result<Int, Failure> in
+        do throws(Failure) { return .success(try await flight.run("k") { () async throws(Failure) in try await work() }) } catch {
+          return .failure(error)
+        }
+      }
+    }
+    while flight.keys != ["k"] { try await Task.sleep(for: .milliseconds(1)) }
+    try await Task.sleep(for: .milliseconds(20))
+    gate.withLock { $0 = true }
+    for c in callers { #expect(await c.value == .failure(Failure(n: 1)), "every waiter gets the one run's failure") }
+    #expect(runs.withLock { $0 } == 1)
+    #expect(flight.keys.isEmpty, "a finished run leaves the table")
+    // The next call runs again: failures are not remembered.
+    let again = await flight.value("k") { .success(7) }
+    #expect(again == .success(7))
+  }
+
+  @Test func aCancelledWaiterDoesNotCancelTheRun() async throws {
+    let flight = SingleFlight<Int, Int>()
+    let finished = Locked(false)
+    let first = Task {
+      await flight.value(1) {
+        try? await Task.sleep(for: .milliseconds(100))
+        finished.withLock { $0 = true }
+        return 42
+      }
+    }
+    while flight.keys.isEmpty { try await Task.sleep(for: .milliseconds(1)) }
+    first.cancel()
+    let second = await flight.value(1) { 0 }
+    #expect(second == 42, "a second waiter joins the run the first one left")
+    #expect(finished.withLock { $0 })
+  }
+
+  @Test func theNegativeCacheForgetsAfterItsLifetime() async throws {
+    let missing = NegativeCache<String>(lifetime: .milliseconds(50))
+    #expect(!missing.contains("a"))
+    missing.remember("a")
+    missing.remember("b", for: .seconds(60))
+    #expect(missing.contains("a") && missing.contains("b"))
+    try await Task.sleep(for: .milliseconds(80))
+    #expect(!missing.contains("a"), "expired")
+    #expect(missing.contains("b"))
+    missing.forget("b")
+    #expect(!missing.contains("b"))
+  }
+}
