@@ -47,3 +47,40 @@ public enum NixfsWire {
     }
   }
 }
+
+extension NixfsWire {
+  /// The `nix-cache-info` key of a serve that builds (`NixfsBuild: nixfs/v1`).
+  public static let buildInfoKey = "NixfsBuild"
+
+  /// `POST`: build (or report the build of) what a `BuildRequest` names.
+  public static let buildsRoute = "\(version)/builds"
+
+  /// What a node asks a serve to build: exactly one of an expression, a flake output or a
+  /// derivation; who asked, for the log.
+  public struct BuildRequest: Codable, Sendable, Equatable {
+    public var nixExpr: String?
+    public var flakeRef: String?
+    /// A `.drv` store path.
+    public var derivation: String?
+    public var pod: String?
+    public var namespace: String?
+    public init(
+      nixExpr: String? = nil, flakeRef: String? = nil, derivation: String? = nil, pod: String? = nil, namespace: String? = nil
+    ) {
+      (self.nixExpr, self.flakeRef, self.derivation, self.pod, self.namespace) = (nixExpr, flakeRef, derivation, pod, namespace)
+    }
+  }
+
+  /// A build's state: `building` (ask again; HTTP 202), `done` (`storePath` is served; 200) or
+  /// `failed` (`message`: Nix's error lines and the log's last lines; 422).
+  public struct BuildAnswer: Codable, Sendable, Equatable {
+    public var state: String
+    public var what: String
+    public var storePath: String?
+    public var seconds: Double?
+    public var message: String?
+    public init(state: String, what: String, storePath: String? = nil, seconds: Double? = nil, message: String? = nil) {
+      (self.state, self.what, self.storePath, self.seconds, self.message) = (state, what, storePath, seconds, message)
+    }
+  }
+}

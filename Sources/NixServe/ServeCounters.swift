@@ -20,6 +20,10 @@ public final class ServeCounters: Sendable {
   public let manifestsServed: Prometheus.Counter
   /// Bytes the chunk store keeps on disk, refreshed on every scrape.
   public let storedBytes: Gauge
+  /// `nixfs_serve_builds_total{outcome}`: succeeded, failed, timeout, refused (no credential).
+  public let builds: [String: Prometheus.Counter]
+  public let buildsRunning: Gauge
+  public let buildSeconds: Prometheus.Counter
 
   public init() {
     let registry = PrometheusCollectorRegistry()
@@ -38,6 +42,17 @@ public final class ServeCounters: Sendable {
     manifestsServed = counter("manifests_served_total", "chunk index documents sent to clients")
     storedBytes = registry.makeGauge(
       descriptor: MetricNameDescriptor(metricName: "nixfs_serve_store_bytes", unitName: "", helpText: "bytes the chunk store keeps on disk"))
+    let buildsName = MetricNameDescriptor(
+      metricName: "nixfs_serve_builds_total", unitName: "",
+      helpText: "build requests that ended, by outcome (succeeded, failed, timeout, refused: no credential)")
+    var builds: [String: Prometheus.Counter] = [:]
+    for outcome in ["succeeded", "failed", "timeout", "refused"] {
+      builds[outcome] = registry.makeCounter(descriptor: buildsName, labels: [("outcome", outcome)])
+    }
+    self.builds = builds
+    buildsRunning = registry.makeGauge(
+      descriptor: MetricNameDescriptor(metricName: "nixfs_serve_builds_running", unitName: "", helpText: "builds running now"))
+    buildSeconds = counter("build_seconds_total", "seconds spent building (all builds, whatever their outcome)")
   }
 
   /// Prometheus text exposition.

@@ -26,13 +26,16 @@ public struct ServeServer: Sendable {
   public let uploads: (area: UploadArea, credentials: UploadCredentials)?
   /// Startup profiles nodes report (with the chunk index only).
   public let profiles: StartupProfiles?
+  /// `--build`: the serve evaluates and builds what nodes ask for; nil: it does not.
+  public let builder: Builder?
   let logger: Logger
 
   public init(
     cache: PullThroughCache, host: String, port: Int, priority: Int = 30,
     uploads: (area: UploadArea, credentials: UploadCredentials)? = nil, indexKey: SecretKey? = nil,
-    idleTimeout: Double = 60, profiles: StartupProfiles? = nil, logger: Logger
+    idleTimeout: Double = 60, profiles: StartupProfiles? = nil, builder: Builder? = nil, logger: Logger
   ) {
+    self.builder = builder
     self.profiles = profiles
     self.cache = cache
     self.idleTimeout = idleTimeout
@@ -52,6 +55,7 @@ public struct ServeServer: Sendable {
     let info =
       "StoreDir: \(StorePath.defaultStoreDir)\nWantMassQuery: 1\nPriority: \(priority)\n"
       + (indexKey != nil ? "\(NixfsWire.cacheInfoKey): \(NixfsWire.version)\n" : "")
+      + (builder != nil ? "\(NixfsWire.buildInfoKey): \(NixfsWire.version)\n" : "")
     router.get("nix-cache-info") { _, _ in
       Self.text(info, type: "text/x-nix-cache-info", immutable: false)
     }
@@ -86,6 +90,7 @@ public struct ServeServer: Sendable {
     router.head(":file", use: narinfo)
 
     if let key = indexKey { Self.addChunkIndex(router, cache: cache, key: key, profiles: profiles) }
+    if let builder { Self.addBuilds(router, builder, cache: cache, logger: logger) }
     router.get("metrics") { _, _ -> Response in
       if let bytes = try? await cache.store.async.run({ try $0.storedBytes() }) { cache.counters.storedBytes.set(Double(bytes)) }
       return Response(
@@ -268,6 +273,30 @@ public struct ServeServer: Sendable {
         throw HTTPError(.internalServerError, message: "cannot keep the profile: \(error)\n")
       }
       return Self.text("{\"chunks\":\(kept)}\n", type: "application/json", immutable: false)
+    }
+  }
+
+  /// `POST nixfs/v1/builds`: a `BuildRequest` from a node (HTTP basic or a bearer token from
+  /// `--build-credentials-file`), answered with the build's state: 202 building, 200 done, 422
+  /// failed, 400 a malformed request, 401 without a credential.
+  static func addBuilds(_ router: Router<BasicRequestContext>, _ builder: Builder, cache: PullThroughCache, logger: Logger) {
+    router.post(RouterPath(NixfsWire.buildsRoute)) { request, _ -> Response in
+      guard builder.settings.credentials.allows(request.headers[.authorization]) else {
+        cache.counters.builds["refused"]?.increment()
+        logger.warning("a build request without a valid credential was refused")
+        throw HTTPError(.unauthorized, headers: [.wwwAuthenticate: "Basic realm=\"nixfs\""], message: "credentials required\n")
+      }
+      let body = try await request.body.collect(upTo: 64 << 10)
+      guard let r = try? JSONDecoder().decode(NixfsWire.BuildRequest.self, from: Data(buffer: body)) else {
+        throw HTTPError(.badRequest, message: "not a build request\n")
+      }
+      let (status, answer) = await builder.request(r)
+      let encoder = JSONEncoder()
+      encoder.outputFormatting = .sortedKeys
+      let data = (try? encoder.encode(answer)) ?? Data()
+      return Response(
+        status: HTTPResponse.Status(code: status), headers: [.contentType: "application/json", .cacheControl: "no-store"],
+        body: ResponseBody(byteBuffer: ByteBuffer(bytes: data)))
     }
   }
 

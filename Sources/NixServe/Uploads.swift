@@ -135,24 +135,37 @@ public final class UploadArea: Sendable {
       FileManager.default.fileExists(atPath: file)
     else { throw .badRequest("\(info.storePath): its NAR \(LogText.bounded(info.url)) was not uploaded first") }
     defer { try? FileManager.default.removeItem(atPath: file) }
-    let ingest: Ingest
-    do { ingest = try cache.store.ingest(info) } catch { throw .store("\(error)") }
-    do {
-      try await cache.store.async.run { _ in
-        let data = try Data(contentsOf: URL(fileURLWithPath: file), options: .alwaysMapped)
-        try data.withUnsafeBytes { raw in
-          try BinaryCacheClient.verifyNARFile(raw, info: info, source: "upload \(info.url)", into: ingest)
-        }
-        _ = try ingest.commit()
-      }
+    do throws(ServeError) {
+      try await cache.ingest(info, narFile: file, source: "upload \(info.url)")
     } catch {
-      ingest.abort()
       logger.warning("upload refused", metadata: ["path": "\(info.storePath)", "error": "\(error)"])
-      throw .badRequest("\(info.storePath): \(error)")
+      throw error
     }
     cache.forgetMiss(hashPart: hashPart)
     cache.counters.uploads.increment()
     logger.info("uploaded", metadata: ["path": "\(info.storePath)", "narSize": "\(info.narSize)"])
     return info.storePath
+  }
+}
+
+extension PullThroughCache {
+  /// Verifies an uncompressed NAR file against `info` (the same checks as a download: sizes,
+  /// NarHash, a strict parse) into an ingest of the store, and commits it. Uploads and builds
+  /// enter the store this way.
+  func ingest(_ info: NarInfo, narFile file: String, source: String) async throws(ServeError) {
+    let ingest: Ingest
+    do { ingest = try store.ingest(info) } catch { throw .store("\(error)") }
+    do {
+      try await store.async.run { _ in
+        let data = try Data(contentsOf: URL(fileURLWithPath: file), options: .alwaysMapped)
+        try data.withUnsafeBytes { raw in
+          try BinaryCacheClient.verifyNARFile(raw, info: info, source: source, into: ingest)
+        }
+        _ = try ingest.commit()
+      }
+    } catch {
+      ingest.abort()
+      throw .badRequest("\(info.storePath): \(error)")
+    }
   }
 }

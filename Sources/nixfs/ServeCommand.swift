@@ -32,6 +32,18 @@ struct ServeCommand: AsyncParsableCommand {
   @Option(help: "The largest NAR file one upload may send (e.g. 8G).") var maxUploadSize: String = "8G"
   @Option(help: "Sign chunk indexes with this key (Nix's format, as from nix-store --generate-binary-cache-key); without it, no chunk index is offered.")
   var secretKeyFile: String?
+  @Flag(help: "Build what nodes ask for (nixExpr, flakeRef, derivations no cache has) with Nix, in a store of the serve's own; needs --secret-key-file and --build-credentials-file.")
+  var build = false
+  @Option(help: "The nix binary builds use (its directory must hold nix-build and nix-store too).") var nix: String = "/usr/bin/nix"
+  @Option(help: "Where the builder's Nix store, settings and logs live (default: STATE-DIR/build).") var buildStore: String?
+  @Option(help: "Seconds one build may take before it is killed.") var buildTimeout: Double = 3600
+  @Option(help: "Builds run at once; the others wait.") var maxBuilds: Int = 2
+  @Option(help: "Seconds a build request waits for its build before answering that it is still building.") var buildWait: Double = 5
+  @Option(help: "Who may ask for builds: one a line, 'bearer TOKEN' or 'USER:PASSWORD' (nodes send their netrc's).")
+  var buildCredentialsFile: String?
+  @Option(help: "Nix's sandbox setting for builds (true, false or relaxed).") var buildSandbox: String = "false"
+  @Option(help: "Nix's remote builders (its 'builders' setting, e.g. @/etc/nix/machines), so builds leave the serve's pod.")
+  var builders: String?
   @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
   @Option(help: "Log lines as text, or as one JSON object each (json).") var logFormat: LogFormat = .text
 
@@ -84,9 +96,28 @@ struct ServeCommand: AsyncParsableCommand {
         fail("\(cache.stateDir)/profiles: \(error)")
       }
     }
+    var builder: Builder? = nil
+    if build {
+      guard let key = indexKey else { fail("--build needs --secret-key-file: what the serve builds it signs") }
+      guard let file = buildCredentialsFile else { fail("--build needs --build-credentials-file: building runs code, so requests need a credential") }
+      guard ["true", "false", "relaxed"].contains(buildSandbox) else { fail("--build-sandbox \(buildSandbox): expected true, false or relaxed") }
+      guard FileManager.default.isExecutableFile(atPath: nix) else { fail("--nix \(nix): not an executable") }
+      do {
+        let config = try cache.configuration()
+        let settings = BuildSettings(
+          nixDirectory: (nix as NSString).deletingLastPathComponent,
+          directory: buildStore ?? (cache.stateDir as NSString).appendingPathComponent("build"),
+          substituters: config.substituters, trustedKeys: config.trustedPublicKeys,
+          timeout: buildTimeout, maxBuilds: maxBuilds, wait: buildWait, sandbox: buildSandbox, builders: builders, key: key,
+          credentials: try UploadCredentials(file: file))
+        builder = try Builder(settings: settings, cache: pull, logger: logger)
+      } catch {
+        fail("--build: \(error)")
+      }
+    }
     let server = ServeServer(
       cache: pull, host: host, port: port, priority: priority, uploads: uploads, indexKey: indexKey,
-      idleTimeout: idleTimeout, profiles: profiles, logger: logger)
+      idleTimeout: idleTimeout, profiles: profiles, builder: builder, logger: logger)
     let shown = host.contains(":") ? "[\(host)]" : host
     do {
       try await server.run { bound in
