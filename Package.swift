@@ -99,7 +99,7 @@ let package = Package(
     // the handover record and the keeper, signals. Shared by the daemon and the CSI plugin.
     .target(
       name: "NodeControl",
-      dependencies: ["CUnix", "SystemCalls", "Threads", .product(name: "Logging", package: "swift-log")],
+      dependencies: ["CUnix", "NixFormats", "SystemCalls", "Threads", .product(name: "Logging", package: "swift-log")],
       swiftSettings: strict),
 
     // The filesystem core, FUSE-free: inodes, trees, views, the negative cache, fetch

@@ -15,6 +15,8 @@ public struct Substituter: Sendable, Hashable, CustomStringConvertible {
   public let position: Int
   /// The chunk index it offers (`nixfs/v1`, announced in `nix-cache-info`), if any.
   public var chunkIndex: String? = nil
+  /// Whether it builds what nodes ask for (`NixfsBuild: nixfs/v1` in `nix-cache-info`).
+  public var builds = false
   public var description: String { url }
 }
 
@@ -230,7 +232,8 @@ public final class BinaryCacheClient: Sendable {
       return .success(
         Substituter(
           url: base, priority: override ?? info.priority, position: position,
-          chunkIndex: info.chunkIndex == ChunkIndexWire.prefix ? info.chunkIndex : nil))
+          chunkIndex: info.chunkIndex == ChunkIndexWire.prefix ? info.chunkIndex : nil,
+          builds: info.builds == NixfsWire.version))
     } catch {
       logger.warning("cannot reach substituter", metadata: ["url": "\(base)", "error": "\(error)"])
       return .failure(error)

@@ -117,3 +117,29 @@ extension BinaryCacheClient {
     guard head.isSuccess else { throw .httpStatus(url: url, status: head.status, attempts: 1) }
   }
 }
+
+extension BinaryCacheClient {
+  /// Asks the first substituter that builds (a nixfs serve with `--build`) for `request`; nil when
+  /// none does. The credential is the netrc's for that host, as for any request.
+  public func requestBuild(_ request: NixfsWire.BuildRequest) async throws(CacheError) -> NixfsWire.BuildAnswer? {
+    guard let builder = await substituters().first(where: \.builds) else { return nil }
+    let url = "\(builder.url)/\(NixfsWire.buildsRoute)"
+    let body = (try? JSONEncoder().encode(request)).map { [UInt8]($0) } ?? []
+    let buffer = Locked<[UInt8]>([])
+    let head = try await transport.get(
+      url, post: body, onStart: { _ in buffer.withLock { $0.removeAll() } },
+      onData: { bytes in
+        try buffer.withLock {
+          guard $0.count + bytes.count <= 1 << 20 else {
+            throw CacheError.sizeMismatch(url: url, field: "size limit", expected: 1 << 20, actual: UInt64($0.count + bytes.count))
+          }
+          $0.append(contentsOf: bytes)
+        }
+      })
+    // A failed build's answer comes as a 422's body (its first 4 KiB, all an answer takes).
+    let bytes = head.isSuccess ? buffer.withLock { $0 } : head.errorBody
+    guard [200, 202, 422].contains(head.status), let answer = try? JSONDecoder().decode(NixfsWire.BuildAnswer.self, from: Data(bytes))
+    else { throw .httpStatus(url: url, status: head.status, attempts: 1) }
+    return answer
+  }
+}

@@ -93,7 +93,8 @@ public final class NodeService: Csi_V1_Node.SimpleServiceProtocol, Sendable {
       // The cheap checks before an evaluation that may take seconds.
       try Self.checkVolumeID(request.volumeID)
       _ = try Self.checkTarget(request.targetPath)
-      let path = try await self.requestedPath(request.volumeContext.filter { !$0.key.hasPrefix("csi.storage.k8s.io/") })
+      let path = try await self.requestedPath(
+        request.volumeContext.filter { !$0.key.hasPrefix("csi.storage.k8s.io/") }, context: request.volumeContext)
       return try await self.serial.run { try self.publish(request, path: path) }
     }
   }

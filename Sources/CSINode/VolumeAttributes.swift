@@ -1,6 +1,7 @@
 import Foundation
 import GRPCCore
 import NixFormats
+import NodeControl
 import Subprocess
 
 #if canImport(System)
@@ -42,16 +43,31 @@ extension NodeService {
   /// The store path a volume asks for. Evaluating a flakeRef or nixExpr runs `nix eval` (bounded
   /// by `evaluationTimeout`), so this is called before the publish queue: one slow evaluation
   /// never holds up the node's other publishes.
-  func requestedPath(_ attributes: [String: String]) async throws -> StorePath {
+  func requestedPath(_ attributes: [String: String], context: [String: String] = [:]) async throws -> StorePath {
     let text: String
+    let pod = context["csi.storage.k8s.io/pod.name"]
+    let namespace = context["csi.storage.k8s.io/pod.namespace"]
     if let p = attributes[config.system] {
       text = p
     } else if let p = attributes["storePath"] {
       text = p
     } else if let flake = attributes["flakeRef"] {
-      text = try await evaluate(["eval", "--raw", flake], what: "flakeRef \(flake)")
+      if let built = try await built(.init(flakeRef: flake, pod: pod, namespace: namespace)) {
+        text = built
+      } else {
+        text = try await evaluate(["eval", "--raw", flake], what: "flakeRef \(flake)")
+      }
     } else if let expr = attributes["nixExpr"] {
-      text = try await evaluate(["eval", "--raw", "--impure", "--expr", "(\(expr)).outPath"], what: "nixExpr")
+      if let built = try await built(.init(nixExpr: expr, pod: pod, namespace: namespace)) {
+        text = built
+      } else {
+        text = try await evaluate(["eval", "--raw", "--impure", "--expr", "(\(expr)).outPath"], what: "nixExpr")
+      }
+    } else if let drv = attributes["derivation"] {
+      guard let built = try await built(.init(derivation: drv, pod: pod, namespace: namespace)) else {
+        throw Self.fail(.failedPrecondition, "derivation \(LogText.bounded(drv, limit: 200)) needs a cluster cache that builds (nixfs serve --build) among the substituters")
+      }
+      text = built
     } else {
       let systems = attributes.keys.filter { $0.hasSuffix("-linux") || $0.hasSuffix("-darwin") }.sorted()
       let hint = systems.isEmpty ? "" : " (this node is \(config.system); the volume names \(systems.joined(separator: ", ")))"
@@ -61,6 +77,33 @@ extension NodeService {
       return try StorePath(text, storeDir: config.storeDir)
     } catch {
       throw Self.fail(.invalidArgument, LogText.bounded("\(error)", limit: 512))
+    }
+  }
+
+  /// The store path the cluster cache built for `request`; nil when no substituter builds (the
+  /// caller evaluates on the node, as before). A build that runs answers Unavailable, so kubelet
+  /// retries (with backoff) instead of waiting in one call; a failed build FailedPrecondition
+  /// with Nix's words.
+  func built(_ request: NixfsWire.BuildRequest) async throws -> String? {
+    let response: ControlResponse
+    do {
+      response = try await control.request(.build(request), timeout: 120)
+    } catch {
+      throw Self.fail(.unavailable, "the nixfs mount daemon is not answering (\(error))")
+    }
+    if let failure = response.failure {
+      throw Self.fail(Self.code(failure), response.message ?? "the build request failed")
+    }
+    guard let answer = response.build else { return nil }
+    switch answer.state {
+    case "done":
+      guard let path = answer.storePath else { throw Self.fail(.internalError, "the cluster cache built \(answer.what) but named no path") }
+      return path
+    case "building":
+      throw Self.fail(
+        .unavailable, "the cluster cache is building \(answer.what) (for \(Int(answer.seconds ?? 0)) s so far); the volume is published once it is done")
+    default:
+      throw Self.fail(.failedPrecondition, "cannot build \(answer.what): \(answer.message ?? "the build failed")")
     }
   }
 

@@ -195,6 +195,8 @@ public struct NixCacheInfo: Hashable, Sendable {
   public var priority: Int
   /// `NixfsChunkIndex`: the chunk index a nixfs serve offers (`nixfs/v1`), absent elsewhere.
   public var chunkIndex: String?
+  /// `NixfsBuild`: a nixfs serve that builds what nodes ask for (`nixfs/v1`), absent elsewhere.
+  public var builds: String?
 
   public init(
     storeDir: String = StorePath.defaultStoreDir, wantMassQuery: Bool = false, priority: Int = 50, chunkIndex: String? = nil
@@ -225,6 +227,7 @@ public struct NixCacheInfo: Hashable, Sendable {
         }
         priority = p
       case NixfsWire.cacheInfoKey: chunkIndex = value
+      case NixfsWire.buildInfoKey: builds = value
       default: continue
       }
     }
@@ -234,5 +237,6 @@ public struct NixCacheInfo: Hashable, Sendable {
   public var serialized: String {
     "StoreDir: \(storeDir)\nWantMassQuery: \(wantMassQuery ? 1 : 0)\nPriority: \(priority)\n"
       + (chunkIndex.map { "\(NixfsWire.cacheInfoKey): \($0)\n" } ?? "")
+      + (builds.map { "\(NixfsWire.buildInfoKey): \($0)\n" } ?? "")
   }
 }

@@ -288,12 +288,12 @@ public final class Builder: Sendable {
         let r = try await Subprocess.run(
           .path(FilePath("/usr/bin/timeout")), arguments: arguments, environment: .custom(environment),
           output: .fileDescriptor(fd, closeAfterSpawningProcess: true), error: .string(limit: 4 << 20))
-        (status, err) = (r.terminationStatus, r.standardError ?? "")
+        (status, err) = (r.terminationStatus, r.standardError)
       } else {
         let r = try await Subprocess.run(
           .path(FilePath("/usr/bin/timeout")), arguments: arguments, environment: .custom(environment),
           output: .string(limit: 16 << 20), error: .string(limit: 4 << 20))
-        (status, out, err) = (r.terminationStatus, r.standardOutput ?? "", r.standardError ?? "")
+        (status, out, err) = (r.terminationStatus, r.standardOutput, r.standardError)
       }
       switch status {
       case .exited(let code): return Run(status: code, timedOut: code == 124 || code == 137, stdout: out, stderr: err)
@@ -310,7 +310,8 @@ public final class Builder: Sendable {
     let errors = lines.filter { $0.hasPrefix("error:") }
     let tail = lines.suffix(12).filter { !errors.contains($0) }
     let text = (errors + (tail.isEmpty ? [] : ["last lines of the log:"] + tail)).joined(separator: "\n")
-    return LogText.bounded(text.isEmpty ? "the build failed and said nothing" : text, limit: 4096)
+    // Bounded so that the answer, JSON-escaped, fits the 4 KiB a node keeps of an error's body.
+    return LogText.bounded(text.isEmpty ? "the build failed and said nothing" : text, limit: 2500)
   }
 }
 

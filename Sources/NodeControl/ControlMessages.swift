@@ -1,4 +1,5 @@
 import Foundation
+import NixFormats
 #if canImport(Glibc)
   import Glibc
 #endif
@@ -24,6 +25,9 @@ public enum ControlRequest: Codable, Sendable, Equatable {
   case takeover(format: Int, version: String, mountpoint: String)
   /// What the daemon is, runs with and holds (`nixfs status`).
   case status
+  /// Ask the cluster cache that builds (`nixfs serve --build`) for a volume's nixExpr, flakeRef
+  /// or derivation; answers its state, or no `build` when no substituter builds.
+  case build(NixfsWire.BuildRequest)
 }
 
 /// `nixfs status`: a running daemon's account of itself.
@@ -130,6 +134,8 @@ public struct ControlResponse: Codable, Sendable, Equatable {
   public var handover: Handover?
   /// For `status`.
   public var status: DaemonStatus?
+  /// For `build`: the serve's answer; nil when no substituter builds.
+  public var build: NixfsWire.BuildAnswer?
 
   public init(
     failure: ControlFailure? = nil, message: String? = nil, viewPath: String? = nil, closure: [String]? = nil,

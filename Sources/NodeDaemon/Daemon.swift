@@ -146,6 +146,14 @@ public final class Daemon: Sendable {
       return .failed(.invalidArgument, "a takeover needs the control socket's descriptor passing")
     case .status:
       return ControlResponse(status: await status())
+    case .build(let request):
+      do throws(CacheError) {
+        var r = ControlResponse()
+        r.build = try await cache.requestBuild(request)
+        return r
+      } catch {
+        return .failed(Self.failure(error), "the cluster cache's builder does not answer: \(error)")
+      }
     case .fsck:
       do {
         let r = try await store.async.call { try $0.fsck(repair: false) }

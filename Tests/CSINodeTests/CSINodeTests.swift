@@ -26,7 +26,7 @@ final class Node: @unchecked Sendable {
   /// Extra `nixfs csi` arguments (the plugin runs with the project's Nix settings).
   let csiArguments: [String]
 
-  init(cache: String? = nil, withKeeper: Bool = false, csiArguments: [String] = []) throws {
+  init(cache: String? = nil, withKeeper: Bool = false, csiArguments: [String] = [], extraMountArguments: [String] = []) throws {
     self.csiArguments = csiArguments
     fx = try StoreFixture.shared()
     tmp = try TemporaryDirectory("csi")
@@ -44,7 +44,7 @@ final class Node: @unchecked Sendable {
     } else {
       keeper = nil
     }
-    mountArguments = fx.mountArguments(server, extra: extra)
+    mountArguments = fx.mountArguments(server, extra: extra + extraMountArguments)
     store = try MountedStore(mountpoint: tmp.sub("mnt"), stateDir: tmp.sub("state"), arguments: mountArguments)
     socket = tmp.sub("plugin/csi.sock")
     try startCSI()
