@@ -36,9 +36,14 @@ release: deps
 	$(SWIFT) build -c release --product nixfs
 
 # A failing run repeats its failures last: CI shows only the tail of the log.
+# The build tests (real nix-build runs at a serve) go in a run of their own: beside the mount
+# tests they made other suites' FUSE mounts and in-process tasks miss their deadlines (see
+# Documentation/serve.md, Builds; not understood yet), alone both pass.
+ISOLATED_TESTS := BuildTests|BuildVolumeTests
 test: deps
 	$(SWIFT) build --build-tests
-	@log=$$(mktemp); set -o pipefail; $(SWIFT) test --skip-build 2>&1 | tee $$log; status=$$?; \
+	@log=$$(mktemp); set -o pipefail; \
+	{ $(SWIFT) test --skip-build --skip '$(ISOLATED_TESTS)' && $(SWIFT) test --skip-build --filter '$(ISOLATED_TESTS)'; } 2>&1 | tee $$log; status=$$?; \
 	if [ $$status -ne 0 ]; then \
 	  echo "== make test failed (exit $$status); the failures again:"; \
 	  grep -E '✘|↳|error:|[Ff]atal|[Cc]rash|signal' $$log | tail -60; \

@@ -87,12 +87,13 @@ public final class WorkerPool<Resource>: @unchecked Sendable {
   }
 }
 
-/// The pool for blocking work that is not the chunk store's (the store's async front has its own
-/// executor): a listener's start, the control client, the CSI plugin's mounts, making a closure's
-/// Nix state, so it never holds one of Swift concurrency's few threads. Bounded: a flood of
-/// callers queues here rather than starting a thread each.
+/// The pool for blocking work that is not the chunk store's async callers' (the store's front has
+/// its own bounded executor): a commit's fdatasync, arriving chunks' pack writes, a listener's
+/// start, the control client, the CSI plugin's mounts, making a closure's Nix state, so it never
+/// holds one of Swift concurrency's few threads. Not bounded on purpose: some of its jobs wait for
+/// others (a commit for its fdatasync), and a bound would let them wait for a free thread forever.
 public let blockingPool = WorkerPool<Void>(
-  name: "nixfs-blocking", maxThreads: 16, idleSeconds: 10, makeResource: { () }, releaseResource: { _ in })
+  name: "nixfs-blocking", idleSeconds: 10, makeResource: { () }, releaseResource: { _ in })
 
 /// Runs blocking work on the blocking pool and awaits it: the one async entry point for it.
 public func blockingWork<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
