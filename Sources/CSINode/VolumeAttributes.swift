@@ -73,11 +73,22 @@ extension NodeService {
       let hint = systems.isEmpty ? "" : " (this node is \(config.system); the volume names \(systems.joined(separator: ", ")))"
       throw Self.fail(.invalidArgument, "volumeAttributes need one of \(config.system), storePath, flakeRef or nixExpr\(hint)")
     }
+    let path: StorePath
     do {
-      return try StorePath(text, storeDir: config.storeDir)
+      path = try StorePath(text, storeDir: config.storeDir)
     } catch {
       throw Self.fail(.invalidArgument, LogText.bounded("\(error)", limit: 512))
     }
+    // A derivation names what to build: its output, from the cluster cache that builds (without
+    // one, the .drv file itself is published, as before).
+    if path.name.hasSuffix(".drv"), attributes["derivation"] == nil,
+      let built = try await built(.init(derivation: path.path, pod: pod, namespace: namespace))
+    {
+      do { return try StorePath(built, storeDir: config.storeDir) } catch {
+        throw Self.fail(.internalError, LogText.bounded("the cluster cache built \(path): \(error)", limit: 512))
+      }
+    }
+    return path
   }
 
   /// The store path the cluster cache built for `request`; nil when no substituter builds (the

@@ -20,7 +20,7 @@ import TestSupport
     let key: String
     let netrc: String
 
-    init(_ fx: StoreFixture) throws {
+    init(_ fx: StoreFixture, upstreams extra: [String] = []) throws {
       tmp = try TemporaryDirectory("build-cluster")
       let nix = NixFixture(in: tmp.path)
       let (sk, pk) = try nix.generateKey("cluster-build-1")
@@ -31,6 +31,7 @@ import TestSupport
       upstream = try CacheServer(directory: fx.caches["zstd"]!)
       serve = try BackgroundProcess([
         nixfsBinary, "serve", "--listen", "127.0.0.1:0", "--state-dir", tmp.sub("serve"), "--substituter", upstream.url,
+      ] + extra.flatMap { ["--substituter", $0] } + [
         "--trusted-public-key", fx.publicKey, "--secret-key-file", sk, "--build", "--build-credentials-file", tmp.sub("creds"),
         "--build-wait", "1", "--log-level", "info",
       ])
@@ -112,5 +113,40 @@ import TestSupport
       }
     }
     #expect(refused?.code == .unavailable && refused?.message.contains("401") == true, "\(String(describing: refused))")
+  }
+
+  /// A volume naming a `.drv` (its derivation in a cache, its output in none): built at the
+  /// cluster cache; a second node publishing it fetches the output with no second build.
+  @Test func aDerivationPathIsBuiltOnceForTwoNodes() async throws {
+    let tmp = try TemporaryDirectory("build-drv")
+    let nix = NixFixture(in: tmp.path)
+    let bb = fx.paths["busybox"]!.path
+    let env = NixFixture.environment
+    // The derivation, instantiated in a store of its own and copied, signed, to a cache.
+    try run(
+      ["nix", "copy", "--from", "file://\(fx.caches["zstd"]!)", "--to", nix.store, "--option", "trusted-public-keys", fx.publicKey, bb],
+      environment: env)
+    let unique = UUID().uuidString
+    let drv = try run(["nix-instantiate", "--store", nix.store, "-E", expression("BB echo \(unique) > $out")], environment: env).trimmed
+    #expect(drv.hasSuffix(".drv"), "\(drv)")
+    // `--derivation`: the .drv itself, not its (unbuilt) output.
+    try run(["nix", "store", "sign", "--derivation", "--store", nix.store, "--key-file", "\(fx.nix.dir)/fs-test-1.sk", drv], environment: env)
+    let drvCache = tmp.sub("drv-cache")
+    try run(["nix", "copy", "--derivation", "--store", nix.store, "--to", "file://\(drvCache)?compression=zstd", drv], environment: env)
+    let drvServer = try CacheServer(directory: drvCache)
+    let cluster = try Cluster(fx, upstreams: [drvServer.url])
+    let arguments = ["--substituter", cluster.url, "--trusted-public-key", cluster.key, "--netrc-file", cluster.netrc]
+    let node = try Node(extraMountArguments: arguments)
+    let t = node.target("pod-drv")
+    let (_, last) = try await publishRetrying(node, node.publishRequest(volume: "vol-drv", target: t, attributes: ["storePath": drv]))
+    #expect(last == nil, "\(String(describing: last)) \(cluster.serve.stderr.suffix(2000))")
+    #expect(try node.pod(t, "cat /nix/var/result").trimmed == unique)
+    let second = try Node(extraMountArguments: arguments)
+    let t2 = second.target("pod-drv-2")
+    try await second.withClients { _, csi in
+      _ = try await csi.nodePublishVolume(second.publishRequest(volume: "vol-drv-2", target: t2, attributes: ["storePath": drv]))
+    }
+    #expect(try second.pod(t2, "cat /nix/var/result").trimmed == unique)
+    #expect(try cluster.builds("succeeded") == 1, "the second node's volume was not built again")
   }
 }
