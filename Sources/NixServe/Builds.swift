@@ -80,6 +80,8 @@ public final class Builder: Sendable {
 
   /// A failure is answered for a minute, so kubelet's retries see it, then built again.
   static let failureMemory: Duration = .seconds(60)
+  /// How many requests' results are remembered at most.
+  static let remembered = 10_000
 
   public init(settings: BuildSettings, cache: PullThroughCache, logger: Logger) throws {
     self.settings = settings
@@ -119,6 +121,12 @@ public final class Builder: Sendable {
         case .failed(_, let at) where now - at < Self.failureMemory: return false
         default: break
         }
+      }
+      // Remembered results are a bounded cache: past the bound the oldest finished ones go
+      // (asked again, they are built again, or answered from the store at once).
+      if jobs.count >= Self.remembered {
+        let finished = jobs.filter { $0.value.outcome != nil }.sorted { $0.value.started < $1.value.started }
+        for (old, _) in finished.prefix(jobs.count - Self.remembered + 1) { jobs[old] = nil }
       }
       jobs[key] = Job(what: what, started: now, outcome: nil, keepFor: keepFor)
       return true

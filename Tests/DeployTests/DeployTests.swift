@@ -211,7 +211,10 @@ func kustomizationImage(_ directory: String) throws -> String {
 // MARK: - Schema validation
 
 /// Every kustomization under deploy/, relative to it.
-let kustomizations = ["kubernetes", "kubernetes/base", "kubernetes/overlays/example", "kubernetes/overlays/cluster-cache"]
+let kustomizations = [
+  "kubernetes", "kubernetes/base", "kubernetes/overlays/example", "kubernetes/overlays/cluster-cache",
+  "kubernetes/overlays/cluster-cache-build",
+]
 
 @Suite("Kubernetes manifests validate strictly, offline")
 struct SchemaValidationTests {
@@ -220,7 +223,7 @@ struct SchemaValidationTests {
     let rendered = try Rendered(Repo.deploy(directory))
     let kinds = Set(rendered.objects.compactMap { $0["kind"] as? String })
     let node: Set = ["Namespace", "ServiceAccount", "ConfigMap", "DaemonSet", "CSIDriver"]
-    #expect(kinds == (directory.hasSuffix("cluster-cache") ? node.union(["Service", "StatefulSet"]) : node))
+    #expect(kinds == (directory.contains("cluster-cache") ? node.union(["Service", "StatefulSet"]) : node))
 
     let tmp = try TemporaryDirectory("deploy")
     let file = tmp.sub("rendered.yaml")
@@ -566,6 +569,28 @@ struct OverlayTests {
       #expect(try canonical(b["volumeMounts"]) == (try canonical(o["volumeMounts"])), "\(name)")
     }
     #expect(overlay["priorityClassName"] as? String == "system-node-critical")
+  }
+}
+
+@Suite("Builds at the cluster cache")
+struct ClusterCacheBuildTests {
+  /// The serve builds with a credential from a Secret; the nodes present it from a netrc.
+  @Test("the build overlay turns --build on and gives both sides the credential")
+  func buildOverlay() throws {
+    let r = try Rendered(Repo.deploy("kubernetes/overlays/cluster-cache-build"))
+    let serve = try #require(r.all("StatefulSet").first)
+    let container = try #require((dig(serve, "spec", "template", "spec", "containers") as? [JSON])?.first)
+    let command = strings(container["command"])
+    #expect(command.contains("--build") && flagValue(command, "--build-credentials-file") == "/etc/nixfs-serve-build/credentials")
+    #expect(flagValue(command, "--secret-key-file") != nil, "what the serve builds it signs")
+    #expect((container["image"] as? String)?.hasPrefix("nixfs-build") == true, "the builder needs an image with Nix")
+    let config = try #require(r.all("ConfigMap").first { (dig($0, "metadata", "name") as? String)?.hasPrefix("nixfs-config") == true })
+    let conf = (config["data"] as? [String: String])?["nix.conf"] ?? ""
+    #expect(conf.contains("netrc-file = /etc/nixfs-netrc/netrc"), "\(conf)")
+    let mount = try r.daemonSet("nixfs-mount")
+    let mountContainer = try #require((dig(mount, "spec", "template", "spec", "containers") as? [JSON])?.first { $0["name"] as? String == "nixfs-mount" })
+    let mounts = (mountContainer["volumeMounts"] as? [JSON]) ?? []
+    #expect(mounts.contains { $0["mountPath"] as? String == "/etc/nixfs-netrc" })
   }
 }
 
