@@ -78,7 +78,7 @@ import TestSupport
     let node = try Node(extraMountArguments: [
       "--substituter", cluster.url, "--trusted-public-key", cluster.key, "--netrc-file", cluster.netrc,
     ])
-    let unique = UUID().uuidString
+    let unique = UUID().uuidString.lowercased()  // never "BB", the script's busybox placeholder
     let expr = expression("BB sleep 2; BB echo \(unique) > $out")
     let t = node.target("pod-built")
     let request = node.publishRequest(volume: "vol-built", target: t, attributes: ["nixExpr": expr])
@@ -126,7 +126,7 @@ import TestSupport
     try run(
       ["nix", "copy", "--from", "file://\(fx.caches["zstd"]!)", "--to", nix.store, "--option", "trusted-public-keys", fx.publicKey, bb],
       environment: env)
-    let unique = UUID().uuidString
+    let unique = UUID().uuidString.lowercased()  // never "BB", the script's busybox placeholder
     let drv = try run(["nix-instantiate", "--store", nix.store, "-E", expression("BB echo \(unique) > $out")], environment: env).trimmed
     #expect(drv.hasSuffix(".drv"), "\(drv)")
     // `--derivation`: the .drv itself, not its (unbuilt) output.

@@ -63,7 +63,7 @@ import TestSupport
 
   /// A derivation whose builder is the upstream cache's busybox, running `script`; `unique` makes
   /// its output one no cache holds.
-  func expression(_ script: String, unique: String = UUID().uuidString) -> String {
+  func expression(_ script: String, unique: String = UUID().uuidString.lowercased()) -> String {
     let bb = fx.paths["busybox"]!.path
     return """
       let bb = builtins.storePath "\(bb)"; in
@@ -83,7 +83,7 @@ import TestSupport
   @Test func anExpressionNoCacheHasIsBuiltOnceAndServedSigned() throws {
     let s = try setUp("build-expr")
     #expect(try get("\(s.serve.url)/nix-cache-info").body.contains("NixfsBuild: nixfs/v1"))
-    let unique = UUID().uuidString
+    let unique = UUID().uuidString.lowercased()  // never "BB", the script's busybox placeholder
     let request = ["nixExpr": expression("BB sleep 2; BB echo \(unique) > $out", unique: unique), "pod": "ci-1", "namespace": "team"]
     // Longer than the request waits: the node hears "building" (kubelet retries).
     let (first, answer) = try post(s, request)
