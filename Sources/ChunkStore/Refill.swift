@@ -79,6 +79,7 @@ public final class PartialRefill: NARSink {
       // Moved out and back, so neither is copied on write.
       var reader = s.reader
       var progress = s.progress
+      s.reader = NARReader()
       s.progress = Progress()
       do {
         try reader.feed(bytes) { event in try handle(event, &progress) }
