@@ -16,9 +16,13 @@ public final class MountedStore: @unchecked Sendable {
     self.stateDir = stateDir
     try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: true)
     daemon = try BackgroundProcess([nixfsBinary, "mount", "--state-dir", stateDir] + arguments + [mountpoint])
-    let deadline = Date().addingTimeInterval(30)
-    while !isFuseMount(mountpoint) {
-      if !daemon.isRunning || Date() > deadline {
+    // 60 s, judged after looking: the test process may stand still for half a minute while other
+    // tests hold its threads, and a mount that came up meanwhile is up.
+    let deadline = Date().addingTimeInterval(60)
+    while true {
+      let late = Date() > deadline
+      if isFuseMount(mountpoint) { break }
+      if !daemon.isRunning || late {
         let err = daemon.stderr
         daemon.stop()
         throw CommandError(argv: daemon.argv, status: daemon.process.isRunning ? -1 : daemon.process.terminationStatus, stderr: err)

@@ -115,7 +115,9 @@ import Threads
 /// callers wait on blocked jobs, at most its threads block, and the callers hold no cooperative
 /// thread while they wait (if they did, this test could not go on while twelve of them wait).
 @Suite struct BlockingExecutorTests {
-  @Test(.timeLimit(.minutes(1))) func blockedJobsNeverHoldTheCooperativePool() async throws {
+  // The limit catches a deadlock, not slowness: under the full run this test's threads may stand
+  // still for a minute.
+  @Test(.timeLimit(.minutes(10))) func blockedJobsNeverHoldTheCooperativePool() async throws {
     let executor = BlockingExecutor(name: "test-front", threads: 2)
     let running = Locked((now: 0, most: 0, done: 0))
     let gate = Locked(false)
