@@ -119,7 +119,7 @@ let package = Package(
     .target(
       name: "FuseMount",
       dependencies: [
-        "StoreFS", "NixFormats", "NodeControl", "Threads", "CFuse3",
+        "StoreFS", "NixFormats", "NodeControl", "SystemCalls", "Threads", "CFuse3",
         .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),

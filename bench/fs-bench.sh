@@ -28,6 +28,7 @@ BIG_MB=${BIG_MB:-1024}
 SMALL_FILES=${SMALL_FILES:-100000}
 FILES_PER_DIR=${FILES_PER_DIR:-100}
 RUNS=${RUNS:-5}
+MMAP_FAULTS=${MMAP_FAULTS:-20000}
 OUT=${OUT:-$repo/bench/fs/results}
 KEEP=${KEEP:-0}
 case "$nixfs" in
@@ -58,9 +59,11 @@ fi
 # The project's Nix settings (scripts/nix/nix.conf) and none of the machine's.
 export NIX_CONF_DIR="$repo/scripts/nix" NIX_USER_CONF_FILES= NIX_CONFIG= NIX_REMOTE=
 work=$(mktemp -d /tmp/nixfs-fsbench.XXXXXX)
-mnt=$work/mnt sq=$work/sq fix=$work/fixtures
-mkdir -p "$mnt" "$sq" "$fix" "$OUT"
-daemon= squash= server=
+mnt=$work/mnt mnt2=$work/mnt-nopt sq=$work/sq fix=$work/fixtures
+mkdir -p "$mnt" "$mnt2" "$sq" "$fix" "$OUT"
+daemon= daemon2= squash= server=
+# The systems measured, side by side: nixfs with FUSE passthrough (the default) and without.
+SYSTEMS="disk nixfs nixfs-nopt squashfuse"
 
 stop_nixfs() {
   if [ -n "$daemon" ]; then
@@ -69,6 +72,14 @@ stop_nixfs() {
     daemon=
   fi
   if mountpoint -q "$mnt" 2>/dev/null; then fusermount3 -u -z "$mnt" || true; fi
+}
+stop_nixfs2() {
+  if [ -n "$daemon2" ]; then
+    kill -TERM "$daemon2" 2>/dev/null || true
+    wait "$daemon2" 2>/dev/null || true
+    daemon2=
+  fi
+  if mountpoint -q "$mnt2" 2>/dev/null; then fusermount3 -u -z "$mnt2" || true; fi
 }
 stop_squashfuse() {
   if mountpoint -q "$sq" 2>/dev/null; then fusermount3 -u "$sq" 2>/dev/null || fusermount3 -u -z "$sq" || true; fi
@@ -81,9 +92,11 @@ stop_squashfuse() {
 cleanup() {
   set +e
   stop_nixfs
+  stop_nixfs2
   stop_squashfuse
   if [ -n "$server" ]; then kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; fi
   [ -f "$work/nixfs.log" ] && cp "$work/nixfs.log" "$OUT/nixfs-stderr.log"
+  [ -f "$work/nixfs-nopt.log" ] && cp "$work/nixfs-nopt.log" "$OUT/nixfs-nopt-stderr.log"
   [ -f "$work/squashfuse.log" ] && cp "$work/squashfuse.log" "$OUT/squashfuse-stderr.log"
   if [ "$KEEP" = 1 ]; then
     echo "fs-bench: work dir kept at $work"
@@ -105,6 +118,14 @@ wait_mount() { # DIR PID NAME
 }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 metrics_port=$(free_port)
+metrics_port2=$(free_port)
+start_nixfs2() {
+  "$nixfs" mount --state-dir "$work/state-nopt" --substituter "http://127.0.0.1:$port" \
+    --trusted-public-key "$(cat "$work/pk")" --metrics-listen "127.0.0.1:$metrics_port2" \
+    --log-level warning --passthrough off "$mnt2" 2>>"$work/nixfs-nopt.log" &
+  daemon2=$!
+  wait_mount "$mnt2" "$daemon2" nixfs-nopt
+}
 start_nixfs() {
   "$nixfs" mount --state-dir "$work/state" --substituter "http://127.0.0.1:$port" \
     --trusted-public-key "$(cat "$work/pk")" --metrics-listen "127.0.0.1:$metrics_port" \
@@ -119,8 +140,11 @@ start_squashfuse() {
 }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 # FUSE request counters of the nixfs daemon, as "op=n ..." (empty if the endpoint does not answer).
-fuse_counts() {
-  curl -s --max-time 5 "http://127.0.0.1:$metrics_port/metrics" 2>/dev/null |
+fuse_counts() { # [PORT] [PID]
+  local p=${1:-$metrics_port} pid=${2:-$daemon}
+  # The daemon's CPU time (user + system, in clock ticks) beside its request counters.
+  [ -n "$pid" ] && awk '{ printf "cpu_ticks=%s ", $14 + $15 }' "/proc/$pid/stat" 2>/dev/null
+  curl -s --max-time 5 "http://127.0.0.1:$p/metrics" 2>/dev/null |
     awk '/^nixfs_fuse_requests_total/ && match($0, /op="[^"]*"/) { printf "%s=%s ", substr($0, RSTART + 4, RLENGTH - 5), $NF }
          /^nixfs_served_bytes_total/ { printf "bytes=%s ", $NF }' || true
 }
@@ -149,6 +173,7 @@ print(json.dumps({k: int(a[k] - b.get(k, 0)) for k in a if a[k] != b.get(k, 0)})
   echo "SMALL_FILES=$SMALL_FILES"
   echo "FILES_PER_DIR=$FILES_PER_DIR"
   echo "RUNS=$RUNS"
+  echo "MMAP_FAULTS=$MMAP_FAULTS"
   echo "DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)"
   echo "TOP_START=$(ps -eo pcpu=,comm= --sort=-pcpu | head -5 | awk '{printf "%s(%s%%) ", $2, $1}')"
@@ -181,7 +206,9 @@ read -r _ port <&"${SERVER[0]}"
 # ---- 3. Mount nixfs (first access) and squashfuse ---------------------------------------------
 say "mounting nixfs (empty state dir) from http://127.0.0.1:$port; first access of both paths"
 start_nixfs
+start_nixfs2
 for p in "$bigsp" "$smallsp"; do
+  ls "$mnt2/$(basename "$p")" >/dev/null
   name=$(basename "$p")
   t0=$EPOCHREALTIME
   ls "$mnt/$name" >/dev/null # the first lookup fetches, verifies and ingests the whole path
@@ -190,9 +217,19 @@ for p in "$bigsp" "$smallsp"; do
   echo "   $name: $(python3 -c "print(f'{$t1 - $t0:.1f}')") s"
 done
 nb=$mnt/$(basename "$bigsp") ns=$mnt/$(basename "$smallsp")
+nb2=$mnt2/$(basename "$bigsp") ns2=$mnt2/$(basename "$smallsp")
 say "checking nixfs against the original trees (also reads every file once)"
 cmp "$fix/fsbench-big/data.bin" "$nb/data.bin" || die "the big file differs on nixfs"
 diff -rq "$fix/fsbench-small" "$ns" >/dev/null || die "the small tree differs on nixfs"
+cmp "$fix/fsbench-big/data.bin" "$nb2/data.bin" || die "the big file differs on nixfs --passthrough off"
+diff -rq "$fix/fsbench-small" "$ns2" >/dev/null || die "the small tree differs on nixfs --passthrough off"
+# The first open made the big file's backing file in the background: wait for it.
+for _ in $(seq 600); do
+  [ -n "$(find "$work/state/backing" -maxdepth 1 -type f -size +1M 2>/dev/null)" ] && break
+  sleep 0.1
+done
+echo "PASSTHROUGH=$("$nixfs" status --state-dir "$work/state" 2>/dev/null | sed -n 's/^passthrough: //p')" >>"$work/meta.env"
+echo "   passthrough: $(sed -n 's/^PASSTHROUGH=//p' "$work/meta.env")"
 "$nixfs" stats --state-dir "$work/state" --json >"$work/stats.json" 2>/dev/null || true
 echo "NIXFS_STATS=$(tr -d '\n ' <"$work/stats.json")" >>"$work/meta.env"
 
@@ -204,15 +241,17 @@ qb=$sq/fsbench-big qs=$sq/fsbench-small
 cmp "$fix/fsbench-big/data.bin" "$qb/data.bin" || die "the big file differs on squashfuse"
 [ "$(find "$qs" -type f | wc -l)" = "$SMALL_FILES" ] || die "squashfuse shows a different file count"
 
-big_of() { case $1 in disk) echo "$fix/fsbench-big/data.bin" ;; nixfs) echo "$nb/data.bin" ;; squashfuse) echo "$qb/data.bin" ;; esac; }
-tree_of() { case $1 in disk) echo "$fix/fsbench-small" ;; nixfs) echo "$ns" ;; squashfuse) echo "$qs" ;; esac; }
+big_of() { case $1 in disk) echo "$fix/fsbench-big/data.bin" ;; nixfs) echo "$nb/data.bin" ;; nixfs-nopt) echo "$nb2/data.bin" ;; squashfuse) echo "$qb/data.bin" ;; esac; }
+tree_of() { case $1 in disk) echo "$fix/fsbench-small" ;; nixfs) echo "$ns" ;; nixfs-nopt) echo "$ns2" ;; squashfuse) echo "$qs" ;; esac; }
 mid=$(ls "$fix/fsbench-small" | sed -n "$(( (SMALL_FILES / FILES_PER_DIR) / 2 + 1 ))p")
 small_file=$mid/$(ls "$fix/fsbench-small/$mid" | sed -n "$(( $(ls "$fix/fsbench-small/$mid" | wc -l) / 2 + 1 ))p")
 
 restart_daemons() {
   stop_nixfs
+  stop_nixfs2
   stop_squashfuse
   start_nixfs
+  start_nixfs2
   start_squashfuse
 }
 
@@ -222,23 +261,35 @@ op() { # KIND SYSTEM: the measured operation
     read) dd if="$(big_of "$2")" of=/dev/null bs=1M status=none ;;
     meta) find "$(tree_of "$2")" -printf '%s %i\n' >/dev/null ;;
     ttfb) head -c1 "$(tree_of "$2")/$small_file" >/dev/null ;;
+    # MMAP_FAULTS random 4 KiB pages of the big file, touched through mmap (a loader's pattern).
+    mmap) python3 -c '
+import mmap, random, sys
+f = open(sys.argv[1], "rb"); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+pages = len(m) // 4096; r = random.Random(7); s = 0
+for _ in range(int(sys.argv[2])): s += m[r.randrange(pages) * 4096]
+' "$(big_of "$2")" "$MMAP_FAULTS" ;;
   esac
 }
 group() { # GROUP KIND MODE(warm|cold|restart) BYTES
   local g=$1 kind=$2 mode=$3 bytes=$4 i s t0 t1 before after extra
   say "$g ($RUNS runs; load $(cut -d' ' -f1-3 /proc/loadavg))"
   echo "LOAD_${g//-/_}=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$work/meta.env"
-  if [ "$mode" = warm ]; then for s in disk nixfs squashfuse; do op "$kind" "$s"; done; fi
+  if [ "$mode" = warm ]; then for s in $SYSTEMS; do op "$kind" "$s"; done; fi
   for i in $(seq "$RUNS"); do
     [ "$mode" = restart ] && restart_daemons
-    for s in disk nixfs squashfuse; do
+    for s in $SYSTEMS; do
       [ "$mode" = warm ] || drop_caches
-      [ "$s" = nixfs ] && before=$(fuse_counts)
+      case $s in nixfs) before=$(fuse_counts) ;; nixfs-nopt) before=$(fuse_counts "$metrics_port2" "$daemon2") ;; esac
       t0=$EPOCHREALTIME
       op "$kind" "$s"
       t1=$EPOCHREALTIME
       extra=-
-      if [ "$s" = nixfs ]; then after=$(fuse_counts); [ -n "$after" ] && extra=$(counts_diff "$before" "$after"); fi
+      case $s in
+        nixfs) after=$(fuse_counts) ;;
+        nixfs-nopt) after=$(fuse_counts "$metrics_port2" "$daemon2") ;;
+        *) after= ;;
+      esac
+      [ -n "$after" ] && extra=$(counts_diff "$before" "$after")
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$g" "$s" "$i" "$t0" "$t1" "$bytes" "$extra" >>"$work/raw.tsv"
       printf '   run %s %-10s %8.3f s\n' "$i" "$s" "$(python3 -c "print($t1 - $t0)")"
     done
@@ -246,6 +297,7 @@ group() { # GROUP KIND MODE(warm|cold|restart) BYTES
 }
 group read-warm read warm "$big_bytes"
 group read-cold read cold "$big_bytes"
+group mmap-cold mmap cold "$((MMAP_FAULTS * 4096))"
 group meta-warm meta warm 0
 group meta-cold meta cold 0
 group ttfb-cold ttfb cold 0

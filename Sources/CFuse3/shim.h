@@ -70,6 +70,12 @@ struct nixfs_fuse_io_state {
   int stop_fd;
   int stopping;
   int muted;
+  // Passthrough (see below): asked for by the filesystem, offered by the kernel's INIT, and
+  // set in the INIT reply this daemon sent (or, for a successor, as its journal says).
+  int want_passthrough;
+  int kernel_offers_passthrough;
+  int passthrough;
+  int init_answered;
 };
 extern struct nixfs_fuse_io_state *nixfs_fuse_io_state(void);
 #define NIXFS_IO (nixfs_fuse_io_state())
@@ -122,6 +128,14 @@ static inline ssize_t nixfs_fuse_io_read(int fd, void *buf, size_t len, void *us
         __atomic_store_n(&NIXFS_IO->init_request_len, (int)n, __ATOMIC_SEQ_CST);
       }
       __atomic_store_n(&NIXFS_IO->init_unique, unique, __ATOMIC_SEQ_CST);
+      // fuse_init_in after the 40-byte header: major, minor, max_readahead, flags, flags2.
+      if (n >= 40 + 20) {
+        uint32_t flags, flags2;
+        memcpy(&flags, (char *)buf + 40 + 12, 4);
+        memcpy(&flags2, (char *)buf + 40 + 16, 4);
+        int offered = (flags & (1u << 30)) /* FUSE_INIT_EXT */ && (flags2 & (1u << 5)) /* FUSE_PASSTHROUGH */;
+        __atomic_store_n(&NIXFS_IO->kernel_offers_passthrough, offered, __ATOMIC_SEQ_CST);
+      }
     }
   }
   return n;
@@ -160,6 +174,23 @@ static inline ssize_t nixfs_fuse_io_writev(int fd, struct iovec *iov, int count,
         flags |= (1u << 18); /* FUSE_PARALLEL_DIROPS */
         memcpy((char *)iov[1].iov_base + 12, &flags, 4);
       }
+      // Passthrough (Linux 6.9+): FUSE_PASSTHROUGH in flags2 (offset 32 of fuse_init_out, so
+      // FUSE_INIT_EXT too) and max_stack_depth 1 (offset 36): backing files sit on a plain file
+      // system, and overlayfs may still stack on this mount. Never with the writeback cache.
+      uint32_t flags;
+      memcpy(&flags, (char *)iov[1].iov_base + 12, 4);
+      if (NIXFS_IO->want_passthrough && __atomic_load_n(&NIXFS_IO->kernel_offers_passthrough, __ATOMIC_SEQ_CST) &&
+          iov[1].iov_len >= 40 && !(flags & (1u << 16)) /* FUSE_WRITEBACK_CACHE */) {
+        uint32_t flags2, depth = 1;
+        flags |= (1u << 30);
+        memcpy((char *)iov[1].iov_base + 12, &flags, 4);
+        memcpy(&flags2, (char *)iov[1].iov_base + 32, 4);
+        flags2 |= (1u << 5);
+        memcpy((char *)iov[1].iov_base + 32, &flags2, 4);
+        memcpy((char *)iov[1].iov_base + 36, &depth, 4);
+        __atomic_store_n(&NIXFS_IO->passthrough, 1, __ATOMIC_SEQ_CST);
+      }
+      __atomic_store_n(&NIXFS_IO->init_answered, 1, __ATOMIC_SEQ_CST);
     }
   }
   return writev(fd, iov, count);
@@ -234,6 +265,40 @@ static inline int nixfs_fuse_notify_resend(int fd) {
   struct { uint32_t len; int32_t error; uint64_t unique; } out = {16, 7, 0};
   ssize_t n = write(fd, &out, sizeof out);
   return n == (ssize_t)sizeof out ? 0 : -errno;
+}
+
+// Passthrough's device ioctls (linux/fuse.h, 6.9+; Debian 12's headers predate them):
+// FUSE_DEV_IOC_BACKING_OPEN = _IOW(229, 1, struct fuse_backing_map {int32 fd; uint32 flags;
+// uint64 padding}) returns a backing id > 0; FUSE_DEV_IOC_BACKING_CLOSE = _IOW(229, 2, uint32).
+#include <sys/ioctl.h>
+struct nixfs_fuse_backing_map { int32_t fd; uint32_t flags; uint64_t padding; };
+static inline void nixfs_fuse_set_want_passthrough(int want) {
+  __atomic_store_n(&NIXFS_IO->want_passthrough, want, __ATOMIC_SEQ_CST);
+}
+static inline int nixfs_fuse_init_answered(void) { return __atomic_load_n(&NIXFS_IO->init_answered, __ATOMIC_SEQ_CST); }
+static inline int nixfs_fuse_passthrough(void) { return __atomic_load_n(&NIXFS_IO->passthrough, __ATOMIC_SEQ_CST); }
+static inline int nixfs_fuse_kernel_offers_passthrough(void) {
+  return __atomic_load_n(&NIXFS_IO->kernel_offers_passthrough, __ATOMIC_SEQ_CST);
+}
+// A successor learns from its predecessor's journal that the connection has passthrough.
+static inline void nixfs_fuse_set_passthrough(int on) { __atomic_store_n(&NIXFS_IO->passthrough, on, __ATOMIC_SEQ_CST); }
+// Returns the backing id (> 0), or -errno.
+static inline int nixfs_fuse_backing_open(int devfd, int fd) {
+  struct nixfs_fuse_backing_map map = {.fd = fd, .flags = 0, .padding = 0};
+  int r = ioctl(devfd, _IOW(229, 1, struct nixfs_fuse_backing_map), &map);
+  return r > 0 ? r : (r == 0 ? -EINVAL : -errno);
+}
+static inline int nixfs_fuse_backing_close(int devfd, int backing_id) {
+  uint32_t id = (uint32_t)backing_id;
+  return ioctl(devfd, _IOW(229, 2, uint32_t), &id) == 0 ? 0 : -errno;
+}
+// An OPEN answered with passthrough: fuse_open_out {u64 fh; u32 open_flags; i32 backing_id} with
+// FOPEN_PASSTHROUGH (1 << 7) alone (KEEP_CACHE with it fails the open). libfuse 3.14's
+// fuse_reply_open cannot set backing_id (its padding then), so the reply is written whole.
+static inline int nixfs_fuse_reply_open_passthrough(fuse_req_t req, uint64_t fh, int32_t backing_id) {
+  struct { uint64_t fh; uint32_t open_flags; int32_t backing_id; } out = {fh, 1u << 7, backing_id};
+  struct iovec iov = {.iov_base = &out, .iov_len = sizeof out};
+  return fuse_reply_iov(req, &iov, 1);
 }
 
 // fuse_file_info's flags are bitfields; set them in C.

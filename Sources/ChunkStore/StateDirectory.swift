@@ -12,7 +12,7 @@ import Foundation
 func preparePrivateDirectory(
   _ path: String,
   stateMarkers: [String] = [
-    "lock", "index.sqlite", "narinfo-cache.sqlite", "packs", "csi-volumes.json", "control.sock", "uploads", "mnt", "kernel-view",
+    "lock", "index.sqlite", "narinfo-cache.sqlite", "packs", "csi-volumes.json", "control.sock", "uploads", "mnt", "kernel-view", "backing",
   ]
 ) throws(ChunkStoreError) {
   var existed = true

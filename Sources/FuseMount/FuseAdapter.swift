@@ -5,6 +5,7 @@ import Logging
 import NixFormats
 import NodeControl
 import Synchronization
+import SystemCalls
 
 #if canImport(Glibc)
   import Glibc
@@ -76,6 +77,11 @@ struct FuseReply: Replier, @unchecked Sendable {
     done()
   }
 
+  func openedPassthrough(handle: UInt64, backingID: Int32) {
+    _ = nixfs_fuse_reply_open_passthrough(raw, handle, backingID)
+    done()
+  }
+
   /// Packs entries from `offset` (0 and 1 are "." and "..") into at most `size` bytes.
   func listing(_ entries: [DirectoryEntry], directory: UInt64, offset: Int, size: Int) {
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(size, 1), alignment: 16)
@@ -112,6 +118,35 @@ struct FuseReply: Replier, @unchecked Sendable {
       used += needed
       index += 1
     }
+    _ = fuse_reply_buf(raw, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), used)
+    done()
+  }
+
+  func listingPlus(
+    _ entries: [PlusEntry], directory: UInt64, offset: Int, size: Int, timeout: Double, accepted: (Range<Int>) -> Void
+  ) {
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(size, 1), alignment: 16)
+    defer { buffer.deallocate() }
+    var used = 0
+    var packed = 0
+    for (k, e) in entries.enumerated() {
+      var param = fuse_entry_param()
+      param.ino = e.ino
+      param.attr = e.attr
+      param.attr_timeout = e.ino == 0 ? 0 : timeout
+      param.entry_timeout = e.ino == 0 ? 0 : timeout
+      let needed = (e.name + [0]).withUnsafeBufferPointer { n in
+        n.withMemoryRebound(to: CChar.self) { cname in
+          fuse_add_direntry_plus(
+            raw, buffer.baseAddress!.advanced(by: used).assumingMemoryBound(to: CChar.self), size - used,
+            cname.baseAddress, &param, off_t(offset + k + 1))
+        }
+      }
+      if needed > size - used { break }
+      used += needed
+      packed += 1
+    }
+    accepted(0..<packed)
     _ = fuse_reply_buf(raw, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), used)
     done()
   }
@@ -174,9 +209,9 @@ extension StoreFileSystem {
       guard let req else { return }
       fs(req).read(FuseReply(req), ino: ino, size: size, offset: offset)
     }
-    ops.release = { req, _, fi in
+    ops.release = { req, ino, fi in
       guard let req else { return }
-      fs(req).release(handle: fi?.pointee.fh ?? 0)
+      fs(req).release(handle: fi?.pointee.fh ?? 0, ino: ino)
       _ = fuse_reply_err(req, 0)
     }
     ops.opendir = { req, ino, fi in
@@ -186,6 +221,10 @@ extension StoreFileSystem {
     ops.readdir = { req, ino, size, offset, fi in
       guard let req else { return }
       fs(req).readdir(FuseReply(req), ino: ino, size: size, offset: offset, handle: fi?.pointee.fh ?? 0)
+    }
+    ops.readdirplus = { req, ino, size, offset, fi in
+      guard let req else { return }
+      fs(req).readdirplus(FuseReply(req), ino: ino, size: size, offset: offset, handle: fi?.pointee.fh ?? 0)
     }
     ops.releasedir = { req, _, fi in
       guard let req else { return }
@@ -198,4 +237,14 @@ extension StoreFileSystem {
     }
     return ops
   }()
+}
+
+/// Backing files registered on the connection's /dev/fuse descriptor (FUSE passthrough).
+struct FuseBackingRegistrar: BackingRegistrar {
+  let device: Int32
+  func register(_ fd: Int32) -> Result<Int32, SystemCallError> {
+    let r = nixfs_fuse_backing_open(device, fd)
+    return r > 0 ? .success(r) : .failure(SystemCallError(call: "ioctl FUSE_DEV_IOC_BACKING_OPEN", errno: -r))
+  }
+  func unregister(_ id: Int32) { _ = nixfs_fuse_backing_close(device, id) }
 }

@@ -41,6 +41,7 @@ public final class FuseMount: @unchecked Sendable {
   ) throws -> ServeOutcome {
     let s: FuseSession
     let connection: String
+    nixfs_fuse_set_want_passthrough(filesystem.passthrough == nil ? 0 : 1)
     switch source {
     case .fresh:
       try Mountpoint.prepare(mountpoint, allowNonEmpty: options.allowNonEmpty, logger: logger)
@@ -62,6 +63,7 @@ public final class FuseMount: @unchecked Sendable {
       view.generation += 1
       filesystem.restore(view)
       filesystem.journal = try KernelViewJournal.create(stateDir: stateDir, connection: connection, state: view)
+      nixfs_fuse_set_passthrough(view.passthrough ? 1 : 0)
       s = try FuseSession(
         adopting: fd, initRequest: [UInt8](handover.initRequest), mountpoint: mountpoint, options: sessionOptions,
         operations: StoreFileSystem.operations, userdata: Unmanaged.passUnretained(filesystem).toOpaque())
@@ -91,6 +93,7 @@ public final class FuseMount: @unchecked Sendable {
       }
     }
     onServing({ [self] in s.initRequest.isEmpty ? nil : handover(of: s, connection: connection) }, s.fd)
+    connectPassthrough(s, adopted: { if case .adopted = source { true } else { false } }())
     while true {
       let rc = s.run(maxThreads: options.maxThreads)
       let ended = gate.loopEnded()
@@ -112,6 +115,35 @@ public final class FuseMount: @unchecked Sendable {
       s.unmount()
       logger.info("unmounted", metadata: ["mountpoint": "\(mountpoint)", "status": "\(rc)"])
       return .unmounted
+    }
+  }
+
+  /// Once the connection's INIT is answered (at once for a successor), tells the core whether
+  /// it may pass files through, and journals that the connection can.
+  func connectPassthrough(_ s: FuseSession, adopted: Bool) {
+    guard let passthrough = filesystem.passthrough else { return }
+    let registrar = FuseBackingRegistrar(device: s.fd)
+    let journal = filesystem.journal
+    Thread.detachNewThread {
+      if !adopted {
+        var waited = 0
+        while nixfs_fuse_init_answered() == 0 && waited < 60_000 {
+          usleep(5_000)
+          waited += 5
+        }
+      }
+      let negotiated: Result<Void, PassthroughUnavailable>
+      if nixfs_fuse_passthrough() != 0 {
+        if !adopted { journal?.passthroughNegotiated() }
+        negotiated = .success(())
+      } else if adopted {
+        negotiated = .failure(PassthroughUnavailable("the connection was set up without passthrough (by an earlier daemon)"))
+      } else if nixfs_fuse_kernel_offers_passthrough() == 0 {
+        negotiated = .failure(PassthroughUnavailable("the kernel offers no FUSE passthrough (Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)"))
+      } else {
+        negotiated = .failure(PassthroughUnavailable("the INIT reply could not ask for passthrough"))
+      }
+      passthrough.connect(registrar, negotiated: negotiated)
     }
   }
 

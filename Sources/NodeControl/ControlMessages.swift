@@ -79,6 +79,8 @@ public struct DaemonStatus: Codable, Sendable, Equatable {
   public var storedBytes: UInt64
   public var budgetBytes: UInt64?
   public var chunksToFetch: Int
+  /// FUSE passthrough: `on (N backing files open)`, `off: why`, or `starting`.
+  public var passthrough: String?
   public init(
     version: String, pid: Int32, mountpoint: String, stateDir: String, settings: [Setting], substituters: [Substituter],
     unreachable: [String], views: [String], fetchesInFlight: [String], paths: Int, partialPaths: Int,

@@ -221,12 +221,14 @@ public final class Daemon: Sendable {
     let usable = await cache.substituters()
     let unreachable = await cache.unusableSubstituters()
     let stats = try? store.stats()
-    return DaemonStatus(
+    var s = DaemonStatus(
       version: NixFSVersion.description, pid: getpid(), mountpoint: mountpoint, stateDir: stateDir, settings: settings,
       substituters: usable.map { DaemonStatus.Substituter(url: $0.url, priority: $0.priority, chunkIndex: $0.chunkIndex) },
       unreachable: unreachable, views: filesystem.viewIDs(), fetchesInFlight: filesystem.fetchesInFlight().map(\.path),
       paths: stats?.paths ?? 0, partialPaths: stats?.partialPaths ?? 0, storedBytes: (try? store.storedBytes()) ?? 0,
       budgetBytes: store.configuration.maxStoredBytes, chunksToFetch: stats?.absentChunks ?? 0)
+    s.passthrough = filesystem.passthroughStatus
+    return s
   }
 
   /// What `nixfs gc` prints, from the daemon or from a store it opened itself.

@@ -24,7 +24,22 @@ package struct KernelViewState {
   package var views: [UInt32: StoreView] = [:]
   /// How many daemons served this connection before; handle numbers start from it.
   package var generation: UInt64 = 0
+  /// The connection was set up with FUSE passthrough (the INIT reply said so).
+  package var passthrough = false
+  /// Files of passthrough-sized inodes the kernel holds open, by inode: how many opens, and the
+  /// backing file they pass through to (none: read through the daemon). The kernel requires every
+  /// open of an inode to use the mode and backing file of those still open.
+  package var opens: [UInt64: OpenInode] = [:]
   package init() {}
+}
+
+package struct OpenInode: Sendable, Equatable {
+  package var count: Int
+  package var backing: Int32?
+  package var content: ContentID?
+  package init(count: Int, backing: Int32?, content: ContentID?) {
+    (self.count, self.backing, self.content) = (count, backing, content)
+  }
 }
 
 package struct KernelViewError: Error, CustomStringConvertible {
@@ -64,6 +79,10 @@ package final class KernelViewJournal: @unchecked Sendable {
     }
     for (number, v) in state.views.sorted(by: { $0.key < $1.key }) { bytes += record(view: number, v) }
     for (number, f) in state.files { bytes += record(file: number, content: f.content, size: f.size, path: f.path) }
+    if state.passthrough { bytes += frame("N", [1]) }
+    for (ino, o) in state.opens {
+      for _ in 0..<o.count { bytes += record(open: ino, backing: o.backing, content: o.content) }
+    }
     let out = open(temporary, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0o600)
     guard out >= 0 else { throw KernelViewError(path: temporary, reason: String(cString: strerror(errno))) }
     defer { close(out) }
@@ -115,6 +134,23 @@ package final class KernelViewJournal: @unchecked Sendable {
           let result = try? StorePath(baseName: v.result, storeDir: storeDir)
         else { continue }
         state.views[UInt32(le: body, at: 0)] = StoreView(id: v.id, closure: closure, result: result)
+      case UInt8(ascii: "N"):
+        state.passthrough = true
+      case UInt8(ascii: "O") where body.count == 8:
+        state.opens[UInt64(le: body, at: 0), default: OpenInode(count: 0, backing: nil, content: nil)].count += 1
+      case UInt8(ascii: "P") where body.count == 44:
+        let ino = UInt64(le: body, at: 0)
+        var o = state.opens[ino] ?? OpenInode(count: 0, backing: nil, content: nil)
+        o.count += 1
+        o.backing = Int32(bitPattern: UInt32(le: body, at: 8))
+        o.content = ContentID(bytes: body[12..<44])
+        state.opens[ino] = o
+      case UInt8(ascii: "X") where body.count == 8:
+        let ino = UInt64(le: body, at: 0)
+        if var o = state.opens[ino] {
+          o.count -= 1
+          state.opens[ino] = o.count > 0 ? o : nil
+        }
       case UInt8(ascii: "R") where body.count == 4:
         let number = UInt32(le: body, at: 0)
         state.views[number] = nil
@@ -147,6 +183,22 @@ package final class KernelViewJournal: @unchecked Sendable {
 
   @discardableResult
   package func view(_ number: UInt32, _ view: StoreView) -> SystemCallError? { append(Self.record(view: number, view)) }
+
+  @discardableResult
+  package func passthroughNegotiated() -> SystemCallError? { append(Self.frame("N", [1])) }
+
+  @discardableResult
+  package func opened(_ ino: UInt64, backing: Int32?, content: ContentID?) -> SystemCallError? {
+    append(Self.record(open: ino, backing: backing, content: content))
+  }
+
+  @discardableResult
+  package func released(_ ino: UInt64) -> SystemCallError? { append(Self.frame("X", ino.le)) }
+
+  package static func record(open ino: UInt64, backing: Int32?, content: ContentID?) -> [UInt8] {
+    if let backing, let content { return frame("P", ino.le + UInt32(bitPattern: backing).le + content.bytes) }
+    return frame("O", ino.le)
+  }
 
   @discardableResult
   package func viewRemoved(_ number: UInt32) -> SystemCallError? { append(Self.frame("R", number.le)) }

@@ -24,6 +24,12 @@ public final class FSMetrics: Sendable {
   package static let budgetBytes = Gauge(label: "nixfs_store_budget_bytes")
   package static let pinnedPaths = Gauge(label: "nixfs_pinned_paths")
   package static let partialPaths = Gauge(label: "nixfs_partial_paths")
+  /// FUSE passthrough: on (1) or off (0) for this connection, opens passed through, backing
+  /// files made, and the disk they take.
+  package static let passthroughAvailable = Gauge(label: "nixfs_passthrough_available")
+  package static let passthroughOpens = Counter(label: "nixfs_passthrough_opens_total")
+  package static let backingFilesMade = Counter(label: "nixfs_passthrough_backing_files_made_total")
+  package static let backingBytes = Gauge(label: "nixfs_passthrough_backing_bytes")
   package static let buildInfo = Gauge(
     label: "nixfs_build_info", dimensions: [("version", NixFSVersion.string), ("commit", NixFSVersion.commit)])
   package let fetchSeconds = Timer(label: "nixfs_fetch_duration_seconds")
@@ -51,6 +57,10 @@ public final class FSMetrics: Sendable {
     "nixfs_store_budget_bytes": "the store's disk budget (--max-size), 0 for none",
     "nixfs_pinned_paths": "store paths pinned by published views",
     "nixfs_partial_paths": "store paths registered from a chunk index and not yet complete",
+    "nixfs_passthrough_available": "1 when complete files are passed through to backing files (FUSE passthrough), 0 when every read goes through the daemon",
+    "nixfs_passthrough_opens_total": "opens answered with passthrough to a backing file",
+    "nixfs_passthrough_backing_files_made_total": "backing files made from verified chunks",
+    "nixfs_passthrough_backing_bytes": "disk the backing files take (their own budget, --passthrough-max-size)",
     "nixfs_build_info": "the running build, 1, labelled with its version and commit",
     "nixfs_fetch_duration_seconds": "time to fetch, verify and ingest one store path, successful fetches only",
     "nixfs_store_path_resolutions_total": "store path lookups, served from the local store or fetched first",
@@ -61,7 +71,8 @@ public final class FSMetrics: Sendable {
   package init() {
     // Static series are created on first use: touch them so every series is there from the start.
     _ = [Self.narBytesFetched, Self.downloadBytes, Self.pathsFromIndex, Self.indexRefused, Self.chunksFetched, Self.chunkBytesFetched, Self.chunksRejected]
-    _ = [Self.storeBytes, Self.budgetBytes, Self.pinnedPaths, Self.partialPaths, Self.buildInfo]
+    _ = [Self.storeBytes, Self.budgetBytes, Self.pinnedPaths, Self.partialPaths, Self.buildInfo, Self.passthroughAvailable, Self.backingBytes]
+    _ = [Self.passthroughOpens, Self.backingFilesMade]
     var r: [String: Counter] = [:]
     for op in Self.operations { r[op] = Counter(label: "nixfs_fuse_requests_total", dimensions: [("op", op)]) }
     requests = r

@@ -236,13 +236,23 @@ extension StoreFileSystem {
     // fetch it again before the open succeeds, so reads find their chunks.
     if store.evictions > 0, localTree(path) == nil {
       logger.info("re-fetching an evicted path on open", metadata: ["path": "\(path)"])
-      withTree(path, req) { _ in req.opened(handle: handle, keepCache: true, cacheDirectory: false) }
+      withTree(path, req) { _ in self.answerOpen(req, ino: ino, file: file, handle: handle) }
       return
     }
-    req.opened(handle: handle, keepCache: true, cacheDirectory: false)
+    answerOpen(req, ino: ino, file: file, handle: handle)
   }
 
-  package func release(handle: UInt64) {
+  /// Through the backing file where the kernel may read it itself, else through this daemon.
+  func answerOpen(_ req: any Replier, ino: UInt64, file: FileInfo, handle: UInt64) {
+    if let id = passthrough?.open(ino: ino, content: file.content, size: file.size) {
+      req.openedPassthrough(handle: handle, backingID: id)
+    } else {
+      req.opened(handle: handle, keepCache: true, cacheDirectory: false)
+    }
+  }
+
+  package func release(handle: UInt64, ino: UInt64) {
+    passthrough?.release(ino: ino)
     if let path = handleTable.withLock({ $0.openHandles.removeValue(forKey: handle) }) {
       store.unpin(path)
     }
@@ -426,6 +436,74 @@ extension StoreFileSystem {
     // A handle opened with the daemon before a takeover or crash: list the directory again.
     guard case .entries(let listing) = listing(ino) else { return replyError(req, EBADF, cause: "client") }
     replyListing(req, ino: ino, listing, size: size, offset: offset)
+  }
+
+  /// READDIRPLUS: inside a store path every entry comes with its attributes, so `find` and
+  /// `ls -l` need no lookup per name; the mount's own directories (root, views) list names only
+  /// (a store path's attributes would mean fetching it).
+  package func readdirplus(_ req: any Replier, ino: UInt64, size: Int, offset: off_t, handle: UInt64) {
+    count("readdir")
+    guard case .node(let instance, let index) = Inode.decode(ino) else {
+      let listing: [DirectoryEntry]
+      if let l = handleTable.withLock({ $0.dirListings[handle] }) {
+        listing = l
+      } else if case .entries(let l) = self.listing(ino) {
+        listing = l
+      } else {
+        return replyError(req, EBADF, cause: "client")
+      }
+      let plain = plusEntries(directory: ino, from: Int(offset), count: listing.count + 2, size: size) { i in
+        var st = stat()
+        st.st_ino = UInt(listing[i].ino)
+        st.st_mode = listing[i].mode
+        return PlusEntry(name: listing[i].name, ino: 0, attr: st)
+      }
+      return req.listingPlus(plain, directory: ino, offset: Int(offset), size: size, timeout: 0) { _ in }
+    }
+    guard let key = inodeTable.withLock({ $0.instances[instance] }) else { return replyError(req, ESTALE, cause: "stale") }
+    withTree(key.path, req) { tree in
+      guard case .directory = tree.nodes[Int(index)].kind else {
+        return self.replyError(req, ENOTDIR, cause: "client")
+      }
+      let children = tree.children(of: Int(index))
+      let entries = self.plusEntries(directory: ino, from: Int(offset), count: children.count + 2, size: size) { i in
+        let node = children.lowerBound + i
+        let (child, st) = self.entry(tree, path: key.path, instance: instance, index: Int32(node))
+        return PlusEntry(name: tree.nodes[node].name, ino: child, attr: st)
+      }
+      req.listingPlus(entries, directory: ino, offset: Int(offset), size: size, timeout: self.options.entryTimeout) { range in
+        // Every entry the kernel gets is a lookup it will forget ("." and ".." are not).
+        self.inodeTable.withLock { s in
+          for e in entries[range] where e.ino != 0 { s.lookups[e.ino, default: 0] += 1 }
+        }
+      }
+    }
+  }
+
+  /// The entries a READDIRPLUS answer from `from` can hold ("." and ".." first, as 0 and 1):
+  /// each takes at least 152 bytes, so no more than that many are made (each made entry may
+  /// register a node number).
+  func plusEntries(directory: UInt64, from: Int, count: Int, size: Int, _ make: (Int) -> PlusEntry) -> [PlusEntry] {
+    var out: [PlusEntry] = []
+    let room = size / 152 + 1
+    var i = from
+    while i < count && out.count < room {
+      switch i {
+      case 0:
+        var st = directoryAttributes(ino: directory)
+        st.st_ino = UInt(directory)
+        out.append(PlusEntry(name: Array(".".utf8), ino: 0, attr: st))
+      case 1:
+        var st = stat()
+        st.st_ino = UInt(Inode.root)
+        st.st_mode = S_IFDIR
+        out.append(PlusEntry(name: Array("..".utf8), ino: 0, attr: st))
+      default:
+        out.append(make(i - 2))
+      }
+      i += 1
+    }
+    return out
   }
 
   package func replyListing(_ req: any Replier, ino: UInt64, _ listing: [DirectoryEntry], size: Int, offset: off_t) {

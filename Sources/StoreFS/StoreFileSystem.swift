@@ -28,6 +28,8 @@ public struct StoreFSOptions: Sendable {
   public var useChunkIndex = true
   /// How long after a publish the chunks its pod reads count as its startup profile (0: off).
   public var startupProfileSeconds: Double = 10
+  /// FUSE passthrough of complete files to backing files (nil: off).
+  public var passthrough: PassthroughOptions? = nil
   public init() {}
 }
 
@@ -65,10 +67,15 @@ public final class StoreFileSystem: Sendable {
   /// What the kernel's node ids mean, for the next daemon on this connection (set by the mount).
   package var journal: KernelViewJournal? {
     get { journalSlot.withLock { $0 } }
-    set { journalSlot.withLock { $0 = newValue } }
+    set {
+      journalSlot.withLock { $0 = newValue }
+      passthrough?.journalSlot.withLock { $0 = newValue }
+    }
   }
   private let journalSlot = Mutex<KernelViewJournal?>(nil)
   package let readPattern = ReadPattern()
+  /// Backing files and the kernel's passthrough opens (nil with passthrough off).
+  package let passthrough: Passthrough?
   package let startups = StartupRecorder()
 
   package struct InstanceKey: Hashable {
@@ -126,6 +133,7 @@ public final class StoreFileSystem: Sendable {
     self.options = options
     self.logger = logger
     missing = NegativeCache(lifetime: .milliseconds(Int64(options.negativeTimeout * 1000)))
+    passthrough = options.passthrough.map { Passthrough(options: $0, store: store, logger: logger) }
   }
 
   /// Loads what the previous daemon told the kernel, so its node ids keep their meaning.
@@ -146,6 +154,7 @@ public final class StoreFileSystem: Sendable {
         s.nextView = max(s.nextView, number + 1)
       }
     }
+    passthrough?.restore(view.opens)
     // Handles the kernel still holds from before must never be mistaken for new ones.
     handleTable.withLock { $0.nextHandle = view.generation << 40 + 1 }
   }

@@ -56,6 +56,17 @@ struct MountCommand: ParsableCommand {
     help: ArgumentHelp(
       "A file that exists while this daemon serves the mount (a readiness probe's test).", valueName: "path"))
   var readyFile: String?
+  enum PassthroughMode: String, ExpressibleByArgument, CaseIterable {
+    case auto, off
+  }
+  @Option(
+    help: "FUSE passthrough (Linux 6.9+): the kernel reads complete files straight from plain backing files under the state directory (auto), or every read goes through the daemon (off)."
+  )
+  var passthrough: PassthroughMode = .auto
+  @Option(help: "Files smaller than this are read through the daemon, not passed through.")
+  var passthroughMinSize: String = "64K"
+  @Option(help: "Disk the backing files may take, least recently opened removed first (their own budget, beside --max-size).")
+  var passthroughMaxSize: String = "8G"
   @Argument(help: "Where to mount the store.") var mountpoint: String
 
   func validate() throws {
@@ -123,12 +134,21 @@ struct MountCommand: ParsableCommand {
     options.allowNonEmpty = allowNonEmpty
     options.useChunkIndex = !noChunkIndex
     options.startupProfileSeconds = startupProfileSeconds
+    if passthrough == .auto {
+      var p = PassthroughOptions(directory: (cache.stateDir as NSString).appendingPathComponent("backing"))
+      guard let min = parseSize(passthroughMinSize) else { fail("--passthrough-min-size \(passthroughMinSize): expected a size such as 64K") }
+      guard let max = parseSize(passthroughMaxSize) else { fail("--passthrough-max-size \(passthroughMaxSize): expected a size such as 8G") }
+      p.minSize = min
+      p.maxBytes = max
+      options.passthrough = p
+    }
     let own: [DaemonStatus.Setting] = [
       .init(name: "max-size", value: maxSize ?? "unlimited", source: maxSize == nil ? "default" : "flag"),
       .init(name: "chunk-index", value: noChunkIndex ? "off" : "on", source: noChunkIndex ? "flag" : "default"),
       .init(name: "startup-profile-seconds", value: "\(startupProfileSeconds)", source: startupProfileSeconds == 10 ? "default" : "flag"),
       .init(name: "keeper", value: keeper ?? "none", source: keeper == nil ? "default" : "flag"),
       .init(name: "threads", value: "\(threads)", source: threads == 16 ? "default" : "flag"),
+      .init(name: "passthrough", value: passthrough.rawValue, source: passthrough == .auto ? "default" : "flag"),
     ]
     let daemon = Daemon(
       mountpoint: mountpoint, stateDir: cache.stateDir, cache: client, store: store, options: options,

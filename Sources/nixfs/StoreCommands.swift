@@ -57,6 +57,7 @@ struct StatusCommand: ParsableCommand {
     print("read-write: \(writable.count)\(writable.isEmpty ? "" : ": ")" + writable.map { v in
       "\(v.volumeID) (\(mib(v.writtenBytes)) written\(v.limitBytes.map { " of \(mib($0))" } ?? ""))"
     }.joined(separator: " "))
+    if let p = s.passthrough { print("passthrough: \(p)") }
     print("fetching:   \(s.fetchesInFlight.isEmpty ? "nothing" : s.fetchesInFlight.joined(separator: " "))")
     print("caches:")
     for c in s.substituters {

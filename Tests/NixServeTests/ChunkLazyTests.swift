@@ -140,6 +140,45 @@ final class LargePathFixture: @unchecked Sendable {
     #expect(try metric(s.serve, "nixfs_serve_chunks_served_total") == before)
   }
 
+  /// FUSE passthrough needs every byte of a file local: a file of a partial path gets no backing
+  /// file while chunks of it are missing, and gets one, and passes through, once it is complete.
+  @Test func aPartialFileIsPassedThroughOnlyOnceComplete() throws {
+    let s = try setUp("lazy-passthrough")
+    let node = try mount(s, trusting: [fx.publicKey, s.serveKey])
+    defer { node.stop() }
+    func status() -> String { (try? run([nixfsBinary, "status", "--state-dir", s.tmp.sub("node")]).text) ?? "" }
+    func backingSizes() -> [Int] {
+      let dir = s.tmp.sub("node") + "/backing"
+      return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { !$0.hasPrefix(".") }.compactMap {
+        (try? FileManager.default.attributesOfItem(atPath: "\(dir)/\($0)"))?[.size] as? Int
+      }.sorted()
+    }
+    #expect(eventually(30) { status().contains("passthrough: on") }, "\(status())")
+    let root = node.path(fx.big.baseName)
+    // 64 KiB of a 48 MiB file: the rest of its chunks stay on the serve.
+    let partial = try FileHandle(forReadingFrom: URL(fileURLWithPath: "\(root)/lib/a.so"))
+    let head = try partial.read(upToCount: 65536) ?? Data()
+    try partial.close()
+    #expect(Array(head) == Array(try contents("\(fx.tree)/lib/a.so")[0..<65536]))
+    // A 1 MiB file, read whole (complete) and opened again after it gets its backing file (one
+    // maker, in order): by then the partial one was tried, and has none.
+    #expect(try contents("\(root)/bin/tool") == (try contents("\(fx.tree)/bin/tool")))
+    #expect(eventually(60) { status().contains("0 large files open") })
+    _ = try contents("\(root)/bin/tool")
+    #expect(eventually(60) { backingSizes().contains(1 << 20) }, "\(backingSizes())")
+    #expect(!backingSizes().contains(48 << 20), "a partial file got a backing file")
+    // Read whole, it is complete: the next open has one made, and the one after passes through.
+    #expect(try contents("\(root)/lib/a.so") == (try contents("\(fx.tree)/lib/a.so")))
+    #expect(eventually(60) { status().contains("0 large files open") })
+    _ = try contents("\(root)/lib/a.so")
+    #expect(eventually(60) { backingSizes().contains(48 << 20) }, "\(backingSizes())")
+    #expect(eventually(60) { status().contains("0 large files open") })
+    let held = try FileHandle(forReadingFrom: URL(fileURLWithPath: "\(root)/lib/a.so"))
+    defer { try? held.close() }
+    #expect(status().contains("1 backing files registered"), "\(status())")
+    #expect(Array(try held.readToEnd() ?? Data()) == (try contents("\(fx.tree)/lib/a.so")))
+  }
+
   /// NodePublishVolume on a cold node, with a cold serve: the closure's narinfos in one request
   /// (no narinfo request of its own), the serve pulls the path through for its index, and the
   /// tree is here before the pod looks; no NAR moves to the node.

@@ -19,21 +19,13 @@ import TestSupport
     let tmp = try TemporaryDirectory("inflight")
     // The 6 MiB path takes seconds to arrive: its lookup is in flight when the daemon goes.
     let server = try CacheServer(directory: fx.caches["none"]!, bandwidth: 2_000_000)
-    let keeper = try BackgroundProcess([nixfsBinary, "keeper", "--socket", tmp.sub("keeper.sock")])
-    var daemons: [BackgroundProcess] = []
-    defer {
-      for d in daemons.reversed() { d.stop() }
-      _ = try? run(["fusermount3", "-u", "-z", tmp.sub("mnt")], check: false)
-      keeper.stop()
-    }
-    while !FileManager.default.fileExists(atPath: tmp.sub("keeper.sock")) && keeper.isRunning { usleep(10_000) }
+    let kept = try KeptMount(in: tmp)
     let argv =
-      [nixfsBinary, "mount", "--state-dir", tmp.sub("state"), "--keeper", tmp.sub("keeper.sock")]
-      + fx.mountArguments(server) + [tmp.sub("mnt")]
+      [nixfsBinary, "mount", "--state-dir", tmp.sub("state"), "--keeper", kept.socket]
+      + fx.mountArguments(server) + [kept.mountpoint]
     let first = try MountedStore(
-      mountpoint: tmp.sub("mnt"), stateDir: tmp.sub("state"),
-      arguments: ["--keeper", tmp.sub("keeper.sock")] + fx.mountArguments(server))
-    daemons.append(first.daemon)
+      mountpoint: kept.mountpoint, stateDir: tmp.sub("state"), arguments: ["--keeper", kept.socket] + fx.mountArguments(server))
+    kept.daemons.append(first.daemon)
     let kinds = fx.paths["kinds"]!
     let reader = try BackgroundProcess(["cat", first.path("\(kinds.baseName)/hello.txt")])
     // Until the download is under way (the server started sending the NAR; it takes 3 s).
@@ -42,7 +34,7 @@ import TestSupport
     #expect(reader.isRunning, "the lookup should still wait for its NAR")
     if how == .crash { first.daemon.signal(SIGKILL) }
     let next = try BackgroundProcess(argv)
-    daemons.append(next)
+    kept.daemons.append(next)
     #expect(first.daemon.wait(seconds: 30))
     let completed = reader.wait(seconds: 60)
     #expect(completed, "the lookup never completed: \(next.stderr)")

@@ -43,3 +43,25 @@ public final class MountedStore: @unchecked Sendable {
 
   deinit { stop() }
 }
+
+/// A `nixfs keeper` for the mount at `tmp/mnt`, and the daemons that serve that mount in turn
+/// (a takeover, a crash and the next daemon): all stopped, and the mount gone, when released.
+public final class KeptMount: @unchecked Sendable {
+  public let keeper: BackgroundProcess
+  public let socket: String
+  public let mountpoint: String
+  public var daemons: [BackgroundProcess] = []
+
+  public init(in tmp: TemporaryDirectory) throws {
+    socket = tmp.sub("keeper.sock")
+    mountpoint = tmp.sub("mnt")
+    keeper = try BackgroundProcess([nixfsBinary, "keeper", "--socket", socket])
+    while !FileManager.default.fileExists(atPath: socket) && keeper.isRunning { usleep(10_000) }
+  }
+
+  deinit {
+    for d in daemons.reversed() { d.stop() }
+    _ = try? run(["fusermount3", "-u", "-z", mountpoint], check: false)
+    keeper.stop()
+  }
+}

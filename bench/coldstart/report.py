@@ -7,7 +7,7 @@ import os
 import statistics
 import sys
 
-MODES = ["eager", "nixfs-cold", "nixfs-prefetch", "nixfs-warm", "nixfs-hot"]
+MODES = ["eager", "eager-warm", "nixfs-cold", "nixfs-prefetch", "nixfs-warm", "nixfs-hot"]
 MIB = 2**20
 
 
@@ -149,22 +149,26 @@ def markdown(results, images) -> str:
         "NodePublishVolume then run), and how much more than the program reads each fetched (uncompressed NAR "
         "bytes fetched / bytes the program reads; the eager mode always fetches the whole closure).")
     add("")
-    add("| workload | network | eager | nixfs-cold | eager / nixfs-cold | nixfs-warm | perfect lazy | "
-        "fetched / read, nixfs-cold | fetched / read, eager |")
-    add("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    add("| workload | network | eager | nixfs-cold | eager / nixfs-cold | nixfs-warm | eager-warm | "
+        "nixfs-warm / eager-warm | perfect lazy | fetched / read, nixfs-cold | fetched / read, eager |")
+    add("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for profile, p in cfg["profiles"].items():
         for w in workloads:
             e = statistics.median(s[(w, profile, "eager")]["wall"])
             c = statistics.median(s[(w, profile, "nixfs-cold")]["wall"])
             warm = statistics.median(s[(w, profile, "nixfs-warm")]["wall"])
+            ew = s.get((w, profile, "eager-warm"))
+            ewarm = f"{statistics.median(ew['wall']):.2f} s" if ew else "–"
+            ratio = f"{warm / statistics.median(ew['wall']):.2f}x" if ew else "–"
             nread, pt = perfect(results, w, profile)
             lazy = statistics.median(s[(w, profile, "nixfs-cold")]["nar_bytes"])
             eager = statistics.median(s[(w, profile, "eager")]["nar_bytes"])
             add(f"| {w} | {p['mbit']:g} Mbit/s, {p['rtt_ms']:g} ms | {e:.2f} s | {c:.2f} s | **{e / c:.2f}x** | "
-                f"{warm:.2f} s | {pt:.2f} s | {fmt_mib(lazy)} / {fmt_mib(nread)} = {lazy / nread:.1f}x | "
+                f"{warm:.2f} s | {ewarm} | {ratio} | {pt:.2f} s | {fmt_mib(lazy)} / {fmt_mib(nread)} = {lazy / nread:.1f}x | "
                 f"{eager / nread:.1f}x |"
-                if nread else f"| {w} | {profile} | {e:.2f} s | {c:.2f} s | {e / c:.2f}x | {warm:.2f} s | – | – | – |")
+                if nread else f"| {w} | {profile} | {e:.2f} s | {c:.2f} s | {e / c:.2f}x | {warm:.2f} s | {ewarm} | {ratio} | – | – | – |")
     add("")
+    chunk_headline(add)
     for profile, p in cfg["profiles"].items():
         add(f"## {p['mbit']:g} Mbit/s, {p['rtt_ms']:g} ms per request")
         add("")
@@ -214,6 +218,44 @@ def markdown(results, images) -> str:
                     f"{b / a:.1f}x |")
         add("")
     return "\n".join(lines) + "\n"
+
+
+CHUNK_MODES = ["eager", "nixfs-chunk", "nixfs-chunk-profiled", "nixfs-chunk-warm"]
+
+
+def chunk_headline(add) -> None:
+    """What a cluster with an in-cluster `nixfs serve` gets: the chunk-lazy rows of the last
+    `make bench-chunk` run (Documentation/benchmarks/chunk.json), beside its own eager row."""
+    path = os.path.join(REPO_DOCS, "benchmarks", "chunk.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        chunk = json.load(f)
+    walls = {}
+    for r in chunk["runs"]:
+        walls.setdefault((r["workload"], r["profile"], r["mode"]), []).append(r["wall"])
+    m = chunk.get("machine", {})
+    add("## Headline: nodes behind an in-cluster `nixfs serve` (chunk-lazy)")
+    add("")
+    add(f"From the last `make bench-chunk` run (commit {m.get('git', '?')}, {m.get('date', '?')}; detail and method in "
+        "[benchmarks-chunk.md](benchmarks-chunk.md)): the node fetches only the chunks its program reads from the serve "
+        "over the in-cluster link; the upstream link is the network column. nixfs-chunk: first pod, no startup "
+        "profile; -profiled: with the profile an earlier pod left; -warm: every chunk already on the node, page cache "
+        "dropped.")
+    add("")
+    add("| workload | upstream network | " + " | ".join(CHUNK_MODES) + " | eager / nixfs-chunk |")
+    add("|---|---|" + "---:|" * (len(CHUNK_MODES) + 1))
+    keys = sorted({(w, p) for (w, p, _) in walls}, key=lambda k: (k[1], k[0]))
+    for w, p in keys:
+        cells = [f"{statistics.median(walls[(w, p, mode)]):.2f} s" if (w, p, mode) in walls else "–" for mode in CHUNK_MODES]
+        ratio = "–"
+        if (w, p, "eager") in walls and (w, p, "nixfs-chunk") in walls:
+            ratio = f"**{statistics.median(walls[(w, p, 'eager')]) / statistics.median(walls[(w, p, 'nixfs-chunk')]):.2f}x**"
+        add(f"| {w} | {p} | " + " | ".join(cells) + f" | {ratio} |")
+    add("")
+
+
+REPO_DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "Documentation")
 
 
 def write(results, out_dir) -> str:

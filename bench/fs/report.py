@@ -14,11 +14,13 @@ for line in open(f"{work}/meta.env"):
         k, v = line.rstrip("\n").split("=", 1)
         meta[k] = v
 
-SYSTEMS = ["disk", "nixfs", "squashfuse"]
-NAMES = {"disk": "local disk (ext4)", "nixfs": "nixfs", "squashfuse": "squashfuse"}
+SYSTEMS = ["disk", "nixfs", "nixfs-nopt", "squashfuse"]
+NAMES = {"disk": "local disk (ext4)", "nixfs": "nixfs (passthrough)", "nixfs-nopt": "nixfs --passthrough off",
+         "squashfuse": "squashfuse"}
 GROUPS = [  # group, label, kind
     ("read-warm", "sequential read of the {big} file, warm (page cache)", "rate"),
     ("read-cold", "sequential read of the {big} file, cold (page cache dropped; daemons running)", "rate"),
+    ("mmap-cold", "random 4 KiB page faults through mmap of the {big} file, cold (page cache dropped)", "rate"),
     ("read-restart", "sequential read of the {big} file, cold + FUSE daemon restarted", "rate"),
     ("meta-warm", "`find -printf '%s %i'` over {files} files, warm", "time"),
     ("meta-cold", "`find -printf '%s %i'` over {files} files, cold (page cache dropped)", "time"),
@@ -75,7 +77,27 @@ n, q = med("meta-cold", "nixfs"), med("meta-cold", "squashfuse")
 target("cold metadata at least as fast as squashfuse", "nixfs seconds <= squashfuse seconds (medians, page cache dropped)",
        None if None in (n, q) else n <= q, n, q)
 
-doc = {"meta": meta, "first_access_seconds": first, "results": results, "targets": targets}
+# Wave 3 (issue 29): native speed once bytes are local, against the local disk in the same run.
+d, n = med("read-cold", "disk"), med("read-cold", "nixfs")
+target("cold sequential read at least 1.0x ext4", "nixfs MB/s >= local disk MB/s (medians, page cache dropped)",
+       None if None in (d, n) else n >= d, n, d)
+d, n = med("mmap-cold", "disk"), med("mmap-cold", "nixfs")
+target("cold random 4 KiB mmap faults at least 0.9x ext4", "nixfs MB/s >= 0.9 x local disk MB/s (medians)",
+       None if None in (d, n) else n >= 0.9 * d, n, d)
+d, n = med("meta-cold", "disk"), med("meta-cold", "nixfs")
+target("cold find at most 1.5x ext4", "nixfs seconds <= 1.5 x local disk seconds (medians)",
+       None if None in (d, n) else n <= 1.5 * d, n, d)
+
+
+def cpu(g, s):
+    runs = results.get(g, {}).get(s, {}).get("fuse_requests_per_run") or []
+    ticks = [r.get("cpu_ticks", 0) for r in runs]
+    return statistics.median(ticks) / 100 if ticks else None
+
+
+daemon_cpu = {s: {g: cpu(g, s) for g in ("read-cold", "mmap-cold")} for s in ("nixfs", "nixfs-nopt")}
+
+doc = {"meta": meta, "daemon_cpu_seconds": daemon_cpu, "first_access_seconds": first, "results": results, "targets": targets}
 json.dump(doc, open(out_json, "w"), indent=2)
 
 
@@ -94,7 +116,7 @@ lines = []
 lines.append(f"Build: **{meta.get('BUILD_LABEL', '?')}** (`{meta.get('NIXFS', '?')}`). "
              f"Machine: {meta.get('CPU', '?')}, {meta.get('NPROC', '?')} cores, {meta.get('MEM', '?')}, "
              f"kernel {meta.get('KERNEL', '?')}. Load average (1/5/15 min) at start: {meta.get('LOAD_START', '?')}; "
-             f"at end: {meta.get('LOAD_END', '?')}. {meta.get('RUNS', '?')} runs each, interleaved across the three; "
+             f"at end: {meta.get('LOAD_END', '?')}. {meta.get('RUNS', '?')} runs each, interleaved across the four; "
              f"median (min–max). MB = 10^6 bytes.")
 lines.append("")
 lines.append("| measurement | " + " | ".join(NAMES[s] for s in SYSTEMS) + " |")
@@ -108,6 +130,14 @@ if first:
                  "compress, index; then read everything once): " +
                  "; ".join(f"{k} {v:.1f} s" for k, v in sorted(first.items())) + ".")
     lines.append("")
+def seconds(x):
+    return "—" if x is None else f"{x:.2f} s"
+
+
+lines.append("Daemon CPU (user + system, median per run, from /proc/PID/stat): " + "; ".join(
+    f"{NAMES[s]}: cold read {seconds(v['read-cold'])}, mmap faults {seconds(v['mmap-cold'])}"
+    for s, v in daemon_cpu.items()) + f". Passthrough: {meta.get('PASSTHROUGH', '?')}.")
+lines.append("")
 lines.append("| target | rule | nixfs | reference | met |")
 lines.append("| --- | --- | --- | --- | --- |")
 for t in targets:
