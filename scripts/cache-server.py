@@ -78,9 +78,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
             data = data[: len(data) // 2]
         return data
 
-    def proxy(self, head):
+    def do_POST(self):
+        # Only as a proxy (a serve's chunk batches, build requests); faults apply to the answer.
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if args.fail and re.search(args.fail, self.path):
+            return self.send_simple(500, b"injected failure\n")
+        if not args.upstream:
+            return self.send_simple(405, b"POST only as a proxy\n")
+        return self.proxy(False, body)
+
+    def proxy(self, head, body=None):
         headers = {"Range": self.headers["Range"]} if self.headers.get("Range") else {}
-        request = urllib.request.Request(args.upstream + self.path, headers=headers, method="HEAD" if head else "GET")
+        if body is not None:
+            headers["Content-Type"] = self.headers.get("Content-Type") or "application/octet-stream"
+        method = "POST" if body is not None else ("HEAD" if head else "GET")
+        request = urllib.request.Request(args.upstream + self.path, data=body, headers=headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=120) as r:
                 status, got, data = r.status, r.headers, r.read()

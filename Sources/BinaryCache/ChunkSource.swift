@@ -23,6 +23,13 @@ public struct FetchedChunk: Sendable {
   public let url: String
 }
 
+/// What one `POST nixfs/v1/chunks` brought: the frames that arrived whole, and why it ended early.
+public struct ChunkBatchAnswer: Sendable {
+  public let url: String
+  public let frames: [NixfsWire.ChunkBatch.Frame]
+  public let failure: CacheError?
+}
+
 extension BinaryCacheClient {
   /// The substituters that offer chunk indexes, best first.
   public func chunkSources() async -> [Substituter] {
@@ -50,6 +57,47 @@ extension BinaryCacheClient {
       throw .decompression(url: url, compression: encoding, reason: "unknown X-Nixfs-Encoding")
     }
     return FetchedChunk(zstd: encoding == "zstd", bytes: bytes, url: url)
+  }
+
+  /// The chunks `refs` names (hex digest, uncompressed size) from `source` in one request
+  /// (`POST nixfs/v1/chunks`), as their frames arrive; nil when the source has no batch route (an
+  /// older serve). What arrived before a failure is in the answer with the failure: a cut-off
+  /// stream loses none of it. Nothing here is believed; the store checks each chunk.
+  public func fetchChunkBatch(_ refs: [(hex: String, size: Int)], from source: Substituter) async -> ChunkBatchAnswer? {
+    let url = "\(source.url)/\(NixfsWire.chunkBatchRoute)"
+    let largest = refs.map(\.size).max() ?? 0
+    let limit = largest + largest / 128 + (64 << 10)
+    let total = refs.reduce(0) { $0 + $1.size + $1.size / 128 + NixfsWire.ChunkBatch.headerSize } + (64 << 10)
+    let state = Locked((parser: NixfsWire.ChunkBatch.Parser(limit: limit), frames: [NixfsWire.ChunkBatch.Frame](), bytes: 0))
+    do {
+      let head = try await transport.get(
+        url, post: NixfsWire.ChunkBatch.request(refs.map(\.hex)),
+        onStart: { _ in },
+        onData: { bytes in
+          try state.withLock { s in
+            s.bytes += bytes.count
+            guard s.bytes <= total else {
+              throw CacheError.sizeMismatch(url: url, field: "size limit", expected: UInt64(total), actual: UInt64(s.bytes))
+            }
+            do throws(NixfsWire.ChunkBatch.Malformed) {
+              s.frames += try s.parser.feed(bytes)
+            } catch {
+              throw CacheError.decompression(url: url, compression: "chunk batch", reason: error.reason)
+            }
+          }
+        })
+      if [404, 405, 501].contains(head.status) { return nil }
+      guard head.isSuccess else {
+        return ChunkBatchAnswer(url: url, frames: [], failure: .httpStatus(url: url, status: head.status, attempts: 1))
+      }
+      let got = state.withLock { $0 }
+      let failure: CacheError? =
+        got.parser.pending > 0
+        ? .decompression(url: url, compression: "chunk batch", reason: "cut off inside a frame after \(got.bytes) bytes") : nil
+      return ChunkBatchAnswer(url: url, frames: got.frames, failure: failure)
+    } catch {
+      return ChunkBatchAnswer(url: url, frames: state.withLock { $0.frames }, failure: error)
+    }
   }
 
   /// GETs a bounded body with retries; nil on 404 (or 403, as S3 answers for absent keys).

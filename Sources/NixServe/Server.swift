@@ -194,6 +194,7 @@ public struct ServeServer: Sendable {
     _ router: Router<BasicRequestContext>, cache: PullThroughCache, key: SecretKey, profiles: StartupProfiles?
   ) {
     if let profiles { addProfiles(router, profiles) }
+    addChunkBatch(router, cache: cache)
     router.get(RouterPath(NixfsWire.Route.manifestPattern)) { request, context -> Response in
       let digest = try context.parameters.require("digest")
       var held: StorePath?
@@ -243,6 +244,52 @@ public struct ServeServer: Sendable {
       headers[Self.encodingHeader] = chunk.zstd ? "zstd" : "identity"
       headers[Self.sizeHeader] = String(chunk.size)
       return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: buffer))
+    }
+  }
+
+  /// `POST nixfs/v1/chunks`: the chunks the body names, streamed back as `ChunkBatch` frames in
+  /// the order named (one round trip for the chunks around a node's miss); absent ones as such.
+  static func addChunkBatch(_ router: Router<BasicRequestContext>, cache: PullThroughCache) {
+    router.post(RouterPath(NixfsWire.chunkBatchRoute)) { request, _ -> Response in
+      let body = try await request.body.collect(upTo: NixfsWire.ChunkBatch.maxChunks * 65 + 1024)
+      let digests: [[UInt8]]
+      do throws(NixfsWire.ChunkBatch.Malformed) {
+        digests = try NixfsWire.ChunkBatch.parseRequest(Array(buffer: body))
+      } catch {
+        throw HTTPError(.badRequest, message: "\(error)\n")
+      }
+      let store = cache.store
+      let counters = cache.counters
+      return Response(
+        status: .ok, headers: [.contentType: "application/x-nixfs-chunks"],
+        body: ResponseBody { writer in
+          for digest in digests {
+            let id = ChunkID(SHA256Digest(bytes: digest))
+            let found = try await store.async.run { store in
+              try store.withStoredChunk(id) { chunk, fill -> ByteBuffer in
+                let header = NixfsWire.ChunkBatch.header(
+                  digest: digest, encoding: chunk.zstd ? .zstd : .identity, stored: chunk.storedSize, size: chunk.size)
+                var buffer = ByteBufferAllocator().buffer(capacity: header.count + chunk.storedSize)
+                buffer.writeBytes(header)
+                try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: chunk.storedSize) { raw in
+                  try fill(UnsafeMutableRawBufferPointer(rebasing: raw[0..<chunk.storedSize]))
+                  return chunk.storedSize
+                }
+                return buffer
+              }
+            }
+            if let found {
+              counters.chunksServed.increment()
+              counters.chunkBytesServed.increment(by: Int64(found.readableBytes - NixfsWire.ChunkBatch.headerSize))
+              try await writer.write(found)
+            } else {
+              try await writer.write(
+                ByteBuffer(bytes: NixfsWire.ChunkBatch.header(digest: digest, encoding: .absent, stored: 0, size: 0)))
+            }
+          }
+          counters.chunkBatchesServed.increment()
+          try await writer.finish(nil)
+        })
     }
   }
 

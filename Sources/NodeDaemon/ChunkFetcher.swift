@@ -28,10 +28,19 @@ final class ChunkFetcher: Sendable {
     self.logger = logger
   }
 
+  /// Sources that answered the batch route with 404 (older serves): asked chunk by chunk.
+  private let noBatches = Mutex<Set<String>>([])
+
   /// Returns once every chunk is in the store (or arriving there); throws the first failure.
+  /// Several chunks not in flight yet go in one batch request; each that it does not deliver,
+  /// verified, is fetched alone (with the fall-through of `fetchOne`).
   func fetch(_ refs: [ChunkRef]) async throws {
+    let flying = Set(inflight.keys)
+    let fresh = refs.filter { !flying.contains($0.id) }
+    let batch: Task<Set<ChunkID>, Never>? = fresh.count > 1 ? Task { await self.fetchBatch(fresh) } : nil
     let tasks = refs.map { ref in
       inflight.task(ref.id) { () async -> Result<Void, any Error> in
+        if let batch, await batch.value.contains(ref.id) { return .success(()) }
         do { return .success(try await self.fetchOne(ref)) } catch { return .failure(error) }
       }
     }
@@ -40,6 +49,51 @@ final class ChunkFetcher: Sendable {
       if case .failure(let error) = await t.value { failure = failure ?? error }
     }
     if let failure { throw failure }
+  }
+
+  /// One request for many chunks, from the best source that offers chunks: those accepted (each
+  /// checked against its digest by the store), at most `ChunkBatch.maxChunks` per request.
+  private func fetchBatch(_ refs: [ChunkRef]) async -> Set<ChunkID> {
+    guard let source = await cache.chunkSources().first, !noBatches.withLock({ $0.contains(source.url) }) else { return [] }
+    var accepted: Set<ChunkID> = []
+    var from = 0
+    while from < refs.count {
+      let part = Array(refs[from..<min(refs.count, from + NixfsWire.ChunkBatch.maxChunks)])
+      from += part.count
+      guard let answer = await cache.fetchChunkBatch(part.map { ($0.id.hex, Int($0.size)) }, from: source) else {
+        noBatches.withLock { _ = $0.insert(source.url) }
+        logger.info("the chunk source has no batch route; fetching chunk by chunk", metadata: ["substituter": "\(source.url)"])
+        return accepted
+      }
+      let sizes = Dictionary(part.map { ($0.id, $0.size) }, uniquingKeysWith: { a, _ in a })
+      for frame in answer.frames where frame.encoding != .absent {
+        let id = ChunkID(SHA256Digest(bytes: frame.digest))
+        guard let size = sizes[id] else { continue }
+        do {
+          _ = try await store.async.call {
+            try $0.accept(id, size: Int(size), zstd: frame.encoding == .zstd, bytes: frame.bytes, source: answer.url)
+          }
+          accepted.insert(id)
+          FSMetrics.chunksFetched.increment()
+          FSMetrics.chunkBytesFetched.increment(by: Int64(frame.bytes.count))
+        } catch {
+          if case .chunkRejected = error {
+            FSMetrics.chunksRejected.increment()
+            cache.countFallThrough(source, cause: .chunkRejected)
+          }
+          logger.warning("a chunk of a batch was not accepted", metadata: ["substituter": "\(source.url)", "error": "\(error)"])
+        }
+      }
+      FSMetrics.chunkBatches.increment()
+      if let failure = answer.failure {
+        cache.countFallThrough(source, cause: FallThroughCause(failure))
+        logger.warning(
+          "a chunk batch ended early; the rest come chunk by chunk",
+          metadata: ["substituter": "\(source.url)", "received": "\(answer.frames.count)", "error": "\(failure)"])
+        return accepted
+      }
+    }
+    return accepted
   }
 
   /// From each source in turn; bytes that are not the chunk are fetched once more, then refused.

@@ -19,6 +19,8 @@ public final class FSMetrics: Sendable {
   package static let chunksFetched = Counter(label: "nixfs_chunks_fetched_total")
   package static let chunkBytesFetched = Counter(label: "nixfs_chunk_download_bytes_total")
   package static let chunksRejected = Counter(label: "nixfs_chunks_rejected_total")
+  /// Batch requests (several chunks in one round trip).
+  package static let chunkBatches = Counter(label: "nixfs_chunk_batches_total")
   /// The store against its budget, read at each scrape (`Daemon.refreshGauges`).
   package static let storeBytes = Gauge(label: "nixfs_store_bytes")
   package static let budgetBytes = Gauge(label: "nixfs_store_budget_bytes")
@@ -53,6 +55,7 @@ public final class FSMetrics: Sendable {
     "nixfs_chunks_fetched_total": "chunks fetched for reads of partial paths, verified",
     "nixfs_chunk_download_bytes_total": "bytes downloaded for fetched chunks, as sent (compressed)",
     "nixfs_chunks_rejected_total": "fetched chunks that did not verify and were discarded",
+    "nixfs_chunk_batches_total": "chunk batch requests (several chunks in one round trip; their chunks count in nixfs_chunks_fetched_total)",
     "nixfs_store_bytes": "bytes the chunk store keeps on disk",
     "nixfs_store_budget_bytes": "the store's disk budget (--max-size), 0 for none",
     "nixfs_pinned_paths": "store paths pinned by published views",
@@ -70,7 +73,7 @@ public final class FSMetrics: Sendable {
 
   package init() {
     // Static series are created on first use: touch them so every series is there from the start.
-    _ = [Self.narBytesFetched, Self.downloadBytes, Self.pathsFromIndex, Self.indexRefused, Self.chunksFetched, Self.chunkBytesFetched, Self.chunksRejected]
+    _ = [Self.narBytesFetched, Self.downloadBytes, Self.pathsFromIndex, Self.indexRefused, Self.chunksFetched, Self.chunkBytesFetched, Self.chunksRejected, Self.chunkBatches]
     _ = [Self.storeBytes, Self.budgetBytes, Self.pinnedPaths, Self.partialPaths, Self.buildInfo, Self.passthroughAvailable, Self.backingBytes]
     _ = [Self.passthroughOpens, Self.backingFilesMade]
     var r: [String: Counter] = [:]

@@ -284,11 +284,20 @@ extension StoreFileSystem {
       return replyError(req, EIO, cause: "read")
     }
     // A partial path's chunks are not all here: fetch them (never on this worker), then answer.
-    let ahead = readPattern.miss(file.content, offset: UInt64(offset), size: size, ahead: Self.readAhead) ? Self.readAhead : 0
+    // A small file comes whole on its first miss (a .pyc, a small .so: read whole anyway); a
+    // larger one with the chunks around the miss, in the same round trip.
+    let (from, count, ahead): (UInt64, Int, Int)
+    if file.size <= Self.wholeFileLimit {
+      (from, count, ahead) = (0, Int(file.size), 0)
+    } else {
+      let w = readPattern.window(file.content, offset: UInt64(offset), size: size, streamAhead: Self.readAhead)
+      let back = min(UInt64(w.back), UInt64(offset))
+      (from, count, ahead) = (UInt64(offset) - back, size + Int(back), w.ahead)
+    }
     Task {
       do {
         for _ in 0..<3 {
-          let refs = try self.store.absentChunks(content: file.content, offset: UInt64(offset), count: size, ahead: ahead)
+          let refs = try self.store.absentChunks(content: file.content, offset: from, count: count, ahead: ahead)
           self.startups.record(file.path, refs)
           try await self.materialiser.fetchChunks(refs, for: file.path)
           if try self.replyRead(req, file.content, size: size, offset: offset) { return }
@@ -305,6 +314,8 @@ extension StoreFileSystem {
 
   /// How far past a sequential read a partial file's chunks are fetched with it.
   package static let readAhead = 2 << 20
+  /// Files up to this size are fetched whole on their first miss.
+  package static let wholeFileLimit: UInt64 = 256 << 10
 
   /// Answers a read from the store; false (nothing sent) when a chunk it needs is absent.
   package func replyRead(_ req: any Replier, _ content: ContentID, size: Int, offset: off_t) throws -> Bool {

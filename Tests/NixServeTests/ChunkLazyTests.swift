@@ -72,11 +72,13 @@ final class LargePathFixture: @unchecked Sendable {
   }
 
   func mount(
-    _ s: Setup, trusting keys: [String], extra: [String] = [], mountpoint: String? = nil, state: String = "node"
+    _ s: Setup, trusting keys: [String], extra: [String] = [], mountpoint: String? = nil, state: String = "node",
+    substituter: String? = nil
   ) throws -> MountedStore {
     try MountedStore(
       mountpoint: mountpoint ?? s.tmp.sub("mnt"), stateDir: s.tmp.sub(state),
-      arguments: ["--substituter", s.serve.url, "--log-level", "info"] + keys.flatMap { ["--trusted-public-key", $0] } + extra)
+      arguments: ["--substituter", substituter ?? s.serve.url, "--log-level", "info"] + keys.flatMap { ["--trusted-public-key", $0] }
+        + extra)
   }
 
   /// What the CSI plugin asks the daemon on NodePublishVolume, over the control socket.
@@ -138,6 +140,56 @@ final class LargePathFixture: @unchecked Sendable {
     let before = try metric(s.serve, "nixfs_serve_chunks_served_total")
     _ = try NixFixture.dump(root)
     #expect(try metric(s.serve, "nixfs_serve_chunks_served_total") == before)
+  }
+
+  /// One series of a node's metrics.
+  func nodeMetric(_ port: Int, _ name: String) throws -> Double {
+    for line in try httpBody("http://127.0.0.1:\(port)/metrics").split(separator: "\n") where line.hasPrefix(name + " ") {
+      return Double(line.split(separator: " ").last ?? "") ?? -1
+    }
+    Issue.record("no \(name) in the node's metrics")
+    return -1
+  }
+
+  /// 1 MiB from the middle of a 48 MiB file of a partial path: a miss fetches the chunks around it
+  /// in one batch request.
+  func readMiddle(_ node: MountedStore) throws -> Bool {
+    let h = try FileHandle(forReadingFrom: URL(fileURLWithPath: node.path("\(fx.big.baseName)/lib/a.so")))
+    defer { try? h.close() }
+    try h.seek(toOffset: 10 << 20)
+    let got = try h.read(upToCount: 1 << 20) ?? Data()
+    let want = try contents("\(fx.tree)/lib/a.so")[(10 << 20)..<(11 << 20)]
+    return Array(got) == Array(want)
+  }
+
+  enum BatchFault: String, CaseIterable { case corrupt, truncate }
+
+  /// A batch answer with a corrupted chunk, or cut off mid-stream (through a proxy in front of the
+  /// serve): every chunk that arrived whole and verified is kept, the others come one by one, and
+  /// the reads return the right bytes.
+  @Test(arguments: BatchFault.allCases)
+  func aBadBatchKeepsWhatVerified(_ fault: BatchFault) throws {
+    let s = try setUp("lazy-batch-\(fault)")
+    let batches = "^/nixfs/v1/chunks$"
+    let proxy = try CacheServer(
+      upstream: s.serve.url, corrupt: fault == .corrupt ? batches : nil, truncate: fault == .truncate ? batches : nil)
+    let port = try freePort()
+    let node = try mount(
+      s, trusting: [fx.publicKey, s.serveKey], extra: ["--metrics-listen", "127.0.0.1:\(port)"], substituter: proxy.url)
+    defer { node.stop() }
+    #expect(try readMiddle(node), "\(node.daemon.stderr.suffix(2000))")
+    let fetched = try nodeMetric(port, "nixfs_chunks_fetched_total")
+    let single = proxy.requests.filter { $0.hasPrefix("/nixfs/v1/chunks/") }.count
+    #expect(try nodeMetric(port, "nixfs_chunk_batches_total") >= 1)
+    #expect(proxy.requests.contains("/nixfs/v1/chunks"))
+    #expect(single >= 1, "what the batch did not deliver came alone")
+    #expect(Double(single) < fetched, "the batch's good chunks were kept: \(single) alone of \(fetched)")
+    if fault == .corrupt {
+      #expect(try nodeMetric(port, "nixfs_chunks_rejected_total") >= 1)
+    } else {
+      #expect(node.daemon.stderr.contains("a chunk batch ended early"), "\(node.daemon.stderr.suffix(2000))")
+    }
+    #expect(try metric(s.serve, "nixfs_serve_nar_served_bytes_total") == 0, "no NAR was needed")
   }
 
   /// FUSE passthrough needs every byte of a file local: a file of a partial path gets no backing
