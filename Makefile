@@ -52,7 +52,7 @@ test: deps
 # The in-process tier (no FUSE mount, no mount namespace, no root needed): formats, threads, Nix's
 # database, the chunk store, the cache client against loopback servers, the filesystem core.
 # A contributor's loop; CI runs everything (`make test`).
-FAST_TESTS := NixFormatsTests|ThreadsTests|NixStateTests|ChunkStoreTests|BinaryCacheTests|SystemLibrariesTests|StoreFSTests.CoreTests|StoreFSTests.KernelViewTests
+FAST_TESTS := NixFormatsTests|ServeRouterTests|ThreadsTests|NixStateTests|ChunkStoreTests|BinaryCacheTests|SystemLibrariesTests|StoreFSTests.CoreTests|StoreFSTests.KernelViewTests
 test-fast: deps
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build --filter '$(FAST_TESTS)'

@@ -216,6 +216,14 @@ let package = Package(
     .testTarget(
       name: "NixStateTests", dependencies: ["NixState", "NixFormats", "TestSupport", "CSQLite"], swiftSettings: strict),
     .testTarget(name: "NixServeTests", dependencies: ["TestSupport", "NixFormats", "ChunkStore"], swiftSettings: strict),
+    // The serve's routes in process (HummingbirdTesting, no socket): the fast tier of the serve.
+    .testTarget(
+      name: "ServeRouterTests",
+      dependencies: [
+        "NixServe", "BinaryCache", "ChunkStore", "NixFormats", "TestSupport",
+        .product(name: "HummingbirdTesting", package: "hummingbird"),
+      ],
+      swiftSettings: strict),
     .testTarget(
       name: "BinaryCacheTests", dependencies: ["BinaryCache", "TestSupport"], swiftSettings: strict),
     .testTarget(

@@ -20,6 +20,7 @@ public final class ServeCounters: Sendable {
   public let manifestsServed: Prometheus.Counter
   /// `POST nixfs/v1/chunks` answers (each counts its chunks in `chunksServed` too).
   public let chunkBatchesServed: Prometheus.Counter
+  public let chunksBatched: Prometheus.Counter
   /// Bytes the chunk store keeps on disk, refreshed on every scrape.
   public let storedBytes: Gauge
   /// `nixfs_serve_builds_total{outcome}`: succeeded, failed, timeout, refused (no credential).
@@ -43,6 +44,7 @@ public final class ServeCounters: Sendable {
     chunkBytesServed = counter("chunk_served_bytes_total", "chunk bytes sent to clients, as stored (compressed)")
     manifestsServed = counter("manifests_served_total", "chunk index documents sent to clients")
     chunkBatchesServed = counter("chunk_batches_served_total", "chunk batch answers (several chunks in one round trip)")
+    chunksBatched = counter("batched_chunks_served_total", "chunks sent in batch answers (also in chunks_served_total)")
     storedBytes = registry.makeGauge(
       descriptor: MetricNameDescriptor(metricName: "nixfs_serve_store_bytes", unitName: "", helpText: "bytes the chunk store keeps on disk"))
     let buildsName = MetricNameDescriptor(

@@ -49,6 +49,17 @@ public struct ServeServer: Sendable {
 
   /// Serves until SIGTERM or SIGINT; `onListening` gets the bound port (for `--listen HOST:0`).
   public func run(onListening: @escaping @Sendable (Int) -> Void) async throws {
+    let app = Application(
+      router: makeRouter(),
+      server: .http1(configuration: .init(idleTimeout: .milliseconds(Int64(idleTimeout * 1000)))),
+      configuration: .init(address: .hostname(host, port: port), serverName: "nixfs-serve"),
+      onServerRunning: { channel in onListening(channel.localAddress?.port ?? 0) },
+      logger: logger)
+    try await app.runService()
+  }
+
+  /// Every route of the serve (also what the in-process tests drive, without a socket).
+  public func makeRouter() -> Router<BasicRequestContext> {
     let router = Router()
     let cache = self.cache
     // Nix ignores keys it does not know; nixfs nodes read this one (Documentation/serve.md).
@@ -175,13 +186,7 @@ public struct ServeServer: Sendable {
           try await writer.finish(nil)
         })
     }
-    let app = Application(
-      router: router,
-      server: .http1(configuration: .init(idleTimeout: .milliseconds(Int64(idleTimeout * 1000)))),
-      configuration: .init(address: .hostname(host, port: port), serverName: "nixfs-serve"),
-      onServerRunning: { channel in onListening(channel.localAddress?.port ?? 0) },
-      logger: logger)
-    try await app.runService()
+    return router
   }
 
   static let encodingHeader = HTTPField.Name(NixfsWire.Header.encoding)!
@@ -280,6 +285,7 @@ public struct ServeServer: Sendable {
             }
             if let found {
               counters.chunksServed.increment()
+              counters.chunksBatched.increment()
               counters.chunkBytesServed.increment(by: Int64(found.readableBytes - NixfsWire.ChunkBatch.headerSize))
               try await writer.write(found)
             } else {

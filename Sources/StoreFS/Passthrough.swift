@@ -51,6 +51,8 @@ package final class Passthrough: Sendable {
     /// Backing files known to be on disk, and those being made.
     var made: Set<ContentID> = []
     var making: Set<ContentID> = []
+    /// Jobs of the maker not yet finished.
+    var queued = 0
     var diskBytes: UInt64 = 0
     var scanned = false
   }
@@ -228,38 +230,36 @@ package final class Passthrough: Sendable {
     let start = state.withLock { s -> Bool in
       guard !s.making.contains(content), !s.made.contains(content) else { return false }
       s.making.insert(content)
+      s.queued += 1
       return true
     }
     guard start else { return }
     maker.async { [self] in
-      defer { state.withLock { _ = $0.making.remove(content) } }
+      var made = false
       do {
-        if try makeNow(content) {
-          state.withLock { s in
-            s.made.insert(content)
-            s.diskBytes += size
-          }
-          FSMetrics.backingFilesMade.increment()
-          evictOverBudget()
-        }
+        made = try makeNow(content)
       } catch {
         logger.warning("cannot make a backing file", metadata: ["content": "\(content)", "error": "\(error)"])
       }
-    }
-  }
-
-  /// Half-written backing files of daemons that are gone (a crash while making one).
-  func removeAbandoned() {
-    for name in (try? FileManager.default.contentsOfDirectory(atPath: options.directory)) ?? [] where name.hasPrefix(".new-") {
-      guard let pid = Int32(name.split(separator: "-").last ?? ""), pid != getpid(), kill(pid, 0) != 0, errno == ESRCH else {
-        continue
+      state.withLock { s in
+        s.queued -= 1
+        s.making.remove(content)
+        if made {
+          s.made.insert(content)
+          s.diskBytes += size
+        }
       }
-      unlink("\(options.directory)/\(name)")
+      if made {
+        FSMetrics.backingFilesMade.increment()
+        evictOverBudget()
+      }
     }
   }
 
   /// Writes, fsyncs and renames into place, so a crash leaves a whole verified copy or none.
-  /// False when the content is not all here.
+  /// False when the content is not all here. (One `syncfs` for many files was tried: it flushes
+  /// every dirty page of the file system, and on a busy node that stalled other writers for tens
+  /// of seconds.)
   func makeNow(_ content: ContentID) throws -> Bool {
     try FileManager.default.createDirectory(atPath: options.directory, withIntermediateDirectories: true)
     let final = path(content)
@@ -277,10 +277,38 @@ package final class Passthrough: Sendable {
       if case .chunkAbsent = error { return false }
       throw error
     }
-    guard fsync(fd) == 0 else { throw SystemCallError(call: "fsync \(temporary)", errno: errno) }
+    guard fdatasync(fd) == 0 else { throw SystemCallError(call: "fdatasync \(temporary)", errno: errno) }
     guard rename(temporary, final) == 0 else { throw SystemCallError(call: "rename \(final)", errno: errno) }
     keep = true
     return true
+  }
+
+  /// Half-written backing files of daemons that are gone (a crash while making one).
+  func removeAbandoned() {
+    for name in (try? FileManager.default.contentsOfDirectory(atPath: options.directory)) ?? [] where name.hasPrefix(".new-") {
+      guard let pid = Int32(name.split(separator: "-").last ?? ""), pid != getpid(), kill(pid, 0) != 0, errno == ESRCH else {
+        continue
+      }
+      unlink("\(options.directory)/\(name)")
+    }
+  }
+
+  /// Writes the content's bytes, checked chunk by chunk, to a temporary file beside its place;
+  /// nil when the content is not all here.
+  func writeTemporary(_ content: ContentID) throws -> String? {
+    try FileManager.default.createDirectory(atPath: options.directory, withIntermediateDirectories: true)
+    let temporary = "\(options.directory)/.new-\(content.digest.hex)-\(getpid())"
+    let fd = Glibc.open(temporary, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0o444)
+    guard fd >= 0 else { throw SystemCallError(call: "open \(temporary)", errno: errno) }
+    defer { close(fd) }
+    do {
+      _ = try store.writeVerified(content: content, to: fd, path: temporary)
+      return temporary
+    } catch {
+      unlink(temporary)
+      if case .chunkAbsent = error { return nil }
+      throw error
+    }
   }
 
   /// Removes least recently opened backing files past the budget; never one that is registered.
@@ -312,7 +340,9 @@ package final class Passthrough: Sendable {
   }
 
   /// Registered backing files and open passthrough inodes, for tests and status.
-  package var counts: (backings: Int, inodes: Int) { state.withLock { ($0.backings.count, $0.inodes.count) } }
+  package var counts: (backings: Int, inodes: Int, making: Int) {
+    state.withLock { ($0.backings.count, $0.inodes.count, $0.making.count) }
+  }
 }
 
 package struct PassthroughUnavailable: Error {
@@ -329,7 +359,7 @@ extension StoreFileSystem {
     case .off(let why): return "off: \(why)"
     case .on:
       let c = p.counts
-      return "on (\(c.backings) backing files registered, \(c.inodes) large files open)"
+      return "on (\(c.backings) backing files registered, \(c.inodes) large files open, \(c.making) being made)"
     }
   }
 }

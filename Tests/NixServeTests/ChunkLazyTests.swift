@@ -205,7 +205,7 @@ final class LargePathFixture: @unchecked Sendable {
         (try? FileManager.default.attributesOfItem(atPath: "\(dir)/\($0)"))?[.size] as? Int
       }.sorted()
     }
-    #expect(eventually(30) { status().contains("passthrough: on") }, "\(status())")
+    #expect(eventually(120) { status().contains("passthrough: on") }, "\(status())")
     let root = node.path(fx.big.baseName)
     // 64 KiB of a 48 MiB file: the rest of its chunks stay on the serve.
     let partial = try FileHandle(forReadingFrom: URL(fileURLWithPath: "\(root)/lib/a.so"))
@@ -215,16 +215,16 @@ final class LargePathFixture: @unchecked Sendable {
     // A 1 MiB file, read whole (complete) and opened again after it gets its backing file (one
     // maker, in order): by then the partial one was tried, and has none.
     #expect(try contents("\(root)/bin/tool") == (try contents("\(fx.tree)/bin/tool")))
-    #expect(eventually(60) { status().contains("0 large files open") })
+    #expect(eventually(120) { status().contains("0 large files open") })
     _ = try contents("\(root)/bin/tool")
-    #expect(eventually(60) { backingSizes().contains(1 << 20) }, "\(backingSizes())")
+    #expect(eventually(120) { backingSizes().contains(1 << 20) }, "\(backingSizes())")
     #expect(!backingSizes().contains(48 << 20), "a partial file got a backing file")
     // Read whole, it is complete: the next open has one made, and the one after passes through.
     #expect(try contents("\(root)/lib/a.so") == (try contents("\(fx.tree)/lib/a.so")))
-    #expect(eventually(60) { status().contains("0 large files open") })
+    #expect(eventually(120) { status().contains("0 large files open") })
     _ = try contents("\(root)/lib/a.so")
-    #expect(eventually(60) { backingSizes().contains(48 << 20) }, "\(backingSizes())")
-    #expect(eventually(60) { status().contains("0 large files open") })
+    #expect(eventually(120) { backingSizes().contains(48 << 20) }, "\(backingSizes())")
+    #expect(eventually(120) { status().contains("0 large files open") })
     let held = try FileHandle(forReadingFrom: URL(fileURLWithPath: "\(root)/lib/a.so"))
     defer { try? held.close() }
     #expect(status().contains("1 backing files registered"), "\(status())")

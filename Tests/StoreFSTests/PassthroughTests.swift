@@ -50,7 +50,7 @@ import TestSupport
     }.sorted()
   }
 
-  func eventually(_ seconds: Double = 60, _ condition: () throws -> Bool) rethrows -> Bool {
+  func eventually(_ seconds: Double = 120, _ condition: () throws -> Bool) rethrows -> Bool {
     let deadline = Date().addingTimeInterval(seconds)
     while true {
       let late = Date() > deadline
@@ -82,14 +82,14 @@ import TestSupport
     let tmp = try TemporaryDirectory("pt-read")
     let server = try CacheServer(directory: fx.caches["zstd"]!)
     let node = try mount(server, tmp)
-    #expect(try eventually(30) { try status(node).contains("passthrough: on") }, "\((try? status(node)) ?? "")")
+    #expect(try eventually(120) { try status(node).contains("passthrough: on") }, "\((try? status(node)) ?? "")")
     #expect(try metric(node, "nixfs_passthrough_available") == 1)
     let (mounted, original) = bigFile
     let expected = try contents(original)
     // The first open reads through the daemon (there is no backing file yet) and has one made.
     #expect(try contents(node.store.path(mounted)) == expected)
     #expect(eventually { backingSizes(node).contains(UInt64(expected.count)) }, "no backing file was made")
-    #expect(try eventually(30) { try status(node).contains("0 large files open") })
+    #expect(try eventually(120) { try status(node).contains("0 large files open") })
     let reads = try metric(node, "nixfs_fuse_requests_total{op=\"read\"}")
     let opens = try metric(node, "nixfs_passthrough_opens_total")
     #expect(try contents(node.store.path(mounted)) == expected)
@@ -109,7 +109,7 @@ import TestSupport
     let tmp = try TemporaryDirectory("pt-twins")
     let server = try CacheServer(directory: fx.caches["zstd"]!)
     let node = try mount(server, tmp)
-    #expect(try eventually(30) { try status(node).contains("passthrough: on") })
+    #expect(try eventually(120) { try status(node).contains("passthrough: on") })
     let a = node.store.path("\(fx.paths["twin-a"]!.baseName)/share/blob")
     let b = node.store.path("\(fx.paths["twin-b"]!.baseName)/share/blob")
     let blob = try contents(a)
@@ -128,13 +128,13 @@ import TestSupport
     let server = try CacheServer(directory: fx.caches["zstd"]!)
     // Room for the 6 MiB file but not for it and the 3 MiB one.
     let node = try mount(server, tmp, extra: ["--passthrough-max-size", "7M"])
-    #expect(try eventually(30) { try status(node).contains("passthrough: on") })
+    #expect(try eventually(120) { try status(node).contains("passthrough: on") })
     let (mounted, original) = bigFile
     let big = try contents(original)
     let twin = node.store.path("\(fx.paths["twin-a"]!.baseName)/share/blob")
     #expect(try contents(node.store.path(mounted)) == big)
     #expect(eventually { backingSizes(node) == [UInt64(big.count)] })
-    #expect(try eventually(30) { try status(node).contains("0 large files open") })
+    #expect(try eventually(120) { try status(node).contains("0 large files open") })
     // Held open, passed through: its backing file is registered with the kernel.
     let held = try FileHandle(forReadingFrom: URL(fileURLWithPath: node.store.path(mounted)))
     let head = try held.read(upToCount: 1 << 20) ?? Data()
@@ -146,7 +146,7 @@ import TestSupport
     let rest = try held.readToEnd() ?? Data()
     #expect(Array(head + rest) == big)
     try held.close()
-    #expect(try eventually(30) { try status(node).contains("0 large files open") })
+    #expect(try eventually(120) { try status(node).contains("0 large files open") })
     // Closed, it is the least recently opened: the next one made takes its place.
     #expect(try contents(twin) == blob)
     #expect(eventually { backingSizes(node) == [3 << 20] }, "\(backingSizes(node))")
@@ -180,12 +180,12 @@ import TestSupport
     let first = try MountedStore(mountpoint: kept.mountpoint, stateDir: tmp.sub("state"), arguments: arguments)
     kept.daemons.append(first.daemon)
     let node = Node(store: first, port: 0)
-    #expect(try eventually(30) { try status(node).contains("passthrough: on") })
+    #expect(try eventually(120) { try status(node).contains("passthrough: on") })
     let (mounted, original) = bigFile
     let big = try contents(original)
     #expect(try contents(first.path(mounted)) == big)
     #expect(eventually { backingSizes(node) == [UInt64(big.count)] })
-    #expect(try eventually(30) { try status(node).contains("0 large files open") })
+    #expect(try eventually(120) { try status(node).contains("0 large files open") })
     let held = try FileHandle(forReadingFrom: URL(fileURLWithPath: first.path(mounted)))
     let head = try held.read(upToCount: 1 << 20) ?? Data()
     #expect(try status(node).contains("1 backing files registered"))
@@ -193,14 +193,14 @@ import TestSupport
     let next = try BackgroundProcess([nixfsBinary, "mount", "--state-dir", tmp.sub("state")] + arguments + [kept.mountpoint])
     kept.daemons.append(next)
     #expect(first.daemon.wait(seconds: 30))
-    #expect(try eventually(30) { (try? status(node))?.contains("pid \(next.process.processIdentifier)") == true }, "\(next.stderr)")
+    #expect(try eventually(120) { (try? status(node))?.contains("pid \(next.process.processIdentifier)") == true }, "\(next.stderr)")
     // A second open while the first is open: the kernel insists on the same backing file.
     #expect(try contents(first.path(mounted)) == big, "\(next.stderr)")
     let rest = try held.readToEnd() ?? Data()
     #expect(Array(head + rest) == big)
     #expect(try status(node).contains("passthrough: on"), "\((try? status(node)) ?? "")")
     try held.close()
-    #expect(try eventually(30) { try status(node).contains("0 backing files registered, 0 large files open") }, "\((try? status(node)) ?? "")")
+    #expect(try eventually(120) { try status(node).contains("0 backing files registered, 0 large files open") }, "\((try? status(node)) ?? "")")
     #expect(try mappedDigest(first.path(mounted)) == sha256(big))
     #expect(next.isRunning, "\(next.stderr)")
   }

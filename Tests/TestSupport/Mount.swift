@@ -16,12 +16,16 @@ public final class MountedStore: @unchecked Sendable {
     self.stateDir = stateDir
     try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: true)
     daemon = try BackgroundProcess([nixfsBinary, "mount", "--state-dir", stateDir] + arguments + [mountpoint])
-    // 60 s, judged after looking: the test process may stand still for half a minute while other
-    // tests hold its threads, and a mount that came up meanwhile is up.
-    let deadline = Date().addingTimeInterval(60)
+    // 120 s, judged after looking: the test process may stand still for half a minute while
+    // other tests hold its threads, and a daemon's start (it fsyncs its store and journal) may
+    // wait as long behind a writeback storm of the other tests' gigabytes; a mount that came up
+    // meanwhile is up.
+    let deadline = Date().addingTimeInterval(120)
     while true {
       let late = Date() > deadline
-      if isFuseMount(mountpoint) { break }
+      // Once the daemon says it mounted, the mount's own answer counts too: in the full run the
+      // test process's /proc/self/mountinfo has been seen not to show a mount the daemon made.
+      if isFuseMount(mountpoint) || (daemon.stderr.contains("[FuseMount] mounted") && answersAsFuse(mountpoint)) { break }
       if !daemon.isRunning || late {
         let err = daemon.stderr
         daemon.stop()
@@ -64,4 +68,13 @@ public final class KeptMount: @unchecked Sendable {
     _ = try? run(["fusermount3", "-u", "-z", mountpoint], check: false)
     keeper.stop()
   }
+}
+
+/// True when `path` is a mount's root (another device than its parent), by stat: a daemon that
+/// said it mounted answers it.
+public func answersAsFuse(_ path: String) -> Bool {
+  var here = stat()
+  var parent = stat()
+  return stat(path, &here) == 0 && stat((path as NSString).deletingLastPathComponent, &parent) == 0
+    && here.st_dev != parent.st_dev
 }

@@ -117,13 +117,16 @@ class Serve:
         return False
 
     def requests(self) -> int:
-        """Chunk and index requests answered so far."""
+        """Chunk and index round trips answered so far: single chunks, batches (many chunks in
+        one), indexes."""
         text = urllib.request.urlopen(f"{self.url}/metrics", timeout=30).read().decode()
-        total = 0
+        v = {}
         for line in text.splitlines():
-            if line.startswith(("nixfs_serve_chunks_served_total ", "nixfs_serve_manifests_served_total ")):
-                total += int(float(line.split()[1]))
-        return total
+            if line.startswith("nixfs_serve_") and " " in line and not line.startswith("#"):
+                name, value = line.split()[0], line.split()[-1]
+                v[name] = int(float(value))
+        return (v.get("nixfs_serve_chunks_served_total", 0) - v.get("nixfs_serve_batched_chunks_served_total", 0)
+                + v.get("nixfs_serve_chunk_batches_served_total", 0) + v.get("nixfs_serve_manifests_served_total", 0))
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -305,7 +308,7 @@ def markdown(results) -> str:
            "trip + bytes the program reads × compression / bandwidth) for the link the node fetches over: in-cluster "
            "for `nixfs-chunk`, upstream for `nixfs-chunk-first`, `nixfs-cold` and eager.", ""]
     out += ["| workload | upstream | mode | wall time | bound | wall / bound | upstream bytes | in-cluster bytes | "
-            "chunk + index requests | node fetched (uncompressed) / program reads |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "chunk + index round trips | node fetched (uncompressed) / program reads |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for profile in cfg["profiles"]:
         for w in cfg["workloads"]:
             wl = cfg["workloads"][w]

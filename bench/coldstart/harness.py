@@ -9,7 +9,8 @@ Modes (each run starts from a dropped page cache unless it says hot):
                   floor for nixfs-warm (every byte local, none cached)
   nixfs-cold      empty state dir: CSI NodePublishVolume, then run (paths fetched on first access)
   nixfs-prefetch  empty state dir: `nixfs fetch` of the closure, NodePublishVolume, run
-  nixfs-warm      state dir populated, daemon restarted: NodePublishVolume, run
+  nixfs-warm      state dir populated (chunks, and the backing files made after the cold run),
+                  daemon restarted: NodePublishVolume, run
   nixfs-hot       right after a run, a second pod on the same node: NodePublishVolume, run
 
 Everything runs for real: Nix (nix-bin) for the fixtures and the eager mode, the nixfs mount
@@ -21,6 +22,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import statistics
@@ -144,6 +146,8 @@ class Node:
         common = ["--state-dir", state]
         caches = [a for url in (substituters or [h.cache.url]) for a in ("--substituter", url)]
         trusted = [a for k in (keys or [h.fx["public_key"]]) for a in ("--trusted-public-key", k)]
+        # NIXFS_BENCH_MOUNT_ARGS: extra `nixfs mount` flags for an experiment (say so in the report).
+        extra = [*extra, *shlex.split(os.environ.get("NIXFS_BENCH_MOUNT_ARGS", ""))]
         self.mount = subprocess.Popen(
             [h.nixfs, "mount", *common, *caches, *trusted, *extra, "--log-level", "warning", self.mnt], stdout=logf,
             stderr=logf)
@@ -174,6 +178,17 @@ class Node:
 
     def rss(self) -> int:
         return sum(proc_hwm(p.pid) for p in self.procs())
+
+    def settle(self, seconds: float = 60) -> None:
+        """Waits until the daemon has made the backing files its pods' first opens asked for
+        (FUSE passthrough makes them in the background)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            out = subprocess.run([self.h.nixfs, "status", "--state-dir", self.state], capture_output=True, text=True).stdout
+            line = next((l for l in out.splitlines() if l.startswith("passthrough:")), "")
+            if not line.startswith("passthrough: on") or " 0 being made" in line:
+                return
+            time.sleep(0.2)
 
     def stop(self) -> None:
         if self.csi_proc:
@@ -293,6 +308,8 @@ class Harness:
         self.node = Node(self, state)
         drop_caches()
         self.record(name, profile, "nixfs-cold", run, self.nixfs_pod(wl))
+        # The state a node keeps between pods includes the backing files made after the first.
+        self.node.settle()
         self.node.stop()
         self.node = Node(self, state)
         drop_caches()
