@@ -233,7 +233,7 @@ let package = Package(
     .testTarget(
       name: "CSINodeTests",
       dependencies: [
-        "CSINode", "TestSupport", "NixFormats",
+        "CSINode", "NodeControl", "TestSupport", "NixFormats",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
       ],

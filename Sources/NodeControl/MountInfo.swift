@@ -1,5 +1,9 @@
 import Foundation
 
+#if canImport(Glibc)
+  import Glibc
+#endif
+
 /// The kernel's table of mounts as this process sees it (`/proc/self/mountinfo`), read without
 /// touching any mount point (a FUSE mount with no daemon behind it would hang a `stat`).
 public enum MountInfo {
@@ -9,12 +13,30 @@ public enum MountInfo {
   }
 
   public static func entries() -> [Entry] {
-    guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
+    let text = String(decoding: read("/proc/self/mountinfo"), as: UTF8.self)
     return text.split(separator: "\n").compactMap { line in
       let fields = line.split(separator: " ")
       guard fields.count > 4, let dash = fields.firstIndex(of: "-"), dash + 1 < fields.count else { return nil }
       return Entry(mountPoint: unescape(fields[4]), fileSystemType: String(fields[dash + 1]))
     }
+  }
+
+  /// A /proc file whole. Foundation's `String(contentsOfFile:)` reads what `st_size` says, and
+  /// procfs says 0: it got the first 4 KiB of mountinfo only, about 40 mounts, so on any real node
+  /// (hundreds of mounts) the newest were missing.
+  public static func read(_ path: String) -> [UInt8] {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return [] }
+    defer { close(fd) }
+    var out: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+      let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+      if n < 0 && errno == EINTR { continue }
+      guard n > 0 else { break }
+      out.append(contentsOf: buffer[0..<n])
+    }
+    return out
   }
 
   /// mountinfo escapes space, tab, newline and backslash as \\ooo.

@@ -354,7 +354,7 @@ func code(_ body: () async throws -> Void) async -> RPCError.Code? {
 }
 
 func isMountPoint(_ path: String) -> Bool {
-  guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
+  let text = String(decoding: readProcFile("/proc/self/mountinfo"), as: UTF8.self)
   return text.split(separator: "\n").contains { $0.split(separator: " ").count > 4 && $0.split(separator: " ")[4] == path }
 }
 

@@ -187,7 +187,7 @@ public func httpBody(_ url: String) throws -> String {
 
 /// True when `path` is a FUSE mount point (from /proc/self/mountinfo).
 public func isFuseMount(_ path: String) -> Bool {
-  guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
+  let text = String(decoding: readProcFile("/proc/self/mountinfo"), as: UTF8.self)
   return text.split(separator: "\n").contains { line in
     let f = line.split(separator: " ")
     return f.count > 4 && f[4] == path && line.contains(" - fuse")
@@ -210,4 +210,20 @@ public func acceptsConnections(unixSocket path: String) -> Bool {
   return withUnsafePointer(to: &addr) {
     $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
   } == 0
+}
+
+/// A /proc file whole (Foundation's readers stop at the first 4 KiB: procfs reports size 0).
+public func readProcFile(_ path: String) -> [UInt8] {
+  let fd = open(path, O_RDONLY | O_CLOEXEC)
+  guard fd >= 0 else { return [] }
+  defer { close(fd) }
+  var out: [UInt8] = []
+  var buffer = [UInt8](repeating: 0, count: 65536)
+  while true {
+    let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+    if n < 0 && errno == EINTR { continue }
+    guard n > 0 else { break }
+    out.append(contentsOf: buffer[0..<n])
+  }
+  return out
 }

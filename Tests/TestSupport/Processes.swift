@@ -121,7 +121,7 @@ public final class TemporaryDirectory: @unchecked Sendable {
 
 /// Lazily unmounts every mount point at or below `root`, deepest first.
 public func unmountAll(under root: String) {
-  guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return }
+  let text = String(decoding: readProcFile("/proc/self/mountinfo"), as: UTF8.self)
   let points = text.split(separator: "\n").compactMap { line -> String? in
     let f = line.split(separator: " ")
     guard f.count > 4 else { return nil }
