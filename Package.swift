@@ -209,7 +209,7 @@ let package = Package(
       name: "fuzz-download", dependencies: ["BinaryCache", "NixFormats", "FuzzDriver"], path: "Fuzz/FuzzDownload",
       swiftSettings: strict),
 
-    .target(name: "TestSupport", dependencies: ["NixFormats"], path: "Tests/TestSupport", swiftSettings: strict),
+    .target(name: "TestSupport", dependencies: ["NixFormats", "NodeControl"], path: "Tests/TestSupport", swiftSettings: strict),
     .testTarget(
       name: "NixFormatsTests", dependencies: ["NixFormats", "TestSupport"], swiftSettings: strict),
     .testTarget(name: "ThreadsTests", dependencies: ["Threads"], swiftSettings: strict),

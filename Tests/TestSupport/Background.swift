@@ -1,4 +1,5 @@
 import Foundation
+import NodeControl
 
 #if canImport(Glibc)
   import Glibc
@@ -213,17 +214,4 @@ public func acceptsConnections(unixSocket path: String) -> Bool {
 }
 
 /// A /proc file whole (Foundation's readers stop at the first 4 KiB: procfs reports size 0).
-public func readProcFile(_ path: String) -> [UInt8] {
-  let fd = open(path, O_RDONLY | O_CLOEXEC)
-  guard fd >= 0 else { return [] }
-  defer { close(fd) }
-  var out: [UInt8] = []
-  var buffer = [UInt8](repeating: 0, count: 65536)
-  while true {
-    let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-    if n < 0 && errno == EINTR { continue }
-    guard n > 0 else { break }
-    out.append(contentsOf: buffer[0..<n])
-  }
-  return out
-}
+public func readProcFile(_ path: String) -> [UInt8] { MountInfo.read(path) }
