@@ -65,22 +65,15 @@ daemon= daemon2= squash= server=
 # The systems measured, side by side: nixfs with FUSE passthrough (the default) and without.
 SYSTEMS="disk nixfs nixfs-nopt squashfuse"
 
-stop_nixfs() {
-  if [ -n "$daemon" ]; then
-    kill -TERM "$daemon" 2>/dev/null || true
-    wait "$daemon" 2>/dev/null || true
-    daemon=
+stop_daemon() { # PID MOUNTPOINT
+  if [ -n "$1" ]; then
+    kill -TERM "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
   fi
-  if mountpoint -q "$mnt" 2>/dev/null; then fusermount3 -u -z "$mnt" || true; fi
+  if mountpoint -q "$2" 2>/dev/null; then fusermount3 -u -z "$2" || true; fi
 }
-stop_nixfs2() {
-  if [ -n "$daemon2" ]; then
-    kill -TERM "$daemon2" 2>/dev/null || true
-    wait "$daemon2" 2>/dev/null || true
-    daemon2=
-  fi
-  if mountpoint -q "$mnt2" 2>/dev/null; then fusermount3 -u -z "$mnt2" || true; fi
-}
+stop_nixfs() { stop_daemon "$daemon" "$mnt"; daemon=; }
+stop_nixfs2() { stop_daemon "$daemon2" "$mnt2"; daemon2=; }
 stop_squashfuse() {
   if mountpoint -q "$sq" 2>/dev/null; then fusermount3 -u "$sq" 2>/dev/null || fusermount3 -u -z "$sq" || true; fi
   if [ -n "$squash" ]; then

@@ -51,8 +51,6 @@ package final class Passthrough: Sendable {
     /// Backing files known to be on disk, and those being made.
     var made: Set<ContentID> = []
     var making: Set<ContentID> = []
-    /// Jobs of the maker not yet finished.
-    var queued = 0
     var diskBytes: UInt64 = 0
     var scanned = false
   }
@@ -230,19 +228,17 @@ package final class Passthrough: Sendable {
     let start = state.withLock { s -> Bool in
       guard !s.making.contains(content), !s.made.contains(content) else { return false }
       s.making.insert(content)
-      s.queued += 1
       return true
     }
     guard start else { return }
     maker.async { [self] in
       var made = false
       do {
-        made = try makeNow(content)
+        made = try makeNow(content, size: size)
       } catch {
         logger.warning("cannot make a backing file", metadata: ["content": "\(content)", "error": "\(error)"])
       }
       state.withLock { s in
-        s.queued -= 1
         s.making.remove(content)
         if made {
           s.made.insert(content)
@@ -260,7 +256,9 @@ package final class Passthrough: Sendable {
   /// False when the content is not all here. (One `syncfs` for many files was tried: it flushes
   /// every dirty page of the file system, and on a busy node that stalled other writers for tens
   /// of seconds.)
-  func makeNow(_ content: ContentID) throws -> Bool {
+  func makeNow(_ content: ContentID, size: UInt64) throws -> Bool {
+    // A partial file (every open of one asks): one index query, not a read up to its first gap.
+    if try !store.absentChunks(content: content, offset: 0, count: Int(size)).isEmpty { return false }
     try FileManager.default.createDirectory(atPath: options.directory, withIntermediateDirectories: true)
     let final = path(content)
     let temporary = "\(options.directory)/.new-\(content.digest.hex)-\(getpid())"
